@@ -1,0 +1,70 @@
+"""The one error tree of crmhooks; each class says whether retrying can help.
+
+    CrmhooksError                 root; ``retriable`` says if a retry may succeed
+    ├── ConfigError               the config file is invalid (lists every error)
+    ├── InvalidEvent              a record event that cannot be processed (poison pill)
+    ├── TemplateError             a webhook cannot be rendered (bad header, CR/LF in URL, ...)
+    ├── StoreError                the SQLite store failed
+    ├── KafkaIOError              Kafka failed (aiokafka errors are translated in kafka_io)
+    │   └── ProduceError          a produce was not acknowledged (retriable)
+    └── DeliveryRefused           delivery refused before any connection (SSRF guard)
+
+Third-party exceptions (aiohttp, aiokafka, sqlite3) are translated once, in the
+module that talks to them (delivery, kafka_io, store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class CrmhooksError(Exception):
+    """Root of every crmhooks error."""
+
+    retriable: bool = False
+
+
+class ConfigError(CrmhooksError):
+    """The configuration is invalid; ``errors`` lists each problem, naming its item."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors: tuple[str, ...] = tuple(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class InvalidEvent(CrmhooksError):
+    """A record event that cannot be processed: dead-lettered, never retried.
+
+    ``parsed`` is the event as a JSON object when the bytes parsed as one, so the
+    dead letter can carry it as ``event``; otherwise the dead letter carries ``raw``.
+    """
+
+    def __init__(self, message: str, parsed: dict[str, Any] | None = None) -> None:
+        self.message = message
+        self.parsed = parsed
+        super().__init__(message)
+
+
+class TemplateError(CrmhooksError):
+    """A webhook request could not be rendered (internal process error)."""
+
+
+class StoreError(CrmhooksError):
+    """The durable store failed."""
+
+    retriable = True
+
+
+class KafkaIOError(CrmhooksError):
+    """Talking to Kafka failed."""
+
+    retriable = True
+
+
+class ProduceError(KafkaIOError):
+    """A record was not acknowledged by the broker."""
+
+
+class DeliveryRefused(CrmhooksError):
+    """A request refused before any connection was made (``ssrf_blocked``)."""
