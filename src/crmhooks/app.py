@@ -1,0 +1,615 @@
+"""The processor: consume events, plan actions, keep the delay heap, fire and report.
+
+Order of effects for a batch of events (``_process_batch``), and why:
+
+1. **store** — new, moved and cancelled actions, record snapshots and rule state
+   are committed to SQLite in one transaction. From here on, nothing the batch
+   created can be lost, whatever happens next.
+2. **produce** — result records (``scheduled``, ``cancelled``, ``skipped``,
+   ``suspended``) and dead letters are sent to Kafka.
+3. **flush** — we wait until the broker acknowledged every one of them.
+4. **commit** — only then the offsets after the batch are committed.
+
+A crash before 4 replays the batch: actions have deterministic ids and are
+inserted with ``INSERT OR IGNORE``, so replaying creates nothing twice; a result
+record may repeat, never go missing.
+
+For one attempt of one action (``_fire``) the order is: quota count stored →
+request sent → result produced and acknowledged → action's new state stored
+(finished, or moved for a retry). A crash between the last two sends the request
+again after restart, with the same ``webhook-id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from crmhooks.actions import Action
+from crmhooks.clock import Clock
+from crmhooks.config import Config
+from crmhooks.delivery import Outcome, Transport
+from crmhooks.errors import InvalidEvent, TemplateError
+from crmhooks.events import RecordEvent, decode_event, event_from_json
+from crmhooks.kafka_io import InRecord, KafkaIO
+from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
+from crmhooks.results import dead_letter, encode, result_record
+from crmhooks.rules import RuleIndex
+from crmhooks.store import Store, WriteBatch
+from crmhooks.templates import CompiledWebhook, RenderContext, RenderedRequest
+from crmhooks.timers import DelayHeap
+from crmhooks.workflow import EventPlan, RecordState, once_key, plan_event
+
+log = logging.getLogger(__name__)
+
+# The heap in memory holds only actions due within this horizon; the store holds
+# the rest and a refill loads the next window every half horizon. One minute keeps
+# memory flat with a million pending timers while a refill query stays cheap.
+HORIZON_MS = 60_000
+# Events read per fetch: large enough to amortise one store commit and one
+# producer flush over many events, small enough to keep a batch under ~100 ms.
+FETCH_MAX_RECORDS = 2000
+FETCH_TIMEOUT_MS = 200
+# How often a running processor looks for `crmhooks resume` written by another process.
+RESUME_POLL_S = 1.0
+# Concurrent fire tasks; the transport bounds real in-flight requests per host.
+FIRE_SLOTS_FACTOR = 4
+
+Produced = tuple[str, bytes | None, bytes]
+
+
+class Processor:
+    """Owns the delay heap, the quota counters and the suspensions of its partitions."""
+
+    def __init__(self, config: Config, store: Store, transport: Transport, clock: Clock) -> None:
+        self.config = config
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.catalog = ModuleCatalog(config.custom_modules)
+        self.index = RuleIndex(config.rules, self.catalog)
+        self.rules = {r.id: r for r in config.rules}
+        self.webhooks = {
+            name: CompiledWebhook(w, self.catalog) for name, w in config.webhooks.items()
+        }
+        self.heap = DelayHeap()
+        self._actions: dict[str, Action] = {}  # actions in the heap or firing
+        self._snapshots: dict[str, dict[str, Any]] = {}  # record_key → latest event JSON
+        self._snapshot_refs: dict[str, int] = {}
+        self._inflight: set[str] = set()
+        self._fire_tasks: set[asyncio.Task[None]] = set()
+        self._owned: set[int] = set()
+        self._loaded_until_ms = 0
+        self._quota: dict[tuple[str, str], int] = {}
+        self._quota_warned: set[tuple[str, str]] = set()
+        self._suspensions: dict[tuple[str, str, str], tuple[int, bool]] = {}
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()  # one batch at a time; rebalances wait for it
+        self._stopping = False
+        self._kio: KafkaIO | None = None
+        self._fire_slots = asyncio.Semaphore(config.delivery.max_in_flight * FIRE_SLOTS_FACTOR)
+        self.stats = {"events": 0, "dead_letters": 0, "results": 0, "batches": 0}
+
+    def __repr__(self) -> str:
+        return (
+            f"Processor(partitions={sorted(self._owned)}, heap={len(self.heap)}, "
+            f"in_flight={len(self._inflight)})"
+        )
+
+    @property
+    def kio(self) -> KafkaIO:
+        if self._kio is None:
+            raise RuntimeError("processor is not running")
+        return self._kio
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def run(self, kio: KafkaIO, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then stop gracefully (SPEC §10)."""
+        self._kio = kio
+        self._suspensions = await self.store.suspension_table()
+        self._loaded_until_ms = self.clock.now_ms() + HORIZON_MS
+        consume = asyncio.create_task(self._consume_loop(stop), name="consume")
+        helpers = [
+            asyncio.create_task(self._fire_loop(), name="fire"),
+            asyncio.create_task(self._refill_loop(), name="refill"),
+            asyncio.create_task(self._resume_poll_loop(), name="resume-poll"),
+        ]
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait(
+                [consume, stopper, *helpers], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            log.info("stopping: no more fetching, finishing in-flight requests")
+            self._stopping = True
+            stop.set()
+            await consume
+        finally:
+            self._stopping = True
+            for task in helpers:
+                task.cancel()
+            for task in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            stopper.cancel()
+            await self._drain_fires(self.config.delivery.shutdown_grace_s)
+
+    async def _drain_fires(self, grace_s: float) -> None:
+        if not self._fire_tasks:
+            return
+        _, pending = await asyncio.wait(self._fire_tasks, timeout=grace_s)
+        if pending:
+            log.warning(
+                "%d requests still in flight after %.1f s: left for restart", len(pending), grace_s
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- partitions -----------------------------------------------------------
+
+    async def on_revoked(self, partitions: set[int]) -> None:
+        async with self._lock:  # never in the middle of a batch
+            self._owned -= partitions
+            for p in partitions:
+                self.heap.drop_partition(p)
+            for aid in [a for a, act in self._actions.items() if act.partition in partitions]:
+                if aid not in self._inflight:
+                    self._forget(aid)
+            log.info("partitions revoked: %s", sorted(partitions))
+
+    async def on_assigned(self, partitions: set[int]) -> None:
+        new = partitions - self._owned
+        self._owned |= partitions
+        if new:
+            loaded = await self.store.load_pending(sorted(new), self._loaded_until_ms)
+            await self._schedule_loaded(loaded)
+            log.info("partitions assigned: %s (%d actions due soon)", sorted(new), len(loaded))
+
+    # -- consuming ------------------------------------------------------------
+
+    async def _consume_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            records = await self.kio.fetch(FETCH_TIMEOUT_MS, FETCH_MAX_RECORDS)
+            if not records:
+                continue
+            async with self._lock:
+                await self._process_batch(records)
+
+    async def _process_batch(self, records: Sequence[InRecord]) -> None:
+        now_ms = self.clock.now_ms()
+        cfg = self.config
+        out: list[Produced] = []
+        todo: list[tuple[InRecord, RecordEvent, str]] = []
+        next_offsets: dict[int, int] = {}
+        for rec in records:
+            if rec.partition not in self._owned:
+                continue  # revoked since the fetch: the new owner reads it again
+            next_offsets[rec.partition] = rec.offset + 1
+            try:
+                event = decode_event(rec.value, cfg.kafka.max_event_bytes)
+            except InvalidEvent as exc:
+                out.append(self._poison(rec, exc, now_ms))
+                continue
+            module = self.catalog.canonical(event.module)
+            if module is None or event.module in UNSUPPORTED_MODULES:
+                continue  # Calls, Notes and modules no rule can name: consumed, ignored
+            if self.index.candidates(event.org_id, module):
+                todo.append((rec, event, module))
+        self.stats["events"] += len(records)
+        batch = WriteBatch()
+        heap_new: list[Action] = []
+        heap_gone: list[str] = []
+        if todo:
+            await self._plan_batch(todo, now_ms, batch, out, heap_new, heap_gone)
+        # 1. store, 2. produce, 3. flush (see the module docstring for why).
+        await self.store.write(batch)
+        await self.kio.produce_all(out)
+        self.stats["results"] += len(out)
+        for aid in heap_gone:
+            self.heap.remove(aid)
+            if aid not in self._inflight:
+                self._forget(aid)
+        for action in heap_new:
+            self._push(action)
+        # 4. commit.
+        await self.kio.commit({p: o for p, o in next_offsets.items() if p in self._owned})
+        self.stats["batches"] += 1
+
+    async def _plan_batch(
+        self,
+        todo: list[tuple[InRecord, RecordEvent, str]],
+        now_ms: int,
+        batch: WriteBatch,
+        out: list[Produced],
+        heap_new: list[Action],
+        heap_gone: list[str],
+    ) -> None:
+        keys = list(dict.fromkeys(ev.record_key for _, ev, _ in todo))
+        states = {k: RecordState() for k in keys}
+        for action in await self.store.pending_for_records(keys):
+            states[action.record_key].pending[action.action_id] = action
+        once_keys = [
+            once_key(r.id, ev.record_key)
+            for _, ev, module in todo
+            for r in self.index.candidates(ev.org_id, module)
+            if r.repeat == "once"
+        ]
+        if once_keys:
+            flags = await self.store.once_states(once_keys)
+            for k, matched in flags.items():
+                rule_id, record_key = k.split("\x1f", 1)
+                states[record_key].once[rule_id] = matched
+        plans: list[tuple[InRecord, RecordEvent, EventPlan]] = []
+        for rec, event, module in todo:
+            plan = plan_event(
+                event,
+                module,
+                self.index.candidates(event.org_id, module),
+                states[event.record_key],
+                config=self.config,
+                partition=rec.partition,
+                offset=rec.offset,
+                now_ms=now_ms,
+                is_suspended=self._is_suspended,
+            )
+            plans.append((rec, event, plan))
+        created = [a.action_id for _, _, p in plans for a in p.new_actions]
+        known = await self.store.action_statuses(created) if created else {}
+        results_topic = self.config.kafka.results_topic
+        for rec, event, plan in plans:
+            key = event.org_id.encode()
+            if plan.touched:
+                batch.snapshots.append((event.record_key, rec.partition, orjson.dumps(event.data)))
+                if event.record_key in self._snapshots:
+                    self._snapshots[event.record_key] = dict(event.data)
+            for rule_id, matched in plan.once_updates:
+                batch.once_state.append(
+                    (once_key(rule_id, event.record_key), rec.partition, matched)
+                )
+            for action in plan.new_actions:
+                status = known.get(action.action_id)
+                if status is not None and status != "pending":
+                    continue  # finished before (a replay): never again
+                batch.new_actions.append(action)
+                heap_new.append(action)
+                self._remember_snapshot(action.record_key, event.data)
+                if action.kind == "scheduled":
+                    out.append((results_topic, key, encode(result_record(action, "scheduled"))))
+            for action in plan.moved:
+                batch.moved.append((action.action_id, action.due_ms, action.attempt))
+                heap_new.append(action)
+                out.append(
+                    (
+                        results_topic,
+                        key,
+                        encode(result_record(action, "scheduled", reason="rescheduled")),
+                    )
+                )
+            for fin in plan.finished:
+                a = fin.action
+                if known.get(a.action_id, "pending") != "pending":
+                    continue
+                batch.new_actions.append(a)  # no-op when stored already; a tombstone if not
+                batch.finished.append((a.action_id, fin.status, now_ms))
+                heap_gone.append(a.action_id)
+                out.append(
+                    (results_topic, key, encode(result_record(a, fin.status, reason=fin.reason)))
+                )
+
+    def _poison(self, rec: InRecord, exc: InvalidEvent, now_ms: int) -> Produced:
+        self.stats["dead_letters"] += 1
+        log.warning(
+            "dead letter: partition %d offset %d: %s", rec.partition, rec.offset, exc.message
+        )
+        letter = dead_letter(
+            error_code="internal_process_error",
+            message=f"invalid event: {exc.message}",
+            failed_at_ms=now_ms,
+            topic=self.config.kafka.events_topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+            event=exc.parsed,
+            raw=rec.value,
+        )
+        return (self.config.kafka.dlq_topic, rec.key, encode(letter))
+
+    # -- the delay heap ---------------------------------------------------------
+
+    def _remember_snapshot(self, record_key: str, data: Any) -> None:
+        self._snapshots[record_key] = dict(data)
+
+    def _push(self, action: Action) -> None:
+        if action.due_ms >= self._loaded_until_ms:
+            self._forget(action.action_id)  # the refill loads it when its window comes
+            return
+        if action.action_id not in self._actions:
+            self._snapshot_refs[action.record_key] = (
+                self._snapshot_refs.get(action.record_key, 0) + 1
+            )
+        self._actions[action.action_id] = action
+        if action.action_id not in self._inflight:
+            self.heap.push(action.action_id, action.due_ms, action.partition)
+            self._changed.set()
+
+    def _forget(self, action_id: str) -> None:
+        action = self._actions.pop(action_id, None)
+        if action is None:
+            return
+        refs = self._snapshot_refs.get(action.record_key, 0) - 1
+        if refs <= 0:
+            self._snapshot_refs.pop(action.record_key, None)
+            self._snapshots.pop(action.record_key, None)
+        else:
+            self._snapshot_refs[action.record_key] = refs
+
+    async def _schedule_loaded(self, loaded: Sequence[Action]) -> None:
+        fresh = [
+            a for a in loaded if a.action_id not in self._inflight and a.partition in self._owned
+        ]
+        missing = [a.record_key for a in fresh if a.record_key not in self._snapshots]
+        if missing:
+            self._snapshots.update(await self.store.snapshots(list(dict.fromkeys(missing))))
+        for action in fresh:
+            self._push(action)
+
+    async def _refill_loop(self) -> None:
+        while True:
+            await self.clock.sleep_until(self._loaded_until_ms - HORIZON_MS // 2)
+            start = self._loaded_until_ms
+            until = self.clock.now_ms() + HORIZON_MS
+            loaded = await self.store.load_pending(sorted(self._owned), until, from_ms=start)
+            self._loaded_until_ms = until
+            await self._schedule_loaded(loaded)
+
+    async def _resume_poll_loop(self) -> None:
+        version = await self.store.data_version()
+        while True:
+            await asyncio.sleep(RESUME_POLL_S)
+            now_version = await self.store.data_version()
+            if now_version != version:
+                version = now_version
+                self._suspensions = await self.store.suspension_table()
+
+    async def _fire_loop(self) -> None:
+        while not self._stopping:
+            for action_id, _due_ms, _partition in self.heap.pop_due(self.clock.now_ms()):
+                action = self._actions.get(action_id)
+                if action is None or action.partition not in self._owned:
+                    continue
+                await self._fire_slots.acquire()
+                self._inflight.add(action_id)
+                task = asyncio.create_task(self._fire_guarded(action), name=f"fire {action_id}")
+                self._fire_tasks.add(task)
+                task.add_done_callback(self._fire_tasks.discard)
+            next_due = self.heap.next_due_ms()
+            waits: list[asyncio.Task[Any]] = [asyncio.create_task(self._changed.wait())]
+            if next_due is not None:
+                waits.append(asyncio.create_task(self.clock.sleep_until(next_due)))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            self._changed.clear()
+
+    # -- firing -----------------------------------------------------------------
+
+    async def _fire_guarded(self, action: Action) -> None:
+        try:
+            await self._fire(action)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The action stays pending in the store and fires again after a restart.
+            log.exception("action %s: unexpected error while firing", action.action_id)
+        finally:
+            self._inflight.discard(action.action_id)
+            self._fire_slots.release()
+            if action.action_id not in self.heap:
+                self._forget(action.action_id)
+
+    def _is_suspended(self, org_id: str, rule_id: str, webhook: str) -> bool:
+        entry = self._suspensions.get((org_id, rule_id, webhook))
+        return entry is not None and entry[1]
+
+    def _quota_day(self, org_id: str, now_ms: int) -> tuple[str, int]:
+        org = self.config.org(org_id)
+        day = datetime.fromtimestamp(now_ms / 1000, ZoneInfo(org.time_zone)).date().isoformat()
+        quota = self.config.quota
+        return day, min(quota.daily_limit, quota.per_user * org.users)
+
+    async def _fire(self, action: Action) -> None:
+        cfg = self.config
+        key = action.org_id.encode()
+        data = self._snapshots.get(action.record_key)
+        if data is None:
+            data = (await self.store.snapshots([action.record_key])).get(action.record_key)
+        event = _event_or_none(data)
+        if self._is_suspended(action.org_id, action.rule_id, action.webhook):
+            await self._final(action, "suspended", reason="webhook_suspended")
+            return
+        if event is None:
+            await self._internal_error(action, None, "no stored snapshot of the record")
+            return
+        now_ms = self.clock.now_ms()
+        day, limit = self._quota_day(action.org_id, now_ms)
+        qkey = (action.org_id, day)
+        if qkey not in self._quota:
+            used = await self.store.quota_used(action.org_id, day)
+            self._quota.setdefault(qkey, used)
+        if self._quota[qkey] >= limit:
+            await self._over_quota(action, event, day, limit)
+            return
+        try:
+            request = self._render(action, event)
+        except TemplateError as exc:
+            await self._internal_error(action, event, f"template failed: {exc}")
+            return
+        self._quota[qkey] += 1
+        await self.store.write(WriteBatch(quota=[(action.org_id, day, action.partition, 1)]))
+        webhook = cfg.webhooks[action.webhook]
+        attempt = action.attempt + 1
+        outcome = await self.transport.send(action.action_id, request, webhook.secret)
+        if outcome.sent_at_ms is None:  # nothing was sent (ssrf_blocked): not counted
+            self._quota[qkey] -= 1
+            await self.store.write(WriteBatch(quota=[(action.org_id, day, action.partition, -1)]))
+        shown = {"method": request.method, "url": request.redacted_url}
+        results_topic = cfg.kafka.results_topic
+        if outcome.delivered:
+            log.info("action %s delivered (HTTP %s)", action.action_id, outcome.http_status)
+            rec = result_record(
+                action, "delivered", attempt=attempt, outcome=outcome, request=shown
+            )
+            await self.kio.produce_all([(results_topic, key, encode(rec))])
+            batch = WriteBatch(finished=[(action.action_id, "delivered", self.clock.now_ms())])
+            self._count_success(action, batch)
+            await self.store.write(batch)
+            return
+        delays = cfg.delivery.retry_delays_s
+        if action.attempt < len(delays):
+            delay_s = delays[action.attempt]
+            if outcome.retry_after_s is not None and outcome.http_status in (429, 503):
+                delay_s = max(delay_s, outcome.retry_after_s)
+            next_ms = self.clock.now_ms() + int(delay_s * 1000)
+            retry = action.retried(next_ms)
+            log.info(
+                "action %s attempt %d failed (%s), retry at %d",
+                action.action_id,
+                attempt,
+                outcome.error_class,
+                next_ms,
+            )
+            rec = result_record(
+                action,
+                "retrying",
+                attempt=attempt,
+                outcome=outcome,
+                next_attempt_ms=next_ms,
+                request=shown,
+            )
+            await self.kio.produce_all([(results_topic, key, encode(rec))])
+            await self.store.write(WriteBatch(moved=[(action.action_id, next_ms, retry.attempt)]))
+            self._inflight.discard(action.action_id)
+            self._push(retry)
+            return
+        log.warning(
+            "action %s failed after %d attempts: %s", action.action_id, attempt, outcome.error
+        )
+        rec = result_record(action, "failed", attempt=attempt, outcome=outcome, request=shown)
+        await self.kio.produce_all([(results_topic, key, encode(rec))])
+        batch = WriteBatch(finished=[(action.action_id, "failed", self.clock.now_ms())])
+        self._count_failure(action, batch)
+        await self.store.write(batch)
+
+    def _render(self, action: Action, event: RecordEvent) -> RenderedRequest:
+        tz = ZoneInfo(self.config.org(action.org_id).time_zone)
+        ctx = RenderContext(
+            module=action.module,
+            record=event.record,
+            related=event.related,
+            user=event.user,
+            organization=event.organization,
+            time_zone=tz,
+        )
+        return self.webhooks[action.webhook].render(ctx)
+
+    def _count_success(self, action: Action, batch: WriteBatch) -> None:
+        skey = (action.org_id, action.rule_id, action.webhook)
+        if self._suspensions.get(skey, (0, False))[0]:
+            self._suspensions[skey] = (0, False)
+            batch.suspensions.append((*skey, action.partition, 0, False))
+
+    def _count_failure(self, action: Action, batch: WriteBatch) -> None:
+        skey = (action.org_id, action.rule_id, action.webhook)
+        failed = self._suspensions.get(skey, (0, False))[0] + 1
+        threshold = self.config.delivery.suspend_after_failed_actions
+        suspended = threshold > 0 and failed >= threshold
+        if suspended:
+            log.warning(
+                "webhook %s of rule %s suspended for %s",
+                action.webhook,
+                action.rule_id,
+                action.org_id,
+            )
+        self._suspensions[skey] = (failed, suspended)
+        batch.suspensions.append((*skey, action.partition, failed, suspended))
+
+    async def _final(
+        self,
+        action: Action,
+        status: str,
+        *,
+        reason: str | None = None,
+        error_class: str | None = None,
+        error: str | None = None,
+        extra: Sequence[Produced] = (),
+    ) -> None:
+        rec = result_record(action, status, reason=reason, error_class=error_class, error=error)
+        out: list[Produced] = [
+            (self.config.kafka.results_topic, action.org_id.encode(), encode(rec))
+        ]
+        await self.kio.produce_all([*out, *extra])
+        await self.store.write(
+            WriteBatch(finished=[(action.action_id, status, self.clock.now_ms())])
+        )
+
+    async def _over_quota(self, action: Action, event: RecordEvent, day: str, limit: int) -> None:
+        qkey = (action.org_id, day)
+        message = f"{action.org_id} used {self._quota[qkey]} of {limit} notifications on {day}"
+        if qkey not in self._quota_warned:
+            self._quota_warned.add(qkey)
+            log.warning("daily limit reached: %s", message)
+        letter = self._action_letter(action, event, "daily_limit_reached", message)
+        await self._final(action, "quota_exceeded", reason="daily_limit_reached", extra=[letter])
+
+    async def _internal_error(
+        self, action: Action, event: RecordEvent | None, message: str
+    ) -> None:
+        log.error("action %s: %s", action.action_id, message)
+        letter = self._action_letter(action, event, "internal_process_error", message)
+        await self._final(
+            action, "failed", error_class="internal_process_error", error=message, extra=[letter]
+        )
+
+    def _action_letter(
+        self, action: Action, event: RecordEvent | None, code: str, message: str
+    ) -> Produced:
+        letter = dead_letter(
+            error_code=code,
+            message=message,
+            failed_at_ms=self.clock.now_ms(),
+            topic=self.config.kafka.events_topic,
+            partition=action.partition,
+            offset=action.source_offset,
+            key=action.org_id.encode(),
+            event=event.data if event is not None else None,
+            raw=None,
+            action_id=action.action_id,
+            rule_id=action.rule_id,
+            webhook=action.webhook,
+        )
+        return (self.config.kafka.dlq_topic, action.org_id.encode(), encode(letter))
+
+
+def _event_or_none(data: dict[str, Any] | None) -> RecordEvent | None:
+    if data is None:
+        return None
+    try:
+        return event_from_json(data)
+    except InvalidEvent:
+        return None
+
+
+__all__ = ["Outcome", "Processor"]

@@ -1,0 +1,263 @@
+"""Kafka at the edge: topics, the group consumer with manual commits, and the producer.
+
+aiokafka exceptions are translated to ``KafkaIOError``/``ProduceError`` here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from crmhooks.config import KafkaSettings
+from crmhooks.errors import KafkaIOError, ProduceError
+
+log = logging.getLogger(__name__)
+
+PartitionsCallback = Callable[[set[int]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class InRecord:
+    """One record read from the events topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+async def ensure_topics(bootstrap_servers: str, names: Iterable[str], partitions: int) -> None:
+    """Create the topics that do not exist yet (replication factor 1 on one broker)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [n for n in dict.fromkeys(names) if n not in existing]
+        if missing:
+            brokers = len(admin._client.cluster.brokers()) or 1
+            factor = min(3, brokers)
+            await admin.create_topics(
+                [NewTopic(n, num_partitions=partitions, replication_factor=factor) for n in missing]
+            )
+            log.info("created topics %s with %d partitions", missing, partitions)
+    except KafkaError as exc:
+        raise KafkaIOError(f"cannot create topics on {bootstrap_servers}: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_revoked: PartitionsCallback, on_assigned: PartitionsCallback) -> None:
+        self._on_revoked = on_revoked
+        self._on_assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self._on_revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self._on_assigned({tp.partition for tp in assigned})
+
+
+class KafkaIO:
+    """The consumer of the events topic and the producer of results and dead letters."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        on_revoked: PartitionsCallback,
+        on_assigned: PartitionsCallback,
+        client_id: str = "crmhooks",
+    ) -> None:
+        self.settings = settings
+        self._listener = _Listener(on_revoked, on_assigned)
+        self._client_id = client_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+
+    def __repr__(self) -> str:
+        return f"KafkaIO({self.settings.bootstrap_servers!r}, group={self.settings.group_id!r})"
+
+    async def __aenter__(self) -> KafkaIO:
+        s = self.settings
+        await ensure_topics(
+            s.bootstrap_servers, [s.events_topic, s.results_topic, s.dlq_topic], s.partitions
+        )
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=self._client_id,
+            acks="all",
+            enable_idempotence=True,
+            # A few ms of linger turns a burst of results into one request per partition.
+            linger_ms=5,
+            max_request_size=4 << 20,
+        )
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            client_id=self._client_id,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=max(1 << 20, s.max_event_bytes + 1024),
+            fetch_max_bytes=max(50 << 20, s.max_event_bytes + 1024),
+        )
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self.__aexit__(None, None, None)
+            raise KafkaIOError(f"cannot connect to Kafka at {s.bootstrap_servers}: {exc}") from exc
+        self._consumer.subscribe([s.events_topic], listener=self._listener)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._consumer is not None:
+            try:
+                await self._consumer.stop()
+            except KafkaError as err:
+                log.warning("consumer stop failed: %s", err)
+            self._consumer = None
+        if self._producer is not None:
+            try:
+                await self._producer.stop()  # flushes what is still buffered
+            except KafkaError as err:
+                log.warning("producer stop failed: %s", err)
+            self._producer = None
+
+    @property
+    def consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise KafkaIOError("Kafka is not started")
+        return self._consumer
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise KafkaIOError("Kafka is not started")
+        return self._producer
+
+    async def fetch(self, timeout_ms: int, max_records: int) -> list[InRecord]:
+        try:
+            batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as exc:
+            raise KafkaIOError(f"fetch failed: {exc}") from exc
+        return [
+            InRecord(tp.partition, m.offset, m.key, m.value)
+            for tp, messages in batches.items()
+            for m in messages
+        ]
+
+    def assigned_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.consumer.assignment()}
+
+    async def produce(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[object]:
+        """Queue a record; await the returned future for the broker's acknowledgement."""
+        try:
+            fut: asyncio.Future[object] = await self.producer.send(topic, value=value, key=key)
+        except KafkaError as exc:
+            raise ProduceError(f"produce to {topic} failed: {exc}") from exc
+        return fut
+
+    async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        """Produce records and wait until every one is acknowledged (ProduceError if not).
+
+        A failed send is retried a few times: the offset behind it is not committed
+        until it succeeded, so giving up here means the batch is processed again.
+        """
+        attempts = 0
+        remaining = list(records)
+        while remaining:
+            futures = [await self.produce(t, k, v) for t, k, v in remaining]
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            failed = [
+                r for r, o in zip(remaining, outcomes, strict=True) if isinstance(o, BaseException)
+            ]
+            if not failed:
+                return
+            attempts += 1
+            if attempts >= 5:
+                raise ProduceError(f"{len(failed)} records not acknowledged after {attempts} tries")
+            log.warning("retrying %d unacknowledged records", len(failed))
+            await asyncio.sleep(0.2 * attempts)
+            remaining = failed
+
+    async def commit(self, next_offsets: dict[int, int]) -> None:
+        """Commit ``partition → next offset to read`` for the events topic."""
+        if not next_offsets:
+            return
+        topic = self.settings.events_topic
+        try:
+            await self.consumer.commit(
+                {TopicPartition(topic, p): o for p, o in next_offsets.items()}
+            )
+        except KafkaError as exc:
+            raise KafkaIOError(f"commit failed: {exc}") from exc
+
+
+async def read_topic(
+    bootstrap_servers: str, topic: str, *, follow: bool = False, idle_timeout_s: float = 2.0
+) -> AsyncIterator[InRecord]:
+    """Every record of ``topic`` from the beginning (no consumer group, nothing committed).
+
+    Without ``follow`` it stops at the end offsets seen when it started, or after
+    ``idle_timeout_s`` with nothing new.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    try:
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        idle_since = asyncio.get_running_loop().time()
+        while True:
+            batches = await consumer.getmany(timeout_ms=200, max_records=1000)
+            for tp, messages in batches.items():
+                for m in messages:
+                    yield InRecord(tp.partition, m.offset, m.key, m.value)
+            now = asyncio.get_running_loop().time()
+            if batches:
+                idle_since = now
+            if follow:
+                continue
+            positions = {tp: await consumer.position(tp) for tp in tps}
+            if all(positions[tp] >= ends[tp] for tp in tps) or now - idle_since > idle_timeout_s:
+                return
+    except KafkaError as exc:
+        raise KafkaIOError(f"cannot read {topic} from {bootstrap_servers}: {exc}") from exc
+    finally:
+        await consumer.stop()
+
+
+async def produce_records(
+    bootstrap_servers: str, records: Sequence[tuple[str, bytes | None, bytes]]
+) -> None:
+    """Produce records with a short-lived producer and wait for every acknowledgement."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5)
+    try:
+        await producer.start()
+        futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
+        await asyncio.gather(*futures)
+    except KafkaError as exc:
+        raise ProduceError(f"produce to {bootstrap_servers} failed: {exc}") from exc
+    finally:
+        await producer.stop()

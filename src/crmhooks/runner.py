@@ -1,0 +1,42 @@
+"""The composition root: wires store, transport, Kafka and the processor, handles signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from crmhooks.app import Processor
+from crmhooks.clock import SystemClock
+from crmhooks.config import Config
+from crmhooks.delivery import HttpTransport
+from crmhooks.kafka_io import KafkaIO
+from crmhooks.store import Store
+
+log = logging.getLogger(__name__)
+
+
+async def run_processor(
+    config: Config, stop: asyncio.Event | None = None, *, handle_signals: bool = True
+) -> None:
+    """Run the processor until SIGTERM/SIGINT (or ``stop``), then stop gracefully."""
+    stop = stop or asyncio.Event()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    clock = SystemClock()
+    async with (
+        Store(config.store.path) as store,
+        HttpTransport(config.delivery, clock) as transport,
+    ):
+        processor = Processor(config, store, transport, clock)
+        async with KafkaIO(config.kafka, processor.on_revoked, processor.on_assigned) as kio:
+            log.info(
+                "crmhooks running: %s, %d rules, %d webhooks",
+                kio,
+                len(config.rules),
+                len(config.webhooks),
+            )
+            await processor.run(kio, stop)
+    log.info("crmhooks stopped: %s", processor.stats)

@@ -1,0 +1,436 @@
+"""The durable store (SQLite, WAL): pending actions, record snapshots, rule state, quota.
+
+Every row carries the Kafka partition that owns it, so a partition's state can be
+loaded when the partition is assigned and left alone when it is revoked.
+
+Writes go through one group-commit writer: callers hand over a ``WriteBatch`` and
+await it; the writer folds every batch queued meanwhile into one transaction, so
+under load there is one commit per round, not one per event. WAL with
+``synchronous=NORMAL`` keeps every committed transaction across ``kill -9`` (the
+WAL is in the OS page cache); only a power loss may lose the last commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from crmhooks.actions import Action
+from crmhooks.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS actions (
+    action_id     TEXT PRIMARY KEY,
+    partition     INTEGER NOT NULL,
+    org_id        TEXT NOT NULL,
+    module        TEXT NOT NULL,
+    record_id     TEXT NOT NULL,
+    record_key    TEXT NOT NULL,
+    rule_id       TEXT NOT NULL,
+    webhook       TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    slot          INTEGER NOT NULL,
+    due_ms        INTEGER NOT NULL,
+    attempt       INTEGER NOT NULL,
+    relative_to   TEXT NOT NULL,
+    event_id      TEXT NOT NULL,
+    source_offset INTEGER NOT NULL,
+    status        TEXT NOT NULL,          -- 'pending' or the final status
+    finished_ms   INTEGER
+);
+CREATE INDEX IF NOT EXISTS actions_due ON actions (partition, due_ms) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS actions_record ON actions (record_key) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS actions_finished ON actions (finished_ms) WHERE status != 'pending';
+CREATE TABLE IF NOT EXISTS records (
+    record_key TEXT PRIMARY KEY,
+    partition  INTEGER NOT NULL,
+    data       BLOB NOT NULL               -- the latest event seen for the record (JSON)
+);
+CREATE TABLE IF NOT EXISTS rule_state (
+    state_key  TEXT PRIMARY KEY,           -- rule_id, U+001F, record_key
+    partition  INTEGER NOT NULL,
+    matched    INTEGER NOT NULL            -- repeat = "once": criteria met last time
+);
+CREATE TABLE IF NOT EXISTS quota (
+    org_id    TEXT NOT NULL,
+    day       TEXT NOT NULL,               -- yyyy-MM-dd in the organisation's time zone
+    partition INTEGER NOT NULL,
+    used      INTEGER NOT NULL,
+    PRIMARY KEY (org_id, day)
+);
+CREATE TABLE IF NOT EXISTS suspensions (
+    org_id         TEXT NOT NULL,
+    rule_id        TEXT NOT NULL,
+    webhook        TEXT NOT NULL,
+    partition      INTEGER NOT NULL,
+    failed_actions INTEGER NOT NULL,       -- consecutive failed actions
+    suspended      INTEGER NOT NULL,
+    PRIMARY KEY (org_id, rule_id, webhook)
+);
+"""
+
+_ACTION_COLUMNS = (
+    "action_id, partition, org_id, module, record_id, rule_id, webhook, kind, slot, "
+    "due_ms, attempt, relative_to, event_id, source_offset"
+)
+
+
+def _action_row(a: Action) -> tuple[Any, ...]:
+    return (
+        a.action_id,
+        a.partition,
+        a.org_id,
+        a.module,
+        a.record_id,
+        a.rule_id,
+        a.webhook,
+        a.kind,
+        a.slot,
+        a.due_ms,
+        a.attempt,
+        a.relative_to,
+        a.event_id,
+        a.source_offset,
+    )
+
+
+def _action_from_row(row: Sequence[Any]) -> Action:
+    return Action(
+        action_id=row[0],
+        partition=row[1],
+        org_id=row[2],
+        module=row[3],
+        record_id=row[4],
+        rule_id=row[5],
+        webhook=row[6],
+        kind=row[7],
+        slot=row[8],
+        due_ms=row[9],
+        attempt=row[10],
+        relative_to=row[11],
+        event_id=row[12],
+        source_offset=row[13],
+    )
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Changes to apply atomically, in this order of statements."""
+
+    new_actions: list[Action] = field(default_factory=list)
+    # (action_id, due_ms, attempt): move a pending action (retry or reschedule)
+    moved: list[tuple[str, int, int]] = field(default_factory=list)
+    # (action_id, final status, finished_ms)
+    finished: list[tuple[str, str, int]] = field(default_factory=list)
+    snapshots: list[tuple[str, int, bytes]] = field(default_factory=list)
+    # (state key of workflow.once_key, partition, matched)
+    once_state: list[tuple[str, int, bool]] = field(default_factory=list)
+    # (org_id, day, partition, delta)
+    quota: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # (org_id, rule_id, webhook, partition, failed_actions, suspended)
+    suspensions: list[tuple[str, str, str, int, int, bool]] = field(default_factory=list)
+
+    def extend(self, other: WriteBatch) -> None:
+        self.new_actions += other.new_actions
+        self.moved += other.moved
+        self.finished += other.finished
+        self.snapshots += other.snapshots
+        self.once_state += other.once_state
+        self.quota += other.quota
+        self.suspensions += other.suspensions
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.new_actions
+            or self.moved
+            or self.finished
+            or self.snapshots
+            or self.once_state
+            or self.quota
+            or self.suspensions
+        )
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
+    # SQLite limits host parameters per statement (32766 by default); stay far below.
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Store:
+    """SQLite-backed durable state. ``async with Store(path) as store``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn: aiosqlite.Connection | None = None
+        self._queue: list[tuple[WriteBatch, asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0  # transactions committed (for tests and benchmarks)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, commits={self.commits})"
+
+    async def __aenter__(self) -> Store:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            # Another process (a second consumer, `crmhooks resume`) may hold the write lock.
+            await conn.execute("PRAGMA busy_timeout=10000")
+            await conn.executescript(SCHEMA)
+        except Exception as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self._conn = conn
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._writer is not None:
+            # Let queued writes land before closing: the writer exits once idle.
+            self._closing = True
+            self._wakeup.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise StoreError("store is not open")
+        return self._conn
+
+    # -- writes ---------------------------------------------------------------
+
+    async def write(self, batch: WriteBatch) -> None:
+        """Apply ``batch`` durably (group commit); returns once it is committed."""
+        if not batch:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((batch, fut))
+        self._wakeup.set()
+        await fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            pending, self._queue = self._queue, []
+            merged = WriteBatch()
+            for batch, _ in pending:
+                merged.extend(batch)
+            try:
+                await self._apply(merged)
+            except Exception as exc:
+                err = StoreError(f"store write failed: {exc}")
+                for _, fut in pending:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for _, fut in pending:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _apply(self, b: WriteBatch) -> None:
+        conn = self.conn
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            if b.new_actions:
+                await conn.executemany(
+                    f"INSERT OR IGNORE INTO actions ({_ACTION_COLUMNS}, record_key, status) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')",
+                    [(*_action_row(a), a.record_key) for a in b.new_actions],
+                )
+            if b.moved:
+                await conn.executemany(
+                    "UPDATE actions SET due_ms = ?, attempt = ? "
+                    "WHERE action_id = ? AND status = 'pending'",
+                    [(due, attempt, aid) for aid, due, attempt in b.moved],
+                )
+            if b.finished:
+                await conn.executemany(
+                    "UPDATE actions SET status = ?, finished_ms = ? "
+                    "WHERE action_id = ? AND status = 'pending'",
+                    [(status, at, aid) for aid, status, at in b.finished],
+                )
+            if b.snapshots:
+                await conn.executemany(
+                    "INSERT INTO records (record_key, partition, data) VALUES (?,?,?) "
+                    "ON CONFLICT (record_key) DO UPDATE SET data = excluded.data",
+                    b.snapshots,
+                )
+            if b.once_state:
+                await conn.executemany(
+                    "INSERT INTO rule_state (state_key, partition, matched) VALUES (?,?,?) "
+                    "ON CONFLICT (state_key) DO UPDATE SET matched = excluded.matched",
+                    [(k, p, int(m)) for k, p, m in b.once_state],
+                )
+            if b.quota:
+                await conn.executemany(
+                    "INSERT INTO quota (org_id, day, partition, used) VALUES (?,?,?,?) "
+                    "ON CONFLICT (org_id, day) DO UPDATE SET used = used + excluded.used",
+                    b.quota,
+                )
+            if b.suspensions:
+                await conn.executemany(
+                    "INSERT INTO suspensions (org_id, rule_id, webhook, partition, "
+                    "failed_actions, suspended) VALUES (?,?,?,?,?,?) "
+                    "ON CONFLICT (org_id, rule_id, webhook) DO UPDATE SET "
+                    "failed_actions = excluded.failed_actions, suspended = excluded.suspended",
+                    [(o, r, w, p, f, int(s)) for o, r, w, p, f, s in b.suspensions],
+                )
+            await conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    # -- reads ----------------------------------------------------------------
+
+    async def action_statuses(self, action_ids: Sequence[str]) -> dict[str, str]:
+        """Status of each known action id ('pending' or a final status)."""
+        found: dict[str, str] = {}
+        for chunk in _chunks(action_ids):
+            marks = ",".join("?" * len(chunk))
+            async with self.conn.execute(
+                f"SELECT action_id, status FROM actions WHERE action_id IN ({marks})", chunk
+            ) as cur:
+                async for row in cur:
+                    found[row[0]] = row[1]
+        return found
+
+    async def get_actions(self, action_ids: Sequence[str]) -> dict[str, Action]:
+        """Pending actions by id."""
+        found: dict[str, Action] = {}
+        for chunk in _chunks(action_ids):
+            marks = ",".join("?" * len(chunk))
+            async with self.conn.execute(
+                f"SELECT {_ACTION_COLUMNS} FROM actions "
+                f"WHERE status = 'pending' AND action_id IN ({marks})",
+                chunk,
+            ) as cur:
+                async for row in cur:
+                    found[row[0]] = _action_from_row(row)
+        return found
+
+    async def pending_for_records(self, record_keys: Sequence[str]) -> list[Action]:
+        """Pending actions of the given records (``org/module/record_id`` keys)."""
+        found: list[Action] = []
+        for chunk in _chunks(record_keys):
+            marks = ",".join("?" * len(chunk))
+            async with self.conn.execute(
+                f"SELECT {_ACTION_COLUMNS} FROM actions "
+                f"WHERE status = 'pending' AND record_key IN ({marks})",
+                chunk,
+            ) as cur:
+                found.extend([_action_from_row(row) async for row in cur])
+        return found
+
+    async def snapshots(self, record_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The latest event stored for each record key."""
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(record_keys):
+            marks = ",".join("?" * len(chunk))
+            async with self.conn.execute(
+                f"SELECT record_key, data FROM records WHERE record_key IN ({marks})", chunk
+            ) as cur:
+                async for row in cur:
+                    found[row[0]] = orjson.loads(row[1])
+        return found
+
+    async def once_states(self, state_keys: Sequence[str]) -> dict[str, bool]:
+        """``repeat = "once"`` flags by state key (absent: never met)."""
+        found: dict[str, bool] = {}
+        for chunk in _chunks(state_keys):
+            marks = ",".join("?" * len(chunk))
+            async with self.conn.execute(
+                f"SELECT state_key, matched FROM rule_state WHERE state_key IN ({marks})", chunk
+            ) as cur:
+                async for row in cur:
+                    found[row[0]] = bool(row[1])
+        return found
+
+    async def load_pending(
+        self, partitions: Sequence[int], before_ms: int, from_ms: int | None = None
+    ) -> list[Action]:
+        """Pending actions of ``partitions`` due before ``before_ms`` (and at/after ``from_ms``)."""
+        if not partitions:
+            return []
+        marks = ",".join("?" * len(partitions))
+        sql = (
+            f"SELECT {_ACTION_COLUMNS} FROM actions WHERE status = 'pending' "
+            f"AND partition IN ({marks}) AND due_ms < ?"
+        )
+        params: list[Any] = [*partitions, before_ms]
+        if from_ms is not None:
+            sql += " AND due_ms >= ?"
+            params.append(from_ms)
+        async with self.conn.execute(sql, params) as cur:
+            return [_action_from_row(row) async for row in cur]
+
+    async def count_pending(self) -> int:
+        async with self.conn.execute(
+            "SELECT count(*) FROM actions WHERE status = 'pending'"
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def quota_used(self, org_id: str, day: str) -> int:
+        async with self.conn.execute(
+            "SELECT used FROM quota WHERE org_id = ? AND day = ?", (org_id, day)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def suspension_table(self) -> dict[tuple[str, str, str], tuple[int, bool]]:
+        """(org, rule, webhook) → (consecutive failed actions, suspended)."""
+        async with self.conn.execute(
+            "SELECT org_id, rule_id, webhook, failed_actions, suspended FROM suspensions"
+        ) as cur:
+            return {(r[0], r[1], r[2]): (int(r[3]), bool(r[4])) async for r in cur}
+
+    async def data_version(self) -> int:
+        """Changes when another connection (``crmhooks resume``) commits to the file."""
+        async with self.conn.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def resume(self, rule_id: str, webhook: str) -> int:
+        """Lift the suspension of (rule, webhook) in every organisation; returns how many."""
+        cur = await self.conn.execute(
+            "UPDATE suspensions SET suspended = 0, failed_actions = 0 "
+            "WHERE rule_id = ? AND webhook = ? AND suspended = 1",
+            (rule_id, webhook),
+        )
+        return cur.rowcount
+
+    async def purge_finished(self, before_ms: int) -> int:
+        """Forget final actions finished before ``before_ms`` (their ids stop deduplicating)."""
+        cur = await self.conn.execute(
+            "DELETE FROM actions WHERE status != 'pending' AND finished_ms < ?", (before_ms,)
+        )
+        return cur.rowcount
