@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from crmhooks.config import Config, KafkaSettings
-from crmhooks.kafka_io import produce_records, read_topic
+from crmhooks.kafka_io import ensure_topics, produce_records, read_topic
 from crmhooks.runner import run_processor
 
 
@@ -105,6 +105,8 @@ async def receiver(status_for: Callable[[str, int], int] | None = None) -> Async
 @asynccontextmanager
 async def running(config: Config) -> AsyncIterator[asyncio.Task[None]]:
     """The processor running in this event loop until the block ends (graceful stop)."""
+    k = config.kafka
+    await ensure_topics(k.bootstrap_servers, [k.events_topic, k.results_topic, k.dlq_topic], 3)
     stop = asyncio.Event()
     task = asyncio.create_task(run_processor(config, stop, handle_signals=False))
     try:

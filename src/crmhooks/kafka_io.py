@@ -223,10 +223,16 @@ async def read_topic(
     )
     try:
         await consumer.start()
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        if topic not in await consumer.topics():
+            return
+        consumer.subscribe([topic])  # without a group: every partition, from the earliest
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 10.0
+        while not consumer.assignment():
+            if loop.time() > give_up:
+                raise KafkaIOError(f"no partitions of {topic} assigned after 10 s")
+            await asyncio.sleep(0.05)
+        tps = sorted(consumer.assignment())
         ends = await consumer.end_offsets(tps)
         idle_since = asyncio.get_running_loop().time()
         while True:

@@ -1,0 +1,89 @@
+"""The SQLite store, on real files: group commit, idempotent inserts, partition loading."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from crmhooks.actions import Action
+from crmhooks.store import Store, WriteBatch
+
+
+def action(n: int, *, partition: int = 0, due_ms: int = 1000, record: str = "r1") -> Action:
+    return Action(
+        action_id=f"e{n}:rule:Hook",
+        event_id=f"e{n}",
+        org_id="org",
+        module="Potentials",
+        record_id=record,
+        rule_id="rule",
+        webhook="Hook",
+        kind="scheduled",
+        slot=1,
+        due_ms=due_ms,
+        partition=partition,
+        source_offset=n,
+    )
+
+
+async def test_actions_survive_reopen_and_inserts_are_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Store(path) as store:
+        await store.write(WriteBatch(new_actions=[action(1), action(2, partition=1)]))
+        await store.write(WriteBatch(new_actions=[action(1, due_ms=5)]))  # replayed: ignored
+    async with Store(path) as store:
+        loaded = await store.load_pending([0], before_ms=10_000)
+        assert [(a.action_id, a.due_ms) for a in loaded] == [("e1:rule:Hook", 1000)]
+        assert await store.load_pending([1], before_ms=10_000) == [action(2, partition=1)]
+        assert await store.load_pending([0], before_ms=1000) == []
+
+
+async def test_finished_actions_stay_known_and_are_never_pending_again(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s.db") as store:
+        await store.write(WriteBatch(new_actions=[action(1)]))
+        await store.write(WriteBatch(finished=[("e1:rule:Hook", "delivered", 5)]))
+        await store.write(WriteBatch(new_actions=[action(1)]))
+        assert await store.action_statuses(["e1:rule:Hook", "nope"]) == {
+            "e1:rule:Hook": "delivered"
+        }
+        assert await store.load_pending([0], before_ms=10_000) == []
+        assert await store.pending_for_records(["org/Potentials/r1"]) == []
+
+
+async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s.db") as store:
+        batches = [WriteBatch(new_actions=[action(n)]) for n in range(200)]
+        await asyncio.gather(*(store.write(b) for b in batches))
+        assert len(await store.load_pending([0], before_ms=10_000)) == 200
+        assert store.commits < 200, "group commit should fold concurrent writes"
+
+
+async def test_quota_moves_and_suspensions(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s.db") as store:
+        await store.write(WriteBatch(quota=[("org", "2026-11-28", 0, 1)] * 3))
+        await store.write(WriteBatch(quota=[("org", "2026-11-28", 0, -1)]))
+        assert await store.quota_used("org", "2026-11-28") == 2
+        assert await store.quota_used("org", "2026-11-29") == 0
+        await store.write(WriteBatch(new_actions=[action(1)]))
+        await store.write(WriteBatch(moved=[("e1:rule:Hook", 7000, 1)]))
+        (moved,) = await store.load_pending([0], before_ms=10_000)
+        assert (moved.due_ms, moved.attempt) == (7000, 1)
+        await store.write(WriteBatch(suspensions=[("org", "rule", "Hook", 0, 1, True)]))
+        assert await store.suspension_table() == {("org", "rule", "Hook"): (1, True)}
+        assert await store.resume("rule", "Hook") == 1
+        assert await store.suspension_table() == {("org", "rule", "Hook"): (0, False)}
+
+
+async def test_snapshots_and_once_state(tmp_path: Path) -> None:
+    async with Store(tmp_path / "s.db") as store:
+        await store.write(
+            WriteBatch(
+                snapshots=[("org/Potentials/r1", 0, b'{"a": 1}')],
+                once_state=[("rule\x1forg/Potentials/r1", 0, True)],
+            )
+        )
+        await store.write(WriteBatch(snapshots=[("org/Potentials/r1", 0, b'{"a": 2}')]))
+        assert await store.snapshots(["org/Potentials/r1"]) == {"org/Potentials/r1": {"a": 2}}
+        assert await store.once_states(["rule\x1forg/Potentials/r1", "x"]) == {
+            "rule\x1forg/Potentials/r1": True
+        }
