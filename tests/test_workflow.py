@@ -146,7 +146,7 @@ def test_past_due_and_missing_field_are_skipped() -> None:
     assert [(f.action.action_id, f.status, f.reason) for f in p.finished] == [
         ("e1:r:Later", "skipped", "past_due")
     ]
-    p = plan(ev(2, **{"Payment Due": None}), RecordState())
+    p = plan(ev(2, **{"Payment Due": ""}), RecordState())
     assert [(f.action.action_id, f.status) for f in p.finished] == [("e2:r:Later", "skipped")]
 
 
