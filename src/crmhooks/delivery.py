@@ -265,9 +265,11 @@ class HttpTransport:
     def _headers(
         self, action_id: str, request: RenderedRequest, secret: str | None, timestamp_s: int
     ) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict(request.headers)
-        # Ours replace any template header of the same name: a template must not
-        # be able to forge the id, timestamp or signature.
+        # Ours replace any template header of the same name, and a template's own
+        # webhook-* headers are dropped: it must not forge an id or a signature.
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if not k.lower().startswith("webhook-")
+        )
         headers["User-Agent"] = self._user_agent
         headers["Accept-Encoding"] = "identity"
         headers["webhook-id"] = action_id
