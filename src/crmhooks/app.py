@@ -216,12 +216,14 @@ class Processor:
         await self.store.write(batch)
         await self.kio.produce_all(out)
         self.stats["results"] += len(out)
-        for aid in heap_gone:
+        gone = set(heap_gone)
+        for aid in gone:
             self.heap.remove(aid)
             if aid not in self._inflight:
                 self._forget(aid)
-        for action in heap_new:
-            self._push(action)
+        for action in heap_new:  # in plan order: a later move replaces an earlier push
+            if action.action_id not in gone:
+                self._push(action)
         # 4. commit.
         await self.kio.commit({p: o for p, o in next_offsets.items() if p in self._owned})
         self.stats["batches"] += 1
