@@ -434,7 +434,6 @@ class Processor:
 
     async def _fire(self, action: Action) -> None:
         cfg = self.config
-        key = action.org_id.encode()
         data = self._snapshots.get(action.record_key)
         if data is None:
             data = (await self.store.snapshots([action.record_key])).get(action.record_key)
@@ -462,58 +461,63 @@ class Processor:
         self._quota[qkey] += 1
         await self.store.write(WriteBatch(quota=[(action.org_id, day, action.partition, 1)]))
         webhook = cfg.webhooks[action.webhook]
-        attempt = action.attempt + 1
         outcome = await self.transport.send(action.action_id, request, webhook.secret)
-        if outcome.sent_at_ms is None:  # nothing was sent (ssrf_blocked): not counted
+        if outcome.sent_at_ms is None:  # refused before sending: not counted, not retried
             self._quota[qkey] -= 1
             await self.store.write(WriteBatch(quota=[(action.org_id, day, action.partition, -1)]))
+            if outcome.error_class != "ssrf_blocked":  # a header or URL we could not send
+                await self._internal_error(action, event, f"request not sent: {outcome.error}")
+                return
+        await self._settle(action, request, outcome)
+
+    async def _settle(self, action: Action, request: RenderedRequest, outcome: Outcome) -> None:
+        """Report an attempt's outcome, then store what follows: done, or a retry."""
+        attempt = action.attempt + 1
         shown = {"method": request.method, "url": request.redacted_url}
-        results_topic = cfg.kafka.results_topic
+        delays = self.config.delivery.retry_delays_s
+        batch = WriteBatch()
+        retry: Action | None = None
         if outcome.delivered:
+            status = "delivered"
             log.info("action %s delivered (HTTP %s)", action.action_id, outcome.http_status)
-            rec = result_record(
-                action, "delivered", attempt=attempt, outcome=outcome, request=shown
-            )
-            await self.kio.produce_all([(results_topic, key, encode(rec))])
-            batch = WriteBatch(finished=[(action.action_id, "delivered", self.clock.now_ms())])
             self._count_success(action, batch)
-            await self.store.write(batch)
-            return
-        delays = cfg.delivery.retry_delays_s
-        if action.attempt < len(delays):
+        elif action.attempt < len(delays) and outcome.sent_at_ms is not None:
+            status = "retrying"
             delay_s = delays[action.attempt]
             if outcome.retry_after_s is not None and outcome.http_status in (429, 503):
                 delay_s = max(delay_s, outcome.retry_after_s)
-            next_ms = self.clock.now_ms() + int(delay_s * 1000)
-            retry = action.retried(next_ms)
+            retry = action.retried(self.clock.now_ms() + int(delay_s * 1000))
             log.info(
                 "action %s attempt %d failed (%s), retry at %d",
                 action.action_id,
                 attempt,
                 outcome.error_class,
-                next_ms,
+                retry.due_ms,
             )
-            rec = result_record(
-                action,
-                "retrying",
-                attempt=attempt,
-                outcome=outcome,
-                next_attempt_ms=next_ms,
-                request=shown,
+            batch.moved.append((action.action_id, retry.due_ms, retry.attempt))
+        else:
+            status = "failed"
+            log.warning(
+                "action %s failed on attempt %d: %s", action.action_id, attempt, outcome.error
             )
-            await self.kio.produce_all([(results_topic, key, encode(rec))])
-            await self.store.write(WriteBatch(moved=[(action.action_id, next_ms, retry.attempt)]))
+            self._count_failure(action, batch)
+        if retry is None:
+            batch.finished.append((action.action_id, status, self.clock.now_ms()))
+        rec = result_record(
+            action,
+            status,
+            attempt=attempt,
+            outcome=outcome,
+            next_attempt_ms=retry.due_ms if retry else None,
+            request=shown,
+        )
+        await self.kio.produce_all(
+            [(self.config.kafka.results_topic, action.org_id.encode(), encode(rec))]
+        )
+        await self.store.write(batch)
+        if retry is not None:
             self._inflight.discard(action.action_id)
             self._push(retry)
-            return
-        log.warning(
-            "action %s failed after %d attempts: %s", action.action_id, attempt, outcome.error
-        )
-        rec = result_record(action, "failed", attempt=attempt, outcome=outcome, request=shown)
-        await self.kio.produce_all([(results_topic, key, encode(rec))])
-        batch = WriteBatch(finished=[(action.action_id, "failed", self.clock.now_ms())])
-        self._count_failure(action, batch)
-        await self.store.write(batch)
 
     def _render(self, action: Action, event: RecordEvent) -> RenderedRequest:
         tz = ZoneInfo(self.config.org(action.org_id).time_zone)
