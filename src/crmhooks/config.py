@@ -81,7 +81,7 @@ class QuotaSettings:
 class Limits:
     """The seed's limits on webhooks and rules; ``[limits]`` may change them.
 
-    SPEC §1 table: "limits are defaults that config may raise". Each default is
+    SPEC, the seed table: "limits are defaults that config may raise". Each default is
     the number the seed's help page states.
     """
 
