@@ -64,6 +64,10 @@ FIRE_SLOTS_FACTOR = 4
 
 Produced = tuple[str, bytes | None, bytes]
 
+# Kafka header `crmhooks replay-dlq` puts on the events it re-publishes: their
+# actions that ended without being delivered (quota, template error) may run again.
+REPLAY_HEADER = "crmhooks-replay"
+
 
 class Processor:
     """Owns the delay heap, the quota counters and the suspensions of its partitions."""
@@ -279,10 +283,13 @@ class Processor:
                 batch.once_state.append(
                     (once_key(rule_id, event.record_key), rec.partition, matched)
                 )
+            replayed = any(name == REPLAY_HEADER for name, _ in rec.headers)
             for action in plan.new_actions:
                 status = known.get(action.action_id)
                 if status is not None and status != "pending":
-                    continue  # finished before (a replay): never again
+                    if status == "delivered" or not replayed:
+                        continue  # finished before: a reprocessed event never sends again
+                    batch.rearmed.append(action)  # replayed after its cause was fixed
                 batch.new_actions.append(action)
                 heap_new.append(action)
                 self._remember_snapshot(action.record_key, event.data)
@@ -600,7 +607,9 @@ class Processor:
             partition=action.partition,
             offset=action.source_offset,
             key=action.org_id.encode(),
-            event=event.data if event is not None else None,
+            # The latest version of the record, under the id of the event that created
+            # the action, so that `replay-dlq` recreates this very action.
+            event={**event.data, "event_id": action.event_id} if event is not None else None,
             raw=None,
             action_id=action.action_id,
             rule_id=action.rule_id,

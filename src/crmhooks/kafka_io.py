@@ -32,6 +32,7 @@ class InRecord:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 async def ensure_topics(bootstrap_servers: str, names: Iterable[str], partitions: int) -> None:
@@ -155,7 +156,7 @@ class KafkaIO:
         except KafkaError as exc:
             raise KafkaIOError(f"fetch failed: {exc}") from exc
         return [
-            InRecord(tp.partition, m.offset, m.key, m.value)
+            InRecord(tp.partition, m.offset, m.key, m.value, tuple(m.headers or ()))
             for tp, messages in batches.items()
             for m in messages
         ]
@@ -255,13 +256,16 @@ async def read_topic(
 
 
 async def produce_records(
-    bootstrap_servers: str, records: Sequence[tuple[str, bytes | None, bytes]]
+    bootstrap_servers: str,
+    records: Sequence[tuple[str, bytes | None, bytes]],
+    headers: Sequence[tuple[str, bytes]] | None = None,
 ) -> None:
     """Produce records with a short-lived producer and wait for every acknowledgement."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5)
     try:
         await producer.start()
-        futures = [await producer.send(t, value=v, key=k) for t, k, v in records]
+        extra = list(headers) if headers else None
+        futures = [await producer.send(t, value=v, key=k, headers=extra) for t, k, v in records]
         await asyncio.gather(*futures)
     except KafkaError as exc:
         raise ProduceError(f"produce to {bootstrap_servers} failed: {exc}") from exc

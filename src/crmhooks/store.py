@@ -131,6 +131,8 @@ class WriteBatch:
     new_actions: list[Action] = field(default_factory=list)
     # (action_id, due_ms, attempt): move a pending action (retry or reschedule)
     moved: list[tuple[str, int, int]] = field(default_factory=list)
+    # replayed from the dead-letter topic: a finished, undelivered action made pending again
+    rearmed: list[Action] = field(default_factory=list)
     # (action_id, final status, finished_ms)
     finished: list[tuple[str, str, int]] = field(default_factory=list)
     snapshots: list[tuple[str, int, bytes]] = field(default_factory=list)
@@ -144,6 +146,7 @@ class WriteBatch:
     def extend(self, other: WriteBatch) -> None:
         self.new_actions += other.new_actions
         self.moved += other.moved
+        self.rearmed += other.rearmed
         self.finished += other.finished
         self.snapshots += other.snapshots
         self.once_state += other.once_state
@@ -154,6 +157,7 @@ class WriteBatch:
         return bool(
             self.new_actions
             or self.moved
+            or self.rearmed
             or self.finished
             or self.snapshots
             or self.once_state
@@ -264,6 +268,13 @@ class Store:
                     f"INSERT OR IGNORE INTO actions ({_ACTION_COLUMNS}, record_key, status) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')",
                     [(*_action_row(a), a.record_key) for a in b.new_actions],
+                )
+            if b.rearmed:
+                await conn.executemany(
+                    "UPDATE actions SET status = 'pending', finished_ms = NULL, attempt = 0, "
+                    "due_ms = ?, partition = ?, source_offset = ? "
+                    "WHERE action_id = ? AND status NOT IN ('pending', 'delivered')",
+                    [(a.due_ms, a.partition, a.source_offset, a.action_id) for a in b.rearmed],
                 )
             if b.moved:
                 await conn.executemany(

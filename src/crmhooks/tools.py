@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from crmhooks.app import REPLAY_HEADER
 from crmhooks.config import Config
 from crmhooks.kafka_io import produce_records, read_topic
 
@@ -33,7 +34,7 @@ async def replay_dlq(config: Config, error_code: str | None, idle_timeout_s: flo
             continue
         out.append((k.events_topic, rec.key, value))
     if out:
-        await produce_records(k.bootstrap_servers, out)
+        await produce_records(k.bootstrap_servers, out, headers=[(REPLAY_HEADER, b"1")])
     return len(out)
 
 

@@ -1,0 +1,172 @@
+"""Quota, dead letters, replay and accounting on the real broker, store and receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crmhooks.actions import FINAL_STATUSES
+from crmhooks.config import (
+    AllOf,
+    BodySpec,
+    Condition,
+    Config,
+    DeliverySettings,
+    OrgSettings,
+    QuotaSettings,
+    Rule,
+    ScheduledSpec,
+    StoreSettings,
+    Webhook,
+)
+from crmhooks.tools import replay_dlq
+from tests.support import (
+    Receiver,
+    event,
+    produce,
+    read_all,
+    receiver,
+    running,
+    unique_kafka,
+    wait_for_records,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+def config_for(rx: Receiver, tmp_path: Path, *, limit: int, scheduled: bool = False) -> Config:
+    hook = Webhook(
+        name="Hook",
+        url=f"{rx.url}/hook",
+        module="Potentials",
+        body=BodySpec(format="json", template='{"deal": "${Potentials.Potential Name}"}'),
+    )
+    flaky = replace(hook, name="Flaky", url=f"{rx.url}/flaky")
+    rule = Rule(
+        id="r1",
+        module="Potentials",
+        criteria=AllOf((Condition("Stage", "is", "Closed Won"),)),
+        instant="Hook",
+        scheduled=(ScheduledSpec(webhook="Flaky", offset_ms=500),) if scheduled else (),
+    )
+    return Config(
+        kafka=unique_kafka(),
+        store=StoreSettings(path=str(tmp_path / "crmhooks.db")),
+        delivery=DeliverySettings(allow_private_networks=True, retry_delays_s=(0.2,)),
+        quota=QuotaSettings(daily_limit=10_000, per_user=limit),
+        orgs={"org-acme": OrgSettings("org-acme", users=1, time_zone="America/New_York")},
+        webhooks={"Hook": hook, "Flaky": flaky},
+        rules=(rule,),
+    )
+
+
+def finals(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in records:
+        if r["status"] in FINAL_STATUSES:
+            out.setdefault(r["action_id"], []).append(r["status"])
+    return out
+
+
+async def test_quota_is_exact_under_concurrency_and_survives_a_restart(tmp_path: Path) -> None:
+    async with receiver() as rx:
+        config = config_for(rx, tmp_path, limit=5)
+        async with running(config):
+            await produce(config, *(event(n) for n in range(12)))
+            results = await wait_for_records(
+                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 12
+            )
+        assert len(rx.requests) == 5
+        statuses = Counter(s for ss in finals(results).values() for s in ss)
+        assert statuses == {"delivered": 5, "quota_exceeded": 7}
+        letters = await read_all(config, config.kafka.dlq_topic)
+        assert len(letters) == 7
+        assert {d["error_code"] for d in letters} == {"daily_limit_reached"}
+        assert all("org-acme used 5 of 5 notifications on " in d["message"] for d in letters)
+        assert all(d["action_id"] and d["event"]["event_id"] for d in letters)
+        async with running(config):  # the count is durable: still over the limit
+            await produce(config, event("after-restart"))
+            await wait_for_records(
+                config,
+                config.kafka.results_topic,
+                lambda rs: finals(rs).get("evt-after-restart:r1:Hook") == ["quota_exceeded"],
+            )
+        assert len(rx.requests) == 5
+
+
+async def test_dead_letters_replayed_after_fixing_the_cause_are_delivered_once(
+    tmp_path: Path,
+) -> None:
+    async with receiver() as rx:
+        config = config_for(rx, tmp_path, limit=1)
+        async with running(config):
+            await produce(config, event("a"), event("b"))
+            await wait_for_records(
+                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 2
+            )
+        assert [r.body for r in rx.requests] == [b'{"deal": "Deal a"}']
+        fixed = replace(config, quota=QuotaSettings(daily_limit=10_000, per_user=10))
+        async with running(fixed):
+            assert await replay_dlq(fixed, "daily_limit_reached", idle_timeout_s=1.0) == 1
+            await wait_for_records(
+                fixed,
+                fixed.kafka.results_topic,
+                lambda rs: "delivered" in finals(rs).get("evt-b:r1:Hook", []),
+            )
+            # Replaying again sends nothing: b is delivered now, a was delivered before.
+            assert await replay_dlq(fixed, "daily_limit_reached", idle_timeout_s=1.0) == 1
+            await produce(fixed, event("sentinel"))
+            await wait_for_records(
+                fixed,
+                fixed.kafka.results_topic,
+                lambda rs: "delivered" in finals(rs).get("evt-sentinel:r1:Hook", []),
+            )
+        bodies = Counter(r.body for r in rx.requests)
+        assert bodies == {
+            b'{"deal": "Deal a"}': 1,
+            b'{"deal": "Deal b"}': 1,
+            b'{"deal": "Deal sentinel"}': 1,
+        }
+
+
+async def test_every_action_ends_in_exactly_one_final_status(tmp_path: Path) -> None:
+    """N events with instant, scheduled, failing and over-quota actions: all accounted for."""
+
+    def status(path: str, n: int) -> int:
+        return 500 if path == "/flaky" and n % 3 == 0 else 200
+
+    async with receiver(status) as rx:
+        config = config_for(rx, tmp_path, limit=45, scheduled=True)
+        n_events = 30
+        async with running(config):
+            events = [event(n) for n in range(n_events)]
+            events[5]["record"]["Stage"] = "Negotiation"  # matches nothing
+            await produce(config, *events)
+            expected = {
+                f"evt-{n}:r1:{hook}"
+                for n in range(n_events)
+                if n != 5
+                for hook in ("Hook", "Flaky")
+            }
+            results = await wait_for_records(
+                config,
+                config.kafka.results_topic,
+                lambda rs: set(finals(rs)) >= expected,
+                timeout_s=45,
+            )
+            await asyncio.sleep(0.5)  # anything extra would show up now
+            results = await read_all(config, config.kafka.results_topic)
+        got = finals(results)
+        assert set(got) == expected, set(got) ^ expected
+        assert all(len(set(statuses)) == 1 for statuses in got.values()), got
+        every = Counter(s for ss in got.values() for s in ss)
+        assert every["quota_exceeded"] > 0
+        assert every["delivered"] > 0
+        assert sum(every.values()) == len(expected)
+        assert {r["action_id"] for r in results} == expected
+        assert len(rx.requests) == 45  # exactly the quota: retries count too
