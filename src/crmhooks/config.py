@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from crmhooks.errors import ConfigError, TemplateError
 from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
+from crmhooks.timers import parse_offset_ms, parse_time_of_day
 
 Method = Literal["POST", "GET"]
 BodyFormat = Literal["xml", "json"]
@@ -203,44 +204,6 @@ class Config:
     def catalog(self) -> ModuleCatalog:
         """The modules this config knows: the standard ones and ``custom_modules``."""
         return ModuleCatalog(self.custom_modules)
-
-
-# --- durations and times of day ------------------------------------------------
-
-_DURATION_RE = re.compile(r"([+-]?)(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
-_UNIT_MS = (86_400_000, 3_600_000, 60_000, 1_000)
-# Ten years: an offset beyond that is a typo, and bounding it keeps every due
-# time inside the range datetime arithmetic can represent.
-MAX_OFFSET_MS = 3660 * 86_400_000
-
-
-def parse_duration_ms(text: str) -> int:
-    """``"-1d"``, ``"2h"``, ``"1d2h"``, ``"30s"``, ``"+15m"``, ``"0d"`` → signed milliseconds.
-
-    Units d, h, m, s, each at most once and in that order; ValueError otherwise.
-    """
-    match = _DURATION_RE.fullmatch(text.strip())
-    if match is None or not any(match.group(i) for i in range(2, 6)):
-        raise ValueError(f"{text!r} is not a duration like -1d, 30s or 1d2h")
-    total = sum(
-        int(amount) * unit_ms
-        for amount, unit_ms in zip(match.group(2, 3, 4, 5), _UNIT_MS, strict=True)
-        if amount
-    )
-    if total > MAX_OFFSET_MS:
-        raise ValueError(f"{text!r} is longer than 3660 days")
-    return -total if match.group(1) == "-" else total
-
-
-_TIME_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?")
-
-
-def parse_time_of_day(text: str) -> time:
-    """``"09:00"`` (or ``"09:00:30"``) → a time of day; ValueError otherwise."""
-    match = _TIME_RE.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r} is not a time of day HH:MM")
-    return time(int(match.group(1)), int(match.group(2)), int(match.group(3) or 0))
 
 
 # --- loading -------------------------------------------------------------------
@@ -927,7 +890,7 @@ class _Loader:
             offset = self.string(p, st, "offset", None)
             if offset is not None:
                 try:
-                    offset_ms = parse_duration_ms(offset)
+                    offset_ms = parse_offset_ms(offset)
                 except ValueError as exc:
                     self.error(_join(p, "offset"), str(exc))
             at = self.time_of_day(_join(p, "at"), st.get("at"))

@@ -7,11 +7,13 @@ import heapq
 import itertools
 import re
 from datetime import UTC, date, datetime, time, timedelta, timezone
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from zoneinfo import ZoneInfo
 
 from crmhooks.clock import Clock
-from crmhooks.config import ScheduledSpec
+
+if TYPE_CHECKING:  # config imports this module's parsers
+    from crmhooks.config import ScheduledSpec
 
 __all__ = [
     "DAY_MS",
