@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from crmhooks.config import Config, load_config
-from crmhooks.kafka_io import produce_records, read_topic
+from crmhooks.kafka_io import ensure_topics, produce_records, read_topic
 
 FINAL = {"delivered", "failed", "cancelled", "skipped", "quota_exceeded", "suspended"}
 
@@ -75,6 +75,9 @@ async def demo(config: Config, wait_s: float) -> int:
     print(f"\n== producing {len(events)} sample events to {k.events_topic} (run {run}) ==")
     for i, (what, _) in enumerate(events, 1):
         print(f"  {i}. {what}")
+    await ensure_topics(
+        k.bootstrap_servers, [k.events_topic, k.results_topic, k.dlq_topic], k.partitions
+    )
     await produce_records(
         k.bootstrap_servers, [(k.events_topic, b"org-acme", value) for _, value in events]
     )
@@ -98,13 +101,14 @@ async def demo(config: Config, wait_s: float) -> int:
         if (d.get("raw") is not None and d.get("failed_at", "") >= _iso(deadline - wait_s - 5))
         or str((d.get("event") or {}).get("event_id", "")).startswith(prefix)
     ]
-    print(f"\n== result records on {k.results_topic} ==")
+    print(f"\n== result records on {k.results_topic} (one per state change of an action) ==")
+    print(f"  {'status':<10} {'kind':<9} {'webhook':<18} {'due at (UTC)':<13} {'sent at':<13} HTTP")
     for r in results:
         detail = r.get("error_class") or r.get("reason") or ""
-        http = r.get("http_status") or ""
+        http = r.get("http_status") or "-"
         print(
-            f"  {r['status']:<10} attempt {r['attempt']}  {r['webhook']:<18} {r['kind']:<9} "
-            f"HTTP {http!s:<4} {detail}  ({r['action_id']})"
+            f"  {r['status']:<10} {r['kind']:<9} {r['webhook']:<18} {_clock(r['due_at']):<13} "
+            f"{_clock(r['sent_at']):<13} {http!s:<4} {detail}  event {r['event_id']}"
         )
     print(f"\n== dead letters on {k.dlq_topic} ==")
     for d in letters:
@@ -116,6 +120,11 @@ async def demo(config: Config, wait_s: float) -> int:
     delivered = sum(1 for r in results if r["status"] == "delivered")
     print(f"\n{delivered} webhooks delivered, {len(letters)} dead letter(s).")
     return 0 if delivered >= 3 and letters else 1
+
+
+def _clock(rfc3339: str | None) -> str:
+    """``2026-11-28T09:00:00.012Z`` → ``09:00:00.012`` (the demo runs within a minute)."""
+    return rfc3339[11:23] if rfc3339 else "-"
 
 
 def _iso(monotonic_deadline: float) -> str:
