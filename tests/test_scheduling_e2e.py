@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,25 @@ async def test_failed_webhook_is_suspended_until_resumed(tmp_path: Path) -> None
             rx.status_for = lambda path, n: 200
             await produce(config, event("x3"))
             await wait_for_records(config, config.kafka.results_topic, final("evt-x3", "delivered"))
+
+
+async def test_a_config_change_to_the_webhook_lifts_its_suspension(tmp_path: Path) -> None:
+    async with receiver(lambda path, n: 503) as rx:
+        config = config_for(rx, tmp_path, suspend_after_failed_actions=1, retry_delays_s=())
+        async with running(config):
+            await produce(config, event("y1"))
+            await wait_for_records(config, config.kafka.results_topic, final("evt-y1", "failed"))
+            await produce(config, event("y2"))
+            await wait_for_records(config, config.kafka.results_topic, final("evt-y2", "suspended"))
+        async with running(config):  # a restart alone keeps it suspended
+            await produce(config, event("y3"))
+            await wait_for_records(config, config.kafka.results_topic, final("evt-y3", "suspended"))
+        rx.status_for = lambda path, n: 200
+        hook = replace(config.webhooks["Hook"], description="fixed endpoint")
+        changed = replace(config, webhooks={"Hook": hook})
+        async with running(changed):
+            await produce(changed, event("y4"))
+            await wait_for_records(
+                changed, changed.kafka.results_topic, final("evt-y4", "delivered")
+            )
+        assert len(rx.requests) == 2  # y1 (no retries configured) and y4

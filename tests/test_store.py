@@ -68,10 +68,10 @@ async def test_quota_moves_and_suspensions(tmp_path: Path) -> None:
         await store.write(WriteBatch(moved=[("e1:rule:Hook", 7000, 1)]))
         (moved,) = await store.load_pending([0], before_ms=10_000)
         assert (moved.due_ms, moved.attempt) == (7000, 1)
-        await store.write(WriteBatch(suspensions=[("org", "rule", "Hook", 0, 1, True)]))
-        assert await store.suspension_table() == {("org", "rule", "Hook"): (1, True)}
+        await store.write(WriteBatch(suspensions=[("org", "rule", "Hook", 0, 1, True, "fp")]))
+        assert await store.suspension_table() == {("org", "rule", "Hook"): (1, True, "fp")}
         assert await store.resume("rule", "Hook") == 1
-        assert await store.suspension_table() == {("org", "rule", "Hook"): (0, False)}
+        assert await store.suspension_table() == {("org", "rule", "Hook"): (0, False, "fp")}
 
 
 async def test_snapshots_and_once_state(tmp_path: Path) -> None:

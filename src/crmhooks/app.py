@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -94,6 +95,7 @@ class Processor:
         self._quota: dict[tuple[str, str], int] = {}
         self._quota_warned: set[tuple[str, str]] = set()
         self._suspensions: dict[tuple[str, str, str], tuple[int, bool]] = {}
+        self._fingerprints: dict[tuple[str, str], str] = {}
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # one batch at a time; rebalances wait for it
         self._stopping = False
@@ -118,7 +120,7 @@ class Processor:
     async def run(self, kio: KafkaIO, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then stop gracefully (SPEC §10)."""
         self._kio = kio
-        self._suspensions = await self.store.suspension_table()
+        await self._load_suspensions()
         self._loaded_until_ms = self.clock.now_ms() + HORIZON_MS
         consume = asyncio.create_task(self._consume_loop(stop), name="consume")
         helpers = [
@@ -389,7 +391,7 @@ class Processor:
             now_version = await self.store.data_version()
             if now_version != version:
                 version = now_version
-                self._suspensions = await self.store.suspension_table()
+                await self._load_suspensions()
 
     async def _fire_loop(self) -> None:
         while not self._stopping:
@@ -428,6 +430,25 @@ class Processor:
             self._fire_slots.release()
             if action.action_id not in self.heap:
                 self._forget(action.action_id)
+
+    async def _load_suspensions(self) -> None:
+        """Read suspensions; one recorded under another config of its rule or webhook is lifted."""
+        table: dict[tuple[str, str, str], tuple[int, bool]] = {}
+        for skey, (failed, suspended, fingerprint) in (await self.store.suspension_table()).items():
+            if fingerprint == self._fingerprint(skey[1], skey[2]):
+                table[skey] = (failed, suspended)
+            elif suspended:
+                log.info("suspension of %s lifted: its rule or webhook config changed", skey)
+        self._suspensions = table
+
+    def _fingerprint(self, rule_id: str, webhook: str) -> str:
+        """Changes whenever the rule's or the webhook's config changes (SPEC §5)."""
+        found = self._fingerprints.get((rule_id, webhook))
+        if found is None:
+            text = repr((self.rules.get(rule_id), self.config.webhooks.get(webhook)))
+            found = hashlib.sha256(text.encode()).hexdigest()[:16]
+            self._fingerprints[(rule_id, webhook)] = found
+        return found
 
     def _is_suspended(self, org_id: str, rule_id: str, webhook: str) -> bool:
         entry = self._suspensions.get((org_id, rule_id, webhook))
@@ -542,7 +563,15 @@ class Processor:
         skey = (action.org_id, action.rule_id, action.webhook)
         if self._suspensions.get(skey, (0, False))[0]:
             self._suspensions[skey] = (0, False)
-            batch.suspensions.append((*skey, action.partition, 0, False))
+            batch.suspensions.append(
+                (
+                    *skey,
+                    action.partition,
+                    0,
+                    False,
+                    self._fingerprint(action.rule_id, action.webhook),
+                )
+            )
 
     def _count_failure(self, action: Action, batch: WriteBatch) -> None:
         skey = (action.org_id, action.rule_id, action.webhook)
@@ -557,7 +586,15 @@ class Processor:
                 action.org_id,
             )
         self._suspensions[skey] = (failed, suspended)
-        batch.suspensions.append((*skey, action.partition, failed, suspended))
+        batch.suspensions.append(
+            (
+                *skey,
+                action.partition,
+                failed,
+                suspended,
+                self._fingerprint(action.rule_id, action.webhook),
+            )
+        )
 
     async def _final(
         self,

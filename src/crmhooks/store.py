@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS suspensions (
     partition      INTEGER NOT NULL,
     failed_actions INTEGER NOT NULL,       -- consecutive failed actions
     suspended      INTEGER NOT NULL,
+    fingerprint    TEXT NOT NULL,          -- of the rule and webhook config it applies to
     PRIMARY KEY (org_id, rule_id, webhook)
 );
 """
@@ -140,8 +141,8 @@ class WriteBatch:
     once_state: list[tuple[str, int, bool]] = field(default_factory=list)
     # (org_id, day, partition, delta)
     quota: list[tuple[str, str, int, int]] = field(default_factory=list)
-    # (org_id, rule_id, webhook, partition, failed_actions, suspended)
-    suspensions: list[tuple[str, str, str, int, int, bool]] = field(default_factory=list)
+    # (org_id, rule_id, webhook, partition, failed_actions, suspended, config fingerprint)
+    suspensions: list[tuple[str, str, str, int, int, bool, str]] = field(default_factory=list)
 
     def extend(self, other: WriteBatch) -> None:
         self.new_actions += other.new_actions
@@ -309,10 +310,11 @@ class Store:
             if b.suspensions:
                 await conn.executemany(
                     "INSERT INTO suspensions (org_id, rule_id, webhook, partition, "
-                    "failed_actions, suspended) VALUES (?,?,?,?,?,?) "
+                    "failed_actions, suspended, fingerprint) VALUES (?,?,?,?,?,?,?) "
                     "ON CONFLICT (org_id, rule_id, webhook) DO UPDATE SET "
-                    "failed_actions = excluded.failed_actions, suspended = excluded.suspended",
-                    [(o, r, w, p, f, int(s)) for o, r, w, p, f, s in b.suspensions],
+                    "failed_actions = excluded.failed_actions, suspended = excluded.suspended, "
+                    "fingerprint = excluded.fingerprint",
+                    [(o, r, w, p, f, int(s), fp) for o, r, w, p, f, s, fp in b.suspensions],
                 )
             await conn.execute("COMMIT")
             self.commits += 1
@@ -417,12 +419,13 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def suspension_table(self) -> dict[tuple[str, str, str], tuple[int, bool]]:
-        """(org, rule, webhook) → (consecutive failed actions, suspended)."""
+    async def suspension_table(self) -> dict[tuple[str, str, str], tuple[int, bool, str]]:
+        """(org, rule, webhook) → (consecutive failed actions, suspended, config fingerprint)."""
         async with self.conn.execute(
-            "SELECT org_id, rule_id, webhook, failed_actions, suspended FROM suspensions"
+            "SELECT org_id, rule_id, webhook, failed_actions, suspended, fingerprint "
+            "FROM suspensions"
         ) as cur:
-            return {(r[0], r[1], r[2]): (int(r[3]), bool(r[4])) async for r in cur}
+            return {(r[0], r[1], r[2]): (int(r[3]), bool(r[4]), r[5]) async for r in cur}
 
     async def data_version(self) -> int:
         """Changes when another connection (``crmhooks resume``) commits to the file."""
