@@ -58,8 +58,8 @@ class Receiver:
 
     url: str = ""
     requests: list[Received] = field(default_factory=list)
-    # path → function(request number for that path) → HTTP status
-    status_for: Callable[[str, int], int] = lambda path, n: 200
+    # (path, request number for that path) → HTTP status, or (status, headers)
+    status_for: Callable[[str, int], int | tuple[int, dict[str, str]]] = lambda path, n: 200
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on(self, path: str) -> list[Received]:
@@ -67,7 +67,9 @@ class Receiver:
 
 
 @asynccontextmanager
-async def receiver(status_for: Callable[[str, int], int] | None = None) -> AsyncIterator[Receiver]:
+async def receiver(
+    status_for: Callable[[str, int], int | tuple[int, dict[str, str]]] | None = None,
+) -> AsyncIterator[Receiver]:
     rec = Receiver()
     if status_for is not None:
         rec.status_for = status_for
@@ -86,7 +88,9 @@ async def receiver(status_for: Callable[[str, int], int] | None = None) -> Async
         )
         counts[request.path] = counts.get(request.path, 0) + 1
         rec.arrived.set()
-        return web.Response(status=rec.status_for(request.path, counts[request.path]))
+        answer = rec.status_for(request.path, counts[request.path])
+        status, headers = answer if isinstance(answer, tuple) else (answer, {})
+        return web.Response(status=status, headers=headers)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)

@@ -179,3 +179,22 @@ async def test_a_config_change_to_the_webhook_lifts_its_suspension(tmp_path: Pat
                 changed, changed.kafka.results_topic, final("evt-y4", "delivered")
             )
         assert len(rx.requests) == 2  # y1 (no retries configured) and y4
+
+
+async def test_a_longer_retry_after_of_a_503_is_honoured(tmp_path: Path) -> None:
+    def answer(path: str, n: int) -> int | tuple[int, dict[str, str]]:
+        return (503, {"Retry-After": "2"}) if n == 1 else 200
+
+    async with receiver(answer) as rx:
+        config = config_for(rx, tmp_path, retry_delays_s=(0.1,))
+        async with running(config):
+            await produce(config, event("ra"))
+            results = await wait_for_records(
+                config, config.kafka.results_topic, final("evt-ra", "delivered")
+            )
+        retrying, done = results
+        sent = [datetime.fromisoformat(r["sent_at"]).timestamp() for r in (retrying, done)]
+        planned = datetime.fromisoformat(retrying["next_attempt_at"]).timestamp()
+        assert planned - sent[0] >= 1.9  # 2 s from Retry-After, not the configured 0.1 s
+        assert sent[1] >= planned - 0.05
+        assert len(rx.requests) == 2
