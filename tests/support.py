@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -61,6 +61,8 @@ class Receiver:
     # (path, request number for that path) → HTTP status, or (status, headers)
     status_for: Callable[[str, int], int | tuple[int, dict[str, str]]] = lambda path, n: 200
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # awaited before answering: a receiver that hangs until the test lets it go
+    on_request: Callable[[], Awaitable[None]] | None = None
 
     def on(self, path: str) -> list[Received]:
         return [r for r in self.requests if r.path == path]
@@ -88,6 +90,8 @@ async def receiver(
         )
         counts[request.path] = counts.get(request.path, 0) + 1
         rec.arrived.set()
+        if rec.on_request is not None:
+            await rec.on_request()
         answer = rec.status_for(request.path, counts[request.path])
         status, headers = answer if isinstance(answer, tuple) else (answer, {})
         return web.Response(status=status, headers=headers)

@@ -198,3 +198,38 @@ async def test_a_longer_retry_after_of_a_503_is_honoured(tmp_path: Path) -> None
         assert planned - sent[0] >= 1.9  # 2 s from Retry-After, not the configured 0.1 s
         assert sent[1] >= planned - 0.05
         assert len(rx.requests) == 2
+
+
+async def test_a_hung_endpoint_does_not_hold_up_a_healthy_one(tmp_path: Path) -> None:
+    """Per-host queues: 20 actions for a host that never answers, then 20 for a healthy one."""
+    release = asyncio.Event()
+
+    async with receiver() as healthy, receiver() as hung:
+        config = config_for(healthy, tmp_path, max_in_flight_per_host=2, total_timeout_s=5.0)
+        slow = replace(config.webhooks["Hook"], name="Slow", url=f"{hung.url}/slow")
+        rule = replace(
+            config.rules[0],
+            id="r0",
+            instant="Slow",
+            criteria=AllOf((Condition("Stage", "is", "Slow"),)),
+        )
+        config = replace(
+            config, webhooks={**config.webhooks, "Slow": slow}, rules=(rule, *config.rules)
+        )
+
+        async def stall() -> None:
+            await release.wait()
+
+        hung.on_request = stall
+        async with running(config):
+            await produce(config, *(event(f"h{n}", record={"Stage": "Slow"}) for n in range(20)))
+            await produce(config, *(event(f"ok{n}") for n in range(20)))
+            await wait_for_records(
+                config,
+                config.kafka.results_topic,
+                lambda rs: sum(r["status"] == "delivered" for r in rs) == 20,
+                timeout_s=4.0,  # well below the hung host's 5 s timeout
+            )
+            assert len(healthy.requests) == 20
+            assert len(hung.requests) == 2  # max_in_flight_per_host; the rest wait their turn
+            release.set()

@@ -26,9 +26,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -60,8 +62,6 @@ FETCH_MAX_RECORDS = 2000
 FETCH_TIMEOUT_MS = 200
 # How often a running processor looks for `crmhooks resume` written by another process.
 RESUME_POLL_S = 1.0
-# Concurrent fire tasks; the transport bounds real in-flight requests per host.
-FIRE_SLOTS_FACTOR = 4
 
 Produced = tuple[str, bytes | None, bytes]
 
@@ -100,7 +100,12 @@ class Processor:
         self._lock = asyncio.Lock()  # one batch at a time; rebalances wait for it
         self._stopping = False
         self._kio: KafkaIO | None = None
-        self._fire_slots = asyncio.Semaphore(config.delivery.max_in_flight * FIRE_SLOTS_FACTOR)
+        # Endpoint isolation: at most max_in_flight_per_host actions of one host fire at
+        # once; the others wait in that host's queue, so a hung host can take neither
+        # tasks nor request slots from the healthy ones.
+        self._host_of = {name: _host_key(w.url) for name, w in config.webhooks.items()}
+        self._host_active: dict[str, int] = {}
+        self._host_waiting: dict[str, deque[Action]] = {}
         self.stats = {"events": 0, "dead_letters": 0, "results": 0, "batches": 0}
 
     def __repr__(self) -> str:
@@ -399,11 +404,12 @@ class Processor:
                 action = self._actions.get(action_id)
                 if action is None or action.partition not in self._owned:
                     continue
-                await self._fire_slots.acquire()
                 self._inflight.add(action_id)
-                task = asyncio.create_task(self._fire_guarded(action), name=f"fire {action_id}")
-                self._fire_tasks.add(task)
-                task.add_done_callback(self._fire_tasks.discard)
+                host = self._host_of[action.webhook]
+                if self._host_active.get(host, 0) < self.config.delivery.max_in_flight_per_host:
+                    self._start_fire(host, action)
+                else:
+                    self._host_waiting.setdefault(host, deque()).append(action)
             next_due = self.heap.next_due_ms()
             waits: list[asyncio.Task[Any]] = [asyncio.create_task(self._changed.wait())]
             if next_due is not None:
@@ -415,9 +421,17 @@ class Processor:
                     w.cancel()
             self._changed.clear()
 
+    def _start_fire(self, host: str, action: Action) -> None:
+        self._host_active[host] = self._host_active.get(host, 0) + 1
+        task = asyncio.create_task(
+            self._fire_guarded(host, action), name=f"fire {action.action_id}"
+        )
+        self._fire_tasks.add(task)
+        task.add_done_callback(self._fire_tasks.discard)
+
     # -- firing -----------------------------------------------------------------
 
-    async def _fire_guarded(self, action: Action) -> None:
+    async def _fire_guarded(self, host: str, action: Action) -> None:
         try:
             await self._fire(action)
         except asyncio.CancelledError:
@@ -427,9 +441,14 @@ class Processor:
             log.exception("action %s: unexpected error while firing", action.action_id)
         finally:
             self._inflight.discard(action.action_id)
-            self._fire_slots.release()
             if action.action_id not in self.heap:
                 self._forget(action.action_id)
+            self._host_active[host] -= 1
+            waiting = self._host_waiting.get(host)
+            if waiting and not self._stopping:
+                self._start_fire(host, waiting.popleft())
+            elif waiting is not None and not waiting:
+                del self._host_waiting[host]
 
     async def _load_suspensions(self) -> None:
         """Read suspensions; one recorded under another config of its rule or webhook is lifted."""
@@ -462,6 +481,8 @@ class Processor:
 
     async def _fire(self, action: Action) -> None:
         cfg = self.config
+        if action.partition not in self._owned:
+            return  # revoked while it waited for its host: the new owner fires it
         data = self._snapshots.get(action.record_key)
         if data is None:
             data = (await self.store.snapshots([action.record_key])).get(action.record_key)
@@ -653,6 +674,12 @@ class Processor:
             webhook=action.webhook,
         )
         return (self.config.kafka.dlq_topic, action.org_id.encode(), encode(letter))
+
+
+def _host_key(url: str) -> str:
+    """The endpoint a webhook's requests share (URL hosts never hold placeholders)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
 
 
 def _event_or_none(data: dict[str, Any] | None) -> RecordEvent | None:
