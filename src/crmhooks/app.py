@@ -183,6 +183,10 @@ class Processor:
         new = partitions - self._owned
         self._owned |= partitions
         if new:
+            # Another process may have owned these partitions meanwhile: counters and
+            # suspensions are read again from the store rather than trusted from memory.
+            self._quota.clear()
+            await self._load_suspensions()
             loaded = await self.store.load_pending(sorted(new), self._loaded_until_ms)
             await self._schedule_loaded(loaded)
             log.info("partitions assigned: %s (%d actions due soon)", sorted(new), len(loaded))
