@@ -516,7 +516,8 @@ class Processor:
         webhook = cfg.webhooks[action.webhook]
         outcome = await self.transport.send(action.action_id, request, webhook.secret)
         if outcome.sent_at_ms is None:  # refused before sending: not counted, not retried
-            self._quota[qkey] -= 1
+            if qkey in self._quota:  # (cleared meanwhile by a rebalance: the store counts)
+                self._quota[qkey] -= 1
             await self.store.write(WriteBatch(quota=[(action.org_id, day, action.partition, -1)]))
             if outcome.error_class != "ssrf_blocked":  # a header or URL we could not send
                 await self._internal_error(action, event, f"request not sent: {outcome.error}")
