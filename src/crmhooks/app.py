@@ -86,7 +86,7 @@ class Processor:
         }
         self.heap = DelayHeap()
         self._actions: dict[str, Action] = {}  # actions in the heap or firing
-        self._snapshots: dict[str, dict[str, Any]] = {}  # record_key → latest event JSON
+        self._snapshots: dict[str, RecordEvent] = {}  # record_key → latest event seen
         self._snapshot_refs: dict[str, int] = {}
         self._inflight: set[str] = set()
         self._fire_tasks: set[asyncio.Task[None]] = set()
@@ -287,9 +287,11 @@ class Processor:
         for rec, event, plan in plans:
             key = event.org_id.encode()
             if plan.touched:
-                batch.snapshots.append((event.record_key, rec.partition, orjson.dumps(event.data)))
+                # The bytes as received: no re-encoding (rec.value is not None once decoded).
+                raw = rec.value or orjson.dumps(event.data)
+                batch.snapshots.append((event.record_key, rec.partition, raw))
                 if event.record_key in self._snapshots:
-                    self._snapshots[event.record_key] = dict(event.data)
+                    self._snapshots[event.record_key] = event
             for rule_id, matched in plan.once_updates:
                 batch.once_state.append(
                     (once_key(rule_id, event.record_key), rec.partition, matched)
@@ -303,7 +305,7 @@ class Processor:
                     batch.rearmed.append(action)  # replayed after its cause was fixed
                 batch.new_actions.append(action)
                 heap_new.append(action)
-                self._remember_snapshot(action.record_key, event.data)
+                self._snapshots[action.record_key] = event
                 if action.kind == "scheduled":
                     out.append((results_topic, key, encode(result_record(action, "scheduled"))))
             for action in plan.moved:
@@ -347,9 +349,6 @@ class Processor:
 
     # -- the delay heap ---------------------------------------------------------
 
-    def _remember_snapshot(self, record_key: str, data: Any) -> None:
-        self._snapshots[record_key] = dict(data)
-
     def _push(self, action: Action) -> None:
         if action.due_ms >= self._loaded_until_ms:
             self._forget(action.action_id)  # the refill loads it when its window comes
@@ -380,7 +379,11 @@ class Processor:
         ]
         missing = [a.record_key for a in fresh if a.record_key not in self._snapshots]
         if missing:
-            self._snapshots.update(await self.store.snapshots(list(dict.fromkeys(missing))))
+            stored = await self.store.snapshots(list(dict.fromkeys(missing)))
+            for record_key, data in stored.items():
+                found = _event_or_none(data)
+                if found is not None:
+                    self._snapshots[record_key] = found
         for action in fresh:
             self._push(action)
 
@@ -487,10 +490,10 @@ class Processor:
         cfg = self.config
         if action.partition not in self._owned:
             return  # revoked while it waited for its host: the new owner fires it
-        data = self._snapshots.get(action.record_key)
-        if data is None:
+        event = self._snapshots.get(action.record_key)
+        if event is None:
             data = (await self.store.snapshots([action.record_key])).get(action.record_key)
-        event = _event_or_none(data)
+            event = _event_or_none(data)
         if self._is_suspended(action.org_id, action.rule_id, action.webhook):
             await self._final(action, "suspended", reason="webhook_suspended")
             return
