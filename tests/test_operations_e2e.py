@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from crmhooks.config import (
     StoreSettings,
     Webhook,
 )
-from crmhooks.tools import replay_dlq
+from crmhooks.tools import replay_dlq, tail_results
 from tests.support import (
     Receiver,
     event,
@@ -89,6 +90,15 @@ async def test_quota_is_exact_under_concurrency_and_survives_a_restart(tmp_path:
         assert {d["error_code"] for d in letters} == {"daily_limit_reached"}
         assert all("org-acme used 5 of 5 notifications on " in d["message"] for d in letters)
         assert all(d["action_id"] and d["event"]["event_id"] for d in letters)
+        out = io.StringIO()
+        assert await tail_results(config, org="org-acme", stream=out) == 12
+        lines = out.getvalue().splitlines()
+        assert lines[0].startswith("time (UTC)")
+        assert sum(" quota_exceeded " in line for line in lines) == 7
+        assert sum(" delivered " in line and " 200 " in line for line in lines) == 5
+        out = io.StringIO()
+        assert await tail_results(config, topic="dlq", event_id="evt-11", stream=out) <= 1
+        assert await tail_results(config, org="org-other", stream=io.StringIO()) == 0
         async with running(config):  # the count is durable: still over the limit
             await produce(config, event("after-restart"))
             await wait_for_records(

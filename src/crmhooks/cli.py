@@ -106,7 +106,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     asyncio.run(
-        tail_results(config, org=args.org, follow=args.follow, topic=args.topic, limit=args.limit)
+        tail_results(
+            config,
+            org=args.org,
+            event_id=args.event,
+            follow=args.follow,
+            topic=args.topic,
+            limit=args.limit,
+        )
     )
     return 0
 
@@ -140,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resume)
     p = command("tail", "print result records (or dead letters) as a table")
     p.add_argument("--org", help="only this organisation")
+    p.add_argument("--event", help="only this event_id")
     p.add_argument("--follow", action="store_true", help="keep waiting for new records")
     p.add_argument("--dlq", dest="topic", action="store_const", const="dlq", default="results")
     p.add_argument("--limit", type=int, default=0, help="stop after this many records")

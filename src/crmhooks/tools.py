@@ -38,40 +38,71 @@ async def replay_dlq(config: Config, error_code: str | None, idle_timeout_s: flo
     return len(out)
 
 
-COLUMNS = ("due_at", "status", "attempt", "org_id", "rule_id", "webhook", "http_status", "detail")
+RESULT_HEADER = (
+    f"{'time (UTC)':<24} {'status':<14} {'try':>3} {'rule':<20} {'webhook':<20} {'http':>4}  detail"
+)
+DLQ_HEADER = f"{'failed at (UTC)':<24} {'error_code':<22} {'source':<14} message"
 
 
 def _detail(r: dict[str, Any]) -> str:
     parts = [str(r[k]) for k in ("error_class", "reason", "error") if r.get(k)]
     if r.get("next_attempt_at"):
-        parts.append(f"next {r['next_attempt_at']}")
-    return "; ".join(parts) or str(r.get("action_id", ""))
+        parts.append(f"next attempt {r['next_attempt_at']}")
+    parts.append(f"action {r.get('action_id')}")
+    return "; ".join(parts)
+
+
+def format_result(r: dict[str, Any]) -> str:
+    """One result record as one line: when, what happened, and why."""
+    when = r.get("sent_at") or r.get("due_at") or ""
+    http = r.get("http_status") or "-"
+    return (
+        f"{when:<24} {r.get('status', ''):<14} {r.get('attempt', 0):>3} "
+        f"{r.get('rule_id', ''):<20} {r.get('webhook', ''):<20} {http!s:>4}  {_detail(r)}"
+    )
+
+
+def format_dead_letter(d: dict[str, Any]) -> str:
+    src = d.get("source") or {}
+    where = f"p{src.get('partition')}@{src.get('offset')}"
+    about = f" (action {d['action_id']})" if d.get("action_id") else ""
+    return (
+        f"{d.get('failed_at', ''):<24} {d.get('error_code', ''):<22} {where:<14} "
+        f"{d.get('message', '')}{about}"
+    )
+
+
+def _matches(r: dict[str, Any], org: str | None, event_id: str | None) -> bool:
+    event = r.get("event") or {}
+    org_of = r.get("org_id") or event.get("org_id") or (r.get("source") or {}).get("key")
+    if org is not None and org_of != org:
+        return False
+    return event_id is None or (r.get("event_id") or event.get("event_id")) == event_id
 
 
 async def tail_results(
     config: Config,
     *,
     org: str | None = None,
+    event_id: str | None = None,
     follow: bool = False,
     topic: str = "results",
     limit: int = 0,
     stream: TextIO = sys.stdout,
 ) -> int:
-    """Print results (or dead letters) as one line each; returns how many were printed."""
+    """Print results (or dead letters) one per line, oldest first; returns how many."""
     k = config.kafka
-    name = k.results_topic if topic == "results" else k.dlq_topic
+    dlq = topic != "results"
+    name = k.dlq_topic if dlq else k.results_topic
+    print(DLQ_HEADER if dlq else RESULT_HEADER, file=stream, flush=True)
     printed = 0
     async for rec in read_topic(k.bootstrap_servers, name, follow=follow):
         if rec.value is None:
             continue
         r = orjson.loads(rec.value)
-        if org is not None and r.get("org_id", (r.get("source") or {}).get("key")) != org:
+        if not _matches(r, org, event_id):
             continue
-        if topic == "results":
-            line = "  ".join(str(r.get(c) if c != "detail" else _detail(r)) for c in COLUMNS)
-        else:
-            line = f"{r.get('failed_at')}  {r.get('error_code')}  {r.get('message')}"
-        print(line, file=stream, flush=True)
+        print(format_dead_letter(r) if dlq else format_result(r), file=stream, flush=True)
         printed += 1
         if limit and printed >= limit:
             break
