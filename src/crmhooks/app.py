@@ -219,7 +219,12 @@ class Processor:
             module = self.catalog.canonical(event.module)
             if module is None or event.module in UNSUPPORTED_MODULES:
                 continue  # Calls, Notes and modules no rule can name: consumed, ignored
-            if self.index.candidates(event.org_id, module):
+            compiled = self.index.compiled(event.org_id, module)
+            if not compiled:
+                continue
+            # Rules with scheduled actions or repeat="once" keep per-record state that a
+            # non-matching event may change; instant-only rules can skip the store.
+            if any(c.stateful or c.matches(event) for c in compiled):
                 todo.append((rec, event, module))
         self.stats["events"] += len(records)
         batch = WriteBatch()

@@ -458,6 +458,11 @@ class CompiledRule:
     def matches(self, event: RecordEvent) -> bool:
         return self.fires(event) and self.criteria_met(event)
 
+    @property
+    def stateful(self) -> bool:
+        """Keeps per-record state (pending scheduled actions, repeat="once" flags)."""
+        return bool(self.rule.scheduled) or self.rule.repeat == "once"
+
 
 class RuleIndex:
     """Rules by (organisation, canonical module), compiled once.
