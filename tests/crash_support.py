@@ -97,6 +97,7 @@ events_topic = {_q(kafka.events_topic)}
 results_topic = {_q(kafka.results_topic)}
 dlq_topic = {_q(kafka.dlq_topic)}
 partitions = {kafka.partitions}
+session_timeout_ms = 6000  # the broker's minimum: the restart takes over sooner
 
 [store]
 path = {_q(str(store_path))}

@@ -50,6 +50,9 @@ class KafkaSettings:
     # out to three processes without re-partitioning; organisations are the key).
     partitions: int = 3
     max_event_bytes: int = 1 << 20
+    # How long the group waits for a silent (crashed) member before handing its
+    # partitions to the others: aiokafka's default, 10 s.
+    session_timeout_ms: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,6 +497,9 @@ class _Loader:
             dlq_topic=self.string("kafka", t, "dlq_topic", d.dlq_topic),
             partitions=self.integer("kafka", t, "partitions", d.partitions, 1),
             max_event_bytes=self.integer("kafka", t, "max_event_bytes", d.max_event_bytes, 1),
+            session_timeout_ms=self.integer(
+                "kafka", t, "session_timeout_ms", d.session_timeout_ms, 1000
+            ),
         )
 
     def store(self, value: Any) -> StoreSettings:

@@ -107,6 +107,8 @@ class KafkaIO:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
             max_partition_fetch_bytes=max(1 << 20, s.max_event_bytes + 1024),
             fetch_max_bytes=max(50 << 20, s.max_event_bytes + 1024),
         )
