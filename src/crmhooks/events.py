@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date
 from typing import Any, Literal
 
 import orjson
@@ -19,7 +20,42 @@ OPERATIONS: frozenset[str] = frozenset({"create", "edit", "delete"})
 # would cost the whole partition time. Configurable (kafka.max_event_bytes).
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 
+# orjson refuses to encode containers nested deeper than 254 levels. Whatever we
+# accept must be encodable again, one level deeper: a dead letter nests the event
+# in its envelope. SPEC §2 events are 4 levels deep; nobody legitimate gets near.
+_ORJSON_MAX_ENCODE_DEPTH = 254
+MAX_EVENT_DEPTH = _ORJSON_MAX_ENCODE_DEPTH - 1
+
 Record = Mapping[str, Any]
+
+# SPEC §2: a field value is a string, number, boolean, null, or an array of these.
+_SCALAR_TYPES: frozenset[type] = frozenset({str, int, float, bool, type(None)})
+_JSON_TYPE_NAMES: dict[type, str] = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+# RFC 3339 §5.6 date-time, strictly: Python's fromisoformat also takes ISO 8601
+# forms (week dates, basic format, no seconds) that other consumers would not.
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))"
+)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_MS_PER_DAY = 86_400_000
+
+# Identifiers end up in action ids, the webhook-id header and log lines.
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+# Tokens of a JSON text that matter for finding duplicate keys: strings (an
+# unrolled loop, linear time) and structural characters. Numbers, literals and
+# whitespace never match and are skipped by finditer.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]', re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,52 +88,128 @@ class RecordEvent:
 
 
 def parse_rfc3339_ms(text: str) -> int:
-    """Epoch ms of an RFC 3339 timestamp with an offset or ``Z``; ValueError otherwise."""
-    if "T" not in text and "t" not in text:
-        raise ValueError("not an RFC 3339 date-time")
-    parsed = datetime.fromisoformat(text.replace("z", "Z"))
-    if parsed.tzinfo is None:
-        raise ValueError("RFC 3339 date-time without an offset")
-    return int(parsed.timestamp() * 1000)
+    """Epoch ms of an RFC 3339 date-time (offset or ``Z`` required); ValueError otherwise.
+
+    Fractions of a millisecond are truncated; a leap second (``:60``) is the first
+    millisecond of the next minute.
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError("expected yyyy-MM-ddTHH:mm:ss[.fff] followed by Z or ±HH:mm")
+    year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
+    hours, minutes, seconds = int(hour), int(minute), int(second)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        raise ValueError(f"time of day out of range: {hour}:{minute}:{second}")
+    days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_ORDINAL
+    ms = days * _MS_PER_DAY + ((hours * 60 + minutes) * 60 + seconds) * 1000
+    if fraction:
+        ms += int(fraction[:3].ljust(3, "0"))
+    if sign:
+        offset_h, offset_m = int(off_h), int(off_m)
+        if offset_h > 23 or offset_m > 59:
+            raise ValueError(f"offset out of range: {sign}{off_h}:{off_m}")
+        offset_ms = (offset_h * 60 + offset_m) * 60_000
+        ms -= offset_ms if sign == "+" else -offset_ms
+    return ms
 
 
-def _require_str(obj: Mapping[str, Any], key: str, parsed: dict[str, Any]) -> str:
-    if key not in obj:
-        raise InvalidEvent(f"missing required field {key!r}", parsed)
-    value = obj[key]
-    if not isinstance(value, str) or not value:
-        raise InvalidEvent(f"field {key!r} must be a non-empty string", parsed)
-    return value
+def _json_type(value: object) -> str:
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _optional_object(obj: Mapping[str, Any], key: str, parsed: dict[str, Any]) -> Record | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise InvalidEvent(f"field {key!r} must be an object", parsed)
-    return value
+def _decode_error_message(exc: orjson.JSONDecodeError) -> str:
+    """orjson's message, reworded where it would puzzle an operator."""
+    msg = exc.msg
+    if msg.startswith("str is not valid UTF-8"):
+        return "not valid UTF-8"
+    if msg.startswith("depth limit exceeded"):
+        return "not valid JSON: nested deeper than 1024 levels"
+    if msg.startswith("number is infinity"):
+        return f"not valid JSON: number out of range at char {exc.pos}"
+    if msg.startswith("Input is a zero-length"):
+        return "not valid JSON: empty value"
+    # orjson reports NaN/Infinity as an unexpected character; say what it is.
+    if exc.doc[exc.pos : exc.pos + 8].startswith(("NaN", "Infinity")):
+        return f"not valid JSON: NaN and Infinity are not JSON numbers (char {exc.pos})"
+    return f"not valid JSON: {exc}"
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
+def find_duplicate_key(text: str) -> str | None:
+    """Where a key repeats in an object of this (valid) JSON text, or None.
+
+    Iterative, so any nesting depth is safe. Linear, but in Python: only called
+    when the cheap check in ``decode_json_object`` cannot rule duplicates out.
+    """
+    keys: list[set[str] | None] = []  # per open container: keys seen, None for arrays
+    paths: list[str] = []
+    indexes: list[int] = []
+    last_string = ""
+    last_key = ""
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        char = token[0]
+        if char == '"':
+            last_string = token
+        elif char == ":":
+            key: str = orjson.loads(last_string)
+            seen = keys[-1]
+            if seen is None:  # a colon only follows a key: the text is not valid JSON
+                raise ValueError("not a valid JSON text")
+            if key in seen:
+                return f"duplicate key {key!r} in {paths[-1]}"
+            seen.add(key)
+            last_key = key
+        elif char == ",":
+            if keys[-1] is None:
+                indexes[-1] += 1
+        elif char in "{[":
+            if not paths:
+                path = "$"
+            elif keys[-1] is None:
+                path = f"{paths[-1]}[{indexes[-1]}]"
+            else:
+                path = f"{paths[-1]}.{last_key}"
+            keys.append(set() if char == "{" else None)
+            paths.append(path)
+            indexes.append(0)
+        else:
+            keys.pop()
+            paths.pop()
+            indexes.pop()
+    return None
 
 
 def decode_json_object(data: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> dict[str, Any]:
-    """Bytes → a JSON object, or InvalidEvent saying what is wrong (parsed=None)."""
+    """Bytes → a JSON object, or InvalidEvent saying what is wrong (parsed=None).
+
+    Rejects what orjson accepts but the event cannot be: a value nested too deep
+    to be encoded again (in a dead letter), and duplicate keys, which orjson
+    resolves silently (the last wins) while other consumers may keep the first.
+    Both carry ``parsed=None``: the dead letter then keeps the exact bytes.
+    """
     if len(data) > max_bytes:
         raise InvalidEvent(f"event of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent(f"not valid JSON: {exc}") from None
+        raise InvalidEvent(_decode_error_message(exc)) from None
     if not isinstance(parsed, dict):
-        raise InvalidEvent(f"event must be a JSON object, not {type(parsed).__name__}")
+        raise InvalidEvent(f"event must be a JSON object, not {_json_type(parsed)}")
+    try:
+        # Wrapped in a list: encodable one level deeper, as inside a dead letter.
+        encoded = orjson.dumps([parsed])
+    except orjson.JSONEncodeError:
+        # Nothing else can fail: orjson.loads yields only encodable strings and numbers.
+        raise InvalidEvent(f"nested deeper than {MAX_EVENT_DEPTH} levels") from None
+    # Cheap duplicate check, in C: every key contributes one colon outside strings,
+    # and the re-encoding keeps the parsed keys and strings, colons unescaped. So
+    # equal colon counts prove no key was dropped, unless the input wrote a colon
+    # in a string as the escape \u003a, which the count does not see. (Testing for
+    # any backslash first is a memchr: most events have none.)
+    if data.count(b":") != encoded.count(b":") or (b"\\" in data and b"\\u003" in data):
+        duplicate = find_duplicate_key(data.decode("utf-8"))
+        if duplicate is not None:
+            raise InvalidEvent(duplicate)
     return parsed
 
 
@@ -109,35 +221,100 @@ def decode_event(data: bytes | None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -
     return event_from_json(parsed)
 
 
+def _require_str(parsed: dict[str, Any], key: str) -> str:
+    if key not in parsed:
+        raise InvalidEvent(f"missing required field {key!r}", parsed)
+    value = parsed[key]
+    if type(value) is not str:
+        raise InvalidEvent(
+            f"field {key!r} must be a non-empty string, not {_json_type(value)}", parsed
+        )
+    if not value:
+        raise InvalidEvent(f"field {key!r} must be a non-empty string", parsed)
+    return value
+
+
+def _require_id(parsed: dict[str, Any], key: str, value: str) -> str:
+    if _CONTROL_CHAR.search(value) is not None:
+        raise InvalidEvent(f"field {key!r} contains a control character", parsed)
+    return value
+
+
+def _check_fields(record: dict[str, Any], where: str, parsed: dict[str, Any]) -> None:
+    """SPEC §2: field values are strings, numbers, booleans, null or arrays of these."""
+    for name, value in record.items():
+        kind = type(value)
+        if kind in _SCALAR_TYPES:
+            continue
+        if kind is list and all(type(item) in _SCALAR_TYPES for item in value):
+            continue
+        found = _json_type(value) if kind is not list else "an array holding non-scalars"
+        raise InvalidEvent(
+            f"field '{where}.{name}' must be a string, number, boolean, null or an array "
+            f"of these, not {found}",
+            parsed,
+        )
+
+
+def _fields_object(parsed: dict[str, Any], key: str) -> Record | None:
+    """An optional record (``previous``, ``user``, ...): an object of field values, or null."""
+    value = parsed.get(key)
+    if value is None:
+        return None
+    if type(value) is not dict:
+        raise InvalidEvent(f"field {key!r} must be an object, not {_json_type(value)}", parsed)
+    _check_fields(value, key, parsed)
+    return value
+
+
+def _related(parsed: dict[str, Any]) -> Mapping[str, Record]:
+    value = parsed.get("related")
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise InvalidEvent(f"field 'related' must be an object, not {_json_type(value)}", parsed)
+    for name, record in value.items():
+        if type(record) is not dict:
+            raise InvalidEvent(
+                f"field 'related.{name}' must be an object, not {_json_type(record)}", parsed
+            )
+        _check_fields(record, f"related.{name}", parsed)
+    return value
+
+
 def event_from_json(parsed: dict[str, Any]) -> RecordEvent:
     """Validate a parsed JSON object as a record event (SPEC §2)."""
-    event_id = _require_str(parsed, "event_id", parsed)
-    org_id = _require_str(parsed, "org_id", parsed)
-    module = _require_str(parsed, "module", parsed)
-    operation = _require_str(parsed, "operation", parsed)
+    event_id = _require_id(parsed, "event_id", _require_str(parsed, "event_id"))
+    org_id = _require_id(parsed, "org_id", _require_str(parsed, "org_id"))
+    module = _require_id(parsed, "module", _require_str(parsed, "module"))
+    operation = _require_str(parsed, "operation")
     if operation not in OPERATIONS:
         raise InvalidEvent(
             f"field 'operation' must be one of create, edit, delete, not {operation!r}", parsed
         )
-    occurred_at = _require_str(parsed, "occurred_at", parsed)
+    occurred_at = _require_str(parsed, "occurred_at")
     try:
         occurred_at_ms = parse_rfc3339_ms(occurred_at)
     except ValueError as exc:
-        raise InvalidEvent(f"field 'occurred_at' is not RFC 3339: {exc}", parsed) from None
+        raise InvalidEvent(
+            f"field 'occurred_at' is not RFC 3339: {occurred_at[:40]!r}: {exc}", parsed
+        ) from None
     record_id_value = parsed.get("record_id")
-    if isinstance(record_id_value, int) and not isinstance(record_id_value, bool):
+    if type(record_id_value) is int:  # CRM ids are 64-bit integers; some producers say so
         record_id = str(record_id_value)
+    elif record_id_value is None or type(record_id_value) is str:
+        record_id = _require_id(parsed, "record_id", _require_str(parsed, "record_id"))
     else:
-        record_id = _require_str(parsed, "record_id", parsed)
+        raise InvalidEvent(
+            "field 'record_id' must be a non-empty string or an integer, "
+            f"not {_json_type(record_id_value)}",
+            parsed,
+        )
     if "record" not in parsed:
         raise InvalidEvent("missing required field 'record'", parsed)
-    record = _optional_object(parsed, "record", parsed)
+    record = _fields_object(parsed, "record")
     if record is None:
-        raise InvalidEvent("field 'record' must be an object", parsed)
-    related = _optional_object(parsed, "related", parsed) or {}
-    for name, value in related.items():
-        if not isinstance(value, dict):
-            raise InvalidEvent(f"field 'related.{name}' must be an object", parsed)
+        raise InvalidEvent("field 'record' must be an object, not null", parsed)
     return RecordEvent(
         event_id=event_id,
         org_id=org_id,
@@ -146,9 +323,9 @@ def event_from_json(parsed: dict[str, Any]) -> RecordEvent:
         occurred_at_ms=occurred_at_ms,
         record_id=record_id,
         record=record,
-        previous=_optional_object(parsed, "previous", parsed),
-        related=related,
-        user=_optional_object(parsed, "user", parsed),
-        organization=_optional_object(parsed, "organization", parsed),
+        previous=_fields_object(parsed, "previous"),
+        related=_related(parsed),
+        user=_fields_object(parsed, "user"),
+        organization=_fields_object(parsed, "organization"),
         data=parsed,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -13,13 +13,23 @@ from crmhooks.actions import Action
 from crmhooks.delivery import Outcome
 from crmhooks.events import RecordEvent
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def rfc3339_ms(epoch_ms: int | None) -> str | None:
-    """Epoch ms → ``2026-11-28T09:00:00.012Z`` (UTC, milliseconds)."""
+    """Epoch ms → ``2026-11-28T09:00:00.012Z`` (UTC, milliseconds, 4-digit year).
+
+    Integer arithmetic, so exact for any epoch ms of years 1..9999 (a float
+    division can be off by one ms); formatted by hand, because ``strftime("%Y")``
+    does not pad years below 1000 on glibc.
+    """
     if epoch_ms is None:
         return None
-    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+    t = _EPOCH + timedelta(milliseconds=epoch_ms)
+    return (
+        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+        f".{t.microsecond // 1000:03d}Z"
+    )
 
 
 def result_record(
@@ -34,7 +44,11 @@ def result_record(
     next_attempt_ms: int | None = None,
     request: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One result record: one state change of one action."""
+    """One result record: one state change of one action (SPEC §7).
+
+    The schema is ``docs/results.schema.json``. ``request`` is shown as given:
+    callers pass the redacted URL (secrets as ``***``).
+    """
     if outcome is not None:
         error_class = error_class or outcome.error_class
         error = error or outcome.error
@@ -77,7 +91,12 @@ def dead_letter(
     rule_id: str | None = None,
     webhook: str | None = None,
 ) -> dict[str, Any]:
-    """A dead-letter envelope; ``raw`` (base64) only when the value did not parse as JSON."""
+    """A dead-letter envelope (SPEC §8); the schema is ``docs/dead-letter.schema.json``.
+
+    ``event`` is the event when it parsed as a JSON object; otherwise ``raw`` holds
+    the bytes, base64. Both are null only when there is nothing to carry: a
+    tombstone, or an action whose record snapshot is gone.
+    """
     return {
         "error_code": error_code,
         "message": message,
@@ -97,6 +116,7 @@ def dead_letter(
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
+    """A result record or dead letter as the bytes of its topic's value."""
     return orjson.dumps(record)
 
 

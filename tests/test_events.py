@@ -1,0 +1,705 @@
+"""Decoding record events (SPEC §2): valid events, every poison pill, arbitrary input."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crmhooks.errors import InvalidEvent
+from crmhooks.events import (
+    DEFAULT_MAX_EVENT_BYTES,
+    MAX_EVENT_DEPTH,
+    RecordEvent,
+    decode_event,
+    decode_json_object,
+    event_from_json,
+    find_duplicate_key,
+    parse_rfc3339_ms,
+)
+from crmhooks.results import dead_letter, encode
+from tests.schemas import validate_dead_letter
+
+# The example of SPEC §2, verbatim.
+SPEC_EVENT: dict[str, Any] = {
+    "event_id": "evt-000123",
+    "org_id": "org-acme",
+    "module": "Potentials",
+    "operation": "edit",
+    "occurred_at": "2026-11-28T09:00:00Z",
+    "record_id": "4150868000000224005",
+    "record": {
+        "Potential Name": "Big deal",
+        "Amount": 25000,
+        "Stage": "Closed Won",
+        "Type": "New Business",
+        "Closing Date": "2026-11-30",
+        "Potential Owner": "Ana Silva",
+        "Payment Due": "2026-12-05 09:30",
+    },
+    "previous": {"Stage": "Negotiation"},
+    "related": {
+        "Accounts": {"Account Name": "Acme Corp"},
+        "Contacts": {"Last Name": "Wong", "Mobile": "+8613800000000"},
+    },
+    "user": {"Last Name": "Silva", "Mobile": "+351900000000", "Email": "ana@example.com"},
+    "organization": {"Company Name": "Acme"},
+}
+MINIMAL: dict[str, Any] = {
+    "event_id": "e1",
+    "org_id": "org-acme",
+    "module": "Leads",
+    "operation": "create",
+    "occurred_at": "2026-11-28T09:00:00Z",
+    "record_id": "1",
+    "record": {},
+}
+SPEC_OCCURRED_MS = int(datetime(2026, 11, 28, 9, tzinfo=UTC).timestamp()) * 1000
+DELETE = object()  # marks a key to remove in variant()
+
+
+def variant(**changes: Any) -> dict[str, Any]:
+    """The SPEC event with top-level keys replaced (or removed with DELETE)."""
+    event = {k: v for k, v in SPEC_EVENT.items() if changes.get(k) is not DELETE}
+    event.update({k: v for k, v in changes.items() if v is not DELETE})
+    return event
+
+
+def with_record(**fields: Any) -> dict[str, Any]:
+    return variant(record={**SPEC_EVENT["record"], **fields})
+
+
+def nested(depth: int) -> Any:
+    """``depth`` containers, alternating arrays and objects."""
+    value: Any = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"n": value}
+    return value
+
+
+def spec_bytes_with(fragment: bytes) -> bytes:
+    """The SPEC event with ``fragment`` (``"key": value`` text) spliced in first."""
+    return b"{" + fragment + b"," + orjson.dumps(SPEC_EVENT)[1:]
+
+
+def raises(data: bytes | None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> InvalidEvent:
+    with pytest.raises(InvalidEvent) as info:
+        decode_event(data, max_bytes)
+    return info.value
+
+
+def ev(**changes: Any) -> bytes:
+    return orjson.dumps(variant(**changes))
+
+
+def pill(
+    name: str,
+    data: bytes | None,
+    message: str,
+    *,
+    parsed: bool = False,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> Any:
+    """One poison pill: the value, the limit, the message substring, whether `parsed` is set."""
+    return pytest.param(data, max_bytes, message, parsed, id=name)
+
+
+FIELD_VALUE = "must be a string, number, boolean, null or an array of these"
+POISON = [
+    pill("tombstone", None, "tombstone"),
+    pill("empty", b"", "not valid JSON: empty value"),
+    pill("not json", b"{nope", "not valid JSON"),
+    pill("truncated", orjson.dumps(SPEC_EVENT)[:-1], "not valid JSON"),
+    pill("trailing", orjson.dumps(SPEC_EVENT) + b"x", "not valid JSON"),
+    pill("bom", b"\xef\xbb\xbf" + orjson.dumps(MINIMAL), "BOM"),
+    pill("utf8 in string", spec_bytes_with(b'"x":"\xff"'), "UTF-8"),
+    pill("utf8 in key", spec_bytes_with(b'"\xc3":1'), "UTF-8"),
+    pill("utf8 surrogate", spec_bytes_with(b'"x":"\xed\xa0\x80"'), "UTF-8"),
+    pill("lone surrogate escape", spec_bytes_with(b'"x":"\\ud800"'), "surrogate"),
+    pill("array", b"[1, 2]", "must be a JSON object, not an array"),
+    pill("string", b'"evt"', "must be a JSON object, not a string"),
+    pill("null", b"null", "must be a JSON object, not null"),
+    pill("number", b"42", "must be a JSON object, not a number"),
+    pill("deep arrays", b"[" * 100_000 + b"]" * 100_000, "nested deeper than 1024"),
+    pill("deep objects", b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested deeper than 1024"),
+    pill(
+        "deep in event",
+        spec_bytes_with(b'"x":' + b"[" * 100_000 + b"]" * 100_000),
+        "nested deeper than 1024",
+    ),
+    pill(
+        "too deep to re-encode",
+        ev(x=nested(MAX_EVENT_DEPTH)),
+        f"nested deeper than {MAX_EVENT_DEPTH} levels",
+    ),
+    pill("5000-digit integer", spec_bytes_with(b'"x":' + b"9" * 5000), "number out of range"),
+    pill("5000-digit negative", spec_bytes_with(b'"x":-' + b"9" * 5000), "number out of range"),
+    pill("1e400", spec_bytes_with(b'"x":1e400'), "number out of range"),
+    pill("NaN", spec_bytes_with(b'"x":NaN'), "NaN and Infinity"),
+    pill("Infinity", spec_bytes_with(b'"x":Infinity'), "NaN and Infinity"),
+    pill("-Infinity", spec_bytes_with(b'"x": -Infinity'), "NaN and Infinity"),
+    pill(
+        "duplicate top-level key",
+        spec_bytes_with(b'"event_id":"evt-other"'),
+        "duplicate key 'event_id' in $",
+    ),
+    pill(
+        "duplicate via escape",
+        spec_bytes_with(b'"\\u006frg_id":"org-other"'),
+        "duplicate key 'org_id' in $",
+    ),
+    pill(
+        "duplicate in record",
+        orjson.dumps(SPEC_EVENT).replace(b'"Stage":', b'"Stage":"Lost","Stage":', 1),
+        "duplicate key 'Stage' in $.record",
+    ),
+    pill(
+        "duplicate in related",
+        orjson.dumps(SPEC_EVENT).replace(
+            b'"Account Name":', b'"Account Name":1,"Account Name":', 1
+        ),
+        "duplicate key 'Account Name' in $.related.Accounts",
+    ),
+    pill(
+        "duplicate in array",
+        spec_bytes_with(b'"x":[{"a":1},{"a":1,"a":2}]'),
+        "duplicate key 'a' in $.x[1]",
+    ),
+    # Same colon count as without the duplicate: the cheap check alone would miss it.
+    pill(
+        "duplicate hidden by escaped colon",
+        spec_bytes_with(b'"x":{"k":"v","k":"\\u003a"}'),
+        "duplicate key 'k' in $.x",
+    ),
+    pill(
+        "duplicate deep",
+        spec_bytes_with(b'"x":' + b'{"a":' * 200 + b'{"k":1,"k":2}' + b"}" * 200),
+        "duplicate key 'k' in $.x.a.a",
+    ),
+    pill(
+        "over the default limit",
+        ev(x="y" * DEFAULT_MAX_EVENT_BYTES),
+        "exceeds the limit of 1048576 bytes",
+    ),
+    pill(
+        "over a configured limit",
+        orjson.dumps(SPEC_EVENT),
+        "exceeds the limit of 100 bytes",
+        max_bytes=100,
+    ),
+    pill("missing event_id", ev(event_id=DELETE), "missing required field 'event_id'", parsed=True),
+    pill("missing org_id", ev(org_id=DELETE), "missing required field 'org_id'", parsed=True),
+    pill("missing module", ev(module=DELETE), "missing required field 'module'", parsed=True),
+    pill(
+        "missing operation", ev(operation=DELETE), "missing required field 'operation'", parsed=True
+    ),
+    pill(
+        "missing occurred_at",
+        ev(occurred_at=DELETE),
+        "missing required field 'occurred_at'",
+        parsed=True,
+    ),
+    pill(
+        "missing record_id", ev(record_id=DELETE), "missing required field 'record_id'", parsed=True
+    ),
+    pill("missing record", ev(record=DELETE), "missing required field 'record'", parsed=True),
+    pill(
+        "event_id number",
+        ev(event_id=123),
+        "field 'event_id' must be a non-empty string, not a number",
+        parsed=True,
+    ),
+    pill(
+        "event_id empty",
+        ev(event_id=""),
+        "field 'event_id' must be a non-empty string",
+        parsed=True,
+    ),
+    pill(
+        "event_id newline",
+        ev(event_id="e1\r\nX-Evil: 1"),
+        "field 'event_id' contains a control character",
+        parsed=True,
+    ),
+    pill(
+        "org_id null",
+        ev(org_id=None),
+        "field 'org_id' must be a non-empty string, not null",
+        parsed=True,
+    ),
+    pill(
+        "module object",
+        ev(module={"name": "Leads"}),
+        "field 'module' must be a non-empty string, not an object",
+        parsed=True,
+    ),
+    pill(
+        "record_id list",
+        ev(record_id=["1"]),
+        "field 'record_id' must be a non-empty string or an integer, not an array",
+        parsed=True,
+    ),
+    pill(
+        "record_id boolean",
+        ev(record_id=True),
+        "field 'record_id' must be a non-empty string or an integer, not a boolean",
+        parsed=True,
+    ),
+    pill("record_id float", ev(record_id=1.5), "not a number", parsed=True),
+    pill(
+        "record_id beyond 64 bits",
+        spec_bytes_with(b'"record_id":' + b"9" * 30).replace(
+            b',"record_id":"4150868000000224005"', b""
+        ),
+        "field 'record_id' must be a non-empty string or an integer, not a number",
+        parsed=True,
+    ),
+    pill(
+        "record_id null",
+        ev(record_id=None),
+        "field 'record_id' must be a non-empty string, not null",
+        parsed=True,
+    ),
+    pill(
+        "record string",
+        ev(record="Big deal"),
+        "field 'record' must be an object, not a string",
+        parsed=True,
+    ),
+    pill(
+        "record array", ev(record=[]), "field 'record' must be an object, not an array", parsed=True
+    ),
+    pill("record null", ev(record=None), "field 'record' must be an object, not null", parsed=True),
+    pill(
+        "record value object",
+        orjson.dumps(with_record(Owner={"name": "Ana"})),
+        f"field 'record.Owner' {FIELD_VALUE}, not an object",
+        parsed=True,
+    ),
+    pill(
+        "record value array of objects",
+        orjson.dumps(with_record(Tags=[{"t": 1}])),
+        "not an array holding non-scalars",
+        parsed=True,
+    ),
+    pill(
+        "record value nested array",
+        orjson.dumps(with_record(Tags=[["a"]])),
+        "field 'record.Tags'",
+        parsed=True,
+    ),
+    pill(
+        "related string",
+        ev(related="Accounts"),
+        "field 'related' must be an object, not a string",
+        parsed=True,
+    ),
+    pill(
+        "related.X string",
+        ev(related={"Accounts": "Acme"}),
+        "field 'related.Accounts' must be an object, not a string",
+        parsed=True,
+    ),
+    pill(
+        "related.X array",
+        ev(related={"Accounts": [{}]}),
+        "field 'related.Accounts' must be an object, not an array",
+        parsed=True,
+    ),
+    pill(
+        "related.X value object",
+        ev(related={"Accounts": {"Parent": {}}}),
+        "field 'related.Accounts.Parent' must be",
+        parsed=True,
+    ),
+    pill(
+        "previous number",
+        ev(previous=5),
+        "field 'previous' must be an object, not a number",
+        parsed=True,
+    ),
+    pill(
+        "previous value object",
+        ev(previous={"Stage": {}}),
+        "field 'previous.Stage' must be",
+        parsed=True,
+    ),
+    pill(
+        "user string", ev(user="Ana"), "field 'user' must be an object, not a string", parsed=True
+    ),
+    pill(
+        "organization array",
+        ev(organization=[]),
+        "field 'organization' must be an object, not an array",
+        parsed=True,
+    ),
+    pill(
+        "organization value object",
+        ev(organization={"Address": {"City": "X"}}),
+        "field 'organization.Address' must be",
+        parsed=True,
+    ),
+    pill(
+        "unknown operation",
+        ev(operation="update"),
+        "field 'operation' must be one of create, edit, delete, not 'update'",
+        parsed=True,
+    ),
+    pill(
+        "operation case", ev(operation="Create"), "must be one of create, edit, delete", parsed=True
+    ),
+    pill(
+        "operation number",
+        ev(operation=1),
+        "field 'operation' must be a non-empty string, not a number",
+        parsed=True,
+    ),
+    pill(
+        "occurred_at date only",
+        ev(occurred_at="2026-11-28"),
+        "field 'occurred_at' is not RFC 3339",
+        parsed=True,
+    ),
+    pill(
+        "occurred_at no offset", ev(occurred_at="2026-11-28T09:00:00"), "not RFC 3339", parsed=True
+    ),
+    pill(
+        "occurred_at no seconds", ev(occurred_at="2026-11-28T09:00Z"), "not RFC 3339", parsed=True
+    ),
+    pill(
+        "occurred_at basic format", ev(occurred_at="20261128T090000Z"), "not RFC 3339", parsed=True
+    ),
+    pill(
+        "occurred_at week date", ev(occurred_at="2026-W48-1T09:00:00Z"), "not RFC 3339", parsed=True
+    ),
+    pill(
+        "occurred_at CRM datetime", ev(occurred_at="2026-11-28 09:00"), "not RFC 3339", parsed=True
+    ),
+    pill("occurred_at Feb 30", ev(occurred_at="2026-02-30T09:00:00Z"), "not RFC 3339", parsed=True),
+    pill(
+        "occurred_at hour 24",
+        ev(occurred_at="2026-11-28T24:00:00Z"),
+        "time of day out of range",
+        parsed=True,
+    ),
+    pill(
+        "occurred_at offset 24h",
+        ev(occurred_at="2026-11-28T09:00:00+24:00"),
+        "offset out of range",
+        parsed=True,
+    ),
+    pill("occurred_at year 0", ev(occurred_at="0000-01-01T00:00:00Z"), "not RFC 3339", parsed=True),
+    pill(
+        "occurred_at other digits",
+        ev(occurred_at="٢٠٢٦-11-28T09:00:00Z"),
+        "not RFC 3339",
+        parsed=True,
+    ),
+    pill(
+        "occurred_at number",
+        ev(occurred_at=1764320400000),
+        "field 'occurred_at' must be a non-empty string, not a number",
+        parsed=True,
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "max_bytes", "message", "has_parsed"), POISON)
+def test_poison_pill(data: bytes | None, max_bytes: int, message: str, has_parsed: bool) -> None:
+    exc = raises(data, max_bytes)
+    assert message in exc.message
+    assert str(exc) == exc.message
+    if has_parsed:
+        assert data is not None
+        assert exc.parsed == orjson.loads(data)
+    else:
+        assert exc.parsed is None
+    # Whatever was rejected, its dead letter can be built, encoded and validated.
+    letter = dead_letter(
+        error_code="internal_process_error",
+        message=f"invalid event: {exc.message}",
+        failed_at_ms=SPEC_OCCURRED_MS,
+        topic="crm.record-events",
+        partition=0,
+        offset=7,
+        key=b"org-acme",
+        event=exc.parsed,
+        raw=data,
+    )
+    validate_dead_letter(orjson.loads(encode(letter)))
+
+
+def test_the_spec_example_decodes_field_by_field() -> None:
+    event = decode_event(orjson.dumps(SPEC_EVENT))
+    assert event.event_id == "evt-000123"
+    assert event.org_id == "org-acme"
+    assert event.module == "Potentials"
+    assert event.operation == "edit"
+    assert event.occurred_at_ms == SPEC_OCCURRED_MS
+    assert event.record_id == "4150868000000224005"
+    assert event.record == SPEC_EVENT["record"]
+    assert event.previous == {"Stage": "Negotiation"}
+    assert event.related == SPEC_EVENT["related"]
+    assert event.user == SPEC_EVENT["user"]
+    assert event.organization == {"Company Name": "Acme"}
+    assert event.data == SPEC_EVENT
+    assert event.record_key == "org-acme/Potentials/4150868000000224005"
+    assert (
+        repr(event)
+        == "RecordEvent('evt-000123', org='org-acme', Potentials/4150868000000224005 edit)"
+    )
+
+
+def test_a_minimal_event_decodes_with_empty_optionals() -> None:
+    event = decode_event(orjson.dumps(MINIMAL))
+    assert (event.operation, event.record, event.related) == ("create", {}, {})
+    assert event.previous is None
+    assert event.user is None
+    assert event.organization is None
+
+
+def test_optional_objects_may_be_null() -> None:
+    event = decode_event(
+        orjson.dumps(
+            MINIMAL | {"previous": None, "related": None, "user": None, "organization": None}
+        )
+    )
+    assert (event.previous, event.related, event.user, event.organization) == (None, {}, None, None)
+
+
+def test_the_deals_alias_is_kept_for_the_catalog_to_resolve() -> None:
+    event = decode_event(orjson.dumps(variant(module="Deals")))
+    assert event.module == "Deals"
+
+
+@pytest.mark.parametrize("record_id", [4150868000000224005, 0, -1, 2**64 - 1])
+def test_an_integer_record_id_becomes_its_decimal_string(record_id: int) -> None:
+    event = decode_event(orjson.dumps(variant(record_id=record_id)))
+    assert event.record_id == str(record_id)
+
+
+def test_field_values_of_every_allowed_type() -> None:
+    values = {
+        "s": "x",
+        "i": -3,
+        "f": 2.5,
+        "t": True,
+        "n": None,
+        "a": ["x", 1, 2.5, False, None],
+        "e": [],
+    }
+    event = decode_event(
+        orjson.dumps(variant(record=values, user=values, related={"Accounts": values}))
+    )
+    assert event.record == values
+    assert event.related["Accounts"] == values
+
+
+def test_unknown_top_level_fields_are_kept_uninspected() -> None:
+    event = decode_event(orjson.dumps(variant(x={"any": [{"shape": {}}]})))
+    assert event.data["x"] == {"any": [{"shape": {}}]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":"\\u003a","b":"x"}',  # escaped colon: the slow check runs, finds nothing
+        '{"a":{"k":1},"b":{"k":1}}',  # the same key in sibling objects
+        '{"a":[{"k":1},{"k":2}]}',  # ... and in elements of one array
+        '{"k":1,"K":2}',  # keys are case-sensitive
+        '{"a:b":"c:d","a":"b"}',  # colons inside keys and values
+        '{"a\\"":1,"a":2}',  # an escaped quote is part of the key
+    ],
+)
+def test_objects_without_duplicate_keys_pass(text: str) -> None:
+    assert decode_json_object(text.encode()) == json.loads(text)
+
+
+def test_a_value_exactly_at_the_limit_passes() -> None:
+    data = orjson.dumps(SPEC_EVENT)
+    assert decode_event(data, max_bytes=len(data)).event_id == "evt-000123"
+    assert "exceeds the limit" in raises(data, len(data) - 1).message
+
+
+def test_the_deepest_accepted_event_fits_in_a_dead_letter() -> None:
+    data = orjson.dumps(variant(x=nested(MAX_EVENT_DEPTH - 1)))  # the event is one level more
+    event = decode_event(data)
+    letter = dead_letter(
+        error_code="internal_process_error",
+        message="template failed",
+        failed_at_ms=0,
+        topic="t",
+        partition=0,
+        offset=0,
+        key=None,
+        event=event.data,
+        raw=None,
+    )
+    assert orjson.loads(encode(letter))["event"] == SPEC_EVENT | {"x": nested(MAX_EVENT_DEPTH - 1)}
+
+
+def test_non_ascii_events_decode_whether_escaped_or_not() -> None:
+    event = variant(record={"客户名称": "阿克米公司", "Amount": 1}, org_id="组织-1")
+    for data in (orjson.dumps(event), json.dumps(event, ensure_ascii=True).encode()):
+        decoded = decode_event(data)
+        assert decoded.record["客户名称"] == "阿克米公司"
+        assert decoded.org_id == "组织-1"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-28T09:00:00Z", datetime(2026, 11, 28, 9, tzinfo=UTC)),
+        ("2026-11-28T17:00:00+08:00", datetime(2026, 11, 28, 9, tzinfo=UTC)),
+        ("2026-11-28T06:30:00-02:30", datetime(2026, 11, 28, 9, tzinfo=UTC)),
+        ("2026-11-28t09:00:00.123z", datetime(2026, 11, 28, 9, 0, 0, 123_000, tzinfo=UTC)),
+        ("2026-11-28T09:00:00.9999999Z", datetime(2026, 11, 28, 9, 0, 0, 999_000, tzinfo=UTC)),
+        ("2026-11-28T09:00:00.5+00:00", datetime(2026, 11, 28, 9, 0, 0, 500_000, tzinfo=UTC)),
+        ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),  # a leap second
+        ("1969-12-31T23:59:59.999Z", datetime(1969, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_forms(text: str, expected: datetime) -> None:
+    assert parse_rfc3339_ms(text) == (expected - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(
+        milliseconds=1
+    )
+
+
+@given(
+    moment=st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.builds(
+            lambda minutes: timezone(timedelta(minutes=minutes)),
+            st.integers(-23 * 60 - 59, 23 * 60 + 59),
+        ),
+    )
+)
+def test_rfc3339_agrees_with_datetime(moment: datetime) -> None:
+    text = moment.isoformat(timespec="milliseconds")
+    expected = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    assert parse_rfc3339_ms(text) == expected
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise KeyError("duplicate")
+    return dict(pairs)
+
+
+def has_duplicate_keys(text: str) -> bool:
+    """The reference: the standard library's parser, with a hook (small inputs only)."""
+    try:
+        json.loads(text, object_pairs_hook=_reject_duplicates)
+    except KeyError:
+        return True
+    return False
+
+
+# JSON texts whose objects are lists of pairs, so keys may repeat; strings are
+# written with colons, quotes, backslashes and \u escapes (colons among them).
+KEYS = st.sampled_from(["a", "b", ":", "a:b", "é", '"', "\\"])
+STRINGS = st.text(alphabet=':ab"\\é\x01', max_size=6)
+
+
+@st.composite
+def json_strings(draw: st.DrawFn, strings: st.SearchStrategy[str]) -> str:
+    text = json.dumps(draw(strings), ensure_ascii=draw(st.booleans()))
+    if draw(st.booleans()):
+        text = text.replace(":", draw(st.sampled_from(["\\u003a", "\\u003A"])))
+    return text
+
+
+def json_texts() -> st.SearchStrategy[str]:
+    scalars = json_strings(STRINGS) | st.sampled_from(["1", "-2.5e3", "true", "null"])
+    values = st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]")
+            | st.lists(st.tuples(json_strings(KEYS), inner), max_size=4).map(
+                lambda pairs: "{" + " , ".join(f"{k} : {v}" for k, v in pairs) + "}"
+            )
+        ),
+        max_leaves=12,
+    )
+    return st.lists(st.tuples(json_strings(KEYS), values), max_size=4).map(
+        lambda pairs: "{" + ",".join(f"{k}:{v}" for k, v in pairs) + "}"
+    )
+
+
+@settings(max_examples=400)
+@given(text=json_texts())
+def test_duplicate_keys_are_found_exactly_when_present(text: str) -> None:
+    if has_duplicate_keys(text):
+        assert find_duplicate_key(text) is not None
+        assert "duplicate key" in raises(text.encode()).message
+    else:
+        assert find_duplicate_key(text) is None
+        assert decode_json_object(text.encode()) == json.loads(text)
+
+
+def decode_or_error(data: bytes) -> RecordEvent | InvalidEvent:
+    try:
+        return decode_event(data)
+    except InvalidEvent as exc:
+        return exc
+
+
+def _check_rejection_or_event(data: bytes) -> None:
+    outcome = decode_or_error(data)
+    if isinstance(outcome, RecordEvent):
+        assert outcome.data == orjson.loads(data)
+    else:
+        assert outcome.message
+        if outcome.parsed is not None:  # the dead letter will carry it: it must encode
+            assert orjson.loads(orjson.dumps([outcome.parsed])) == [outcome.parsed]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=2048) | st.text(max_size=200).map(str.encode))
+def test_arbitrary_bytes_raise_only_invalid_event(data: bytes) -> None:
+    _check_rejection_or_event(data)
+
+
+@given(
+    position=st.integers(0, len(orjson.dumps(SPEC_EVENT))),
+    cut=st.integers(0, 4),
+    insert=st.binary(max_size=4),
+)
+def test_mutated_events_raise_only_invalid_event(position: int, cut: int, insert: bytes) -> None:
+    data = orjson.dumps(SPEC_EVENT)
+    _check_rejection_or_event(data[:position] + insert + data[position + cut :])
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    event=st.fixed_dictionaries(
+        {},
+        optional={key: JSON_VALUES | st.just(SPEC_EVENT[key]) for key in SPEC_EVENT},
+    )
+)
+def test_arbitrary_json_objects_decode_or_raise_invalid_event(event: dict[str, Any]) -> None:
+    try:
+        decoded: RecordEvent | InvalidEvent = event_from_json(event)
+    except InvalidEvent as exc:
+        decoded = exc
+    assert (decoded.data if isinstance(decoded, RecordEvent) else decoded.parsed) is event
+    _check_rejection_or_event(orjson.dumps(event))
