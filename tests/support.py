@@ -17,6 +17,7 @@ from aiohttp import web
 from crmhooks.config import Config, KafkaSettings
 from crmhooks.kafka_io import ensure_topics, produce_records, read_topic
 from crmhooks.runner import run_processor
+from tests.schemas import validate_dead_letter, validate_result
 
 
 def bootstrap_servers() -> str:
@@ -163,10 +164,18 @@ async def produce(
 
 
 async def read_all(config: Config, topic: str) -> list[dict[str, Any]]:
+    """Every record of a topic; results and dead letters are checked against their schemas."""
+    validate = {
+        config.kafka.results_topic: validate_result,
+        config.kafka.dlq_topic: validate_dead_letter,
+    }.get(topic)
     out = []
     async for rec in read_topic(config.kafka.bootstrap_servers, topic, idle_timeout_s=1.0):
         if rec.value is not None:
-            out.append(orjson.loads(rec.value))
+            record = orjson.loads(rec.value)
+            if validate is not None:
+                validate(record)
+            out.append(record)
     return out
 
 
