@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from crmhooks.actions import FINAL_STATUSES
@@ -25,6 +26,8 @@ from crmhooks.config import (
     StoreSettings,
     Webhook,
 )
+from crmhooks.errors import TemplateError
+from crmhooks.templates import CompiledWebhook, RenderContext, RenderedRequest
 from crmhooks.tools import replay_dlq, tail_results
 from tests.support import (
     Receiver,
@@ -180,3 +183,78 @@ async def test_every_action_ends_in_exactly_one_final_status(tmp_path: Path) -> 
         assert sum(every.values()) == len(expected)
         assert {r["action_id"] for r in results} == expected
         assert len(rx.requests) == 45  # exactly the quota: retries count too
+
+
+def poison_pills() -> list[tuple[str, bytes]]:
+    """(what, value) of every poison pill of issue 5, in the order they are produced."""
+    good = orjson.dumps(event("pp"))
+    missing = event("pp-missing")
+    del missing["occurred_at"]
+    return [
+        ("invalid JSON", b'{"event_id": "x",'),
+        ("invalid UTF-8", good.replace(b"Deal pp", b"Deal \xff")),
+        ("not an object", b'["evt-1"]'),
+        ("nesting 100,000 deep", b"[" * 100_000 + b"]" * 100_000),
+        ("integer of 5,000 digits", good.replace(b'"Amount":25000', b'"Amount":' + b"9" * 5000)),
+        ("NaN", good.replace(b'"Amount":25000', b'"Amount":NaN')),
+        ("Infinity", good.replace(b'"Amount":25000', b'"Amount":Infinity')),
+        ("duplicate keys", good.replace(b'"Stage":', b'"Stage":"Lost","Stage":')),
+        ("missing required field", orjson.dumps(missing)),
+        ("wrong type", orjson.dumps(event("pp-type", record_id=["x"]))),
+        ("unknown operation", orjson.dumps(event("pp-op", operation="merge"))),
+        ("over the size limit", orjson.dumps(event("pp-big", record={"Notes": "x" * 70_000}))),
+    ]
+
+
+async def test_poison_pills_are_dead_lettered_and_good_events_flow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every poison pill of issue 5, each between two good events, in one partition.
+
+    A template cannot fail at fire time once validated, so that case is forced: the
+    real renderer is wrapped to fail for one record, as a corrupted template would.
+    """
+    render = CompiledWebhook.render
+
+    def failing_render(self: CompiledWebhook, ctx: RenderContext) -> RenderedRequest:
+        if ctx.record.get("Potential Name") == "explode":
+            raise TemplateError("rendered URL contains '\\r'")
+        return render(self, ctx)
+
+    monkeypatch.setattr(CompiledWebhook, "render", failing_render)
+    async with receiver() as rx:
+        config = config_for(rx, tmp_path, limit=1000)
+        config = replace(config, kafka=replace(config.kafka, max_event_bytes=64 * 1024))
+        pills = poison_pills()
+        values: list[bytes] = []
+        for n, (_, pill) in enumerate(pills):
+            values += [orjson.dumps(event(f"good{n}")), pill]
+        values.append(orjson.dumps(event("explode", record={"Potential Name": "explode"})))
+        values.append(orjson.dumps(event("last")))
+        async with running(config):
+            await produce(config, *values)
+            expected = {f"evt-good{n}:r1:Hook" for n in range(len(pills))} | {"evt-last:r1:Hook"}
+            results = await wait_for_records(
+                config,
+                config.kafka.results_topic,
+                lambda rs: set(finals(rs)) >= expected | {"evt-explode:r1:Hook"},
+            )
+            letters = await wait_for_records(
+                config, config.kafka.dlq_topic, lambda ds: len(ds) >= len(pills) + 1
+            )
+        got = finals(results)
+        assert all(got[a] == ["delivered"] for a in expected), got
+        assert got["evt-explode:r1:Hook"] == ["failed"]
+        assert len(rx.requests) == len(expected)
+        by_offset = {d["source"]["offset"]: d for d in letters if d["action_id"] is None}
+        assert len(by_offset) == len(pills)
+        for n, (what, _) in enumerate(pills):
+            letter = by_offset.get(2 * n + 1)  # good, pill, good, pill, ...
+            assert letter is not None, f"{what}: no dead letter at offset {2 * n + 1}"
+            assert letter["error_code"] == "internal_process_error", what
+            assert letter["source"]["topic"] == config.kafka.events_topic
+            assert (letter["event"] is None) != (letter["raw"] is None), what
+        (fire_letter,) = [d for d in letters if d["action_id"] is not None]
+        assert fire_letter["action_id"] == "evt-explode:r1:Hook"
+        assert "template failed" in fire_letter["message"]
+        assert fire_letter["source"]["offset"] == 2 * len(pills)
