@@ -12,9 +12,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from crmhooks import __version__
+from crmhooks.actions import action_ids
 from crmhooks.config import Config, load_config
 from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent
-from crmhooks.events import decode_event
+from crmhooks.events import RecordEvent, decode_event
+from crmhooks.templates import CompiledWebhook, RenderContext
 
 
 def _load(path: str) -> Config:
@@ -29,52 +31,111 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exit 0 with a one-line summary; an invalid config raises ConfigError (main: exit 1)."""
     config = _load(args.config)
+    instant = sum(1 for rule in config.rules if rule.instant is not None)
+    scheduled = sum(len(rule.scheduled) for rule in config.rules)
     print(
-        f"{args.config}: ok ({len(config.rules)} rules, {len(config.webhooks)} webhooks, "
-        f"{len(config.orgs)} organisations)"
+        f"{args.config}: ok ({_count(len(config.orgs), 'organisation')}, "
+        f"{_count(len(config.webhooks), 'webhook')}, {_count(len(config.rules), 'rule')}: "
+        f"{instant} instant, {scheduled} scheduled)"
     )
     return 0
 
 
-def cmd_preview(args: argparse.Namespace) -> int:
-    from crmhooks.modules import ModuleCatalog
-    from crmhooks.templates import CompiledWebhook, RenderContext
+# Exit status of `preview` when the webhook or the event file is wrong (the config
+# itself being invalid is 1, as for every command).
+_PREVIEW_USAGE_ERROR = 2
 
-    config = _load(args.config)
-    webhook = config.webhooks.get(args.webhook)
-    if webhook is None:
-        print(f"preview: no webhook named {args.webhook!r}", file=sys.stderr)
-        return 2
+
+class _PreviewError(Exception):
+    """A problem with the webhook name or the event file given to `preview`."""
+
+
+def _preview_event(path: str, max_bytes: int) -> RecordEvent:
     try:
-        event = decode_event(Path(args.event).read_bytes())
+        data = Path(path).read_bytes()
     except OSError as exc:
-        print(f"preview: cannot read {args.event}: {exc.strerror}", file=sys.stderr)
-        return 2
-    catalog = ModuleCatalog(config.custom_modules)
+        raise _PreviewError(f"cannot read event file {path}: {exc.strerror}") from None
+    try:
+        return decode_event(data, max_bytes)
+    except InvalidEvent as exc:
+        raise _PreviewError(
+            f"event file {path} is not a valid record event: {exc.message}"
+        ) from None
+
+
+def _preview_action_id(config: Config, event: RecordEvent, webhook: str) -> str:
+    """The webhook-id the first rule sending ``webhook`` would give this event's action."""
+    for rule in config.rules:
+        if webhook in rule.webhook_names:
+            ids = action_ids(event.event_id, rule.id, list(rule.webhook_names))
+            return next(
+                a for a, name in zip(ids, rule.webhook_names, strict=True) if name == webhook
+            )
+    return f"{event.event_id}:<rule>:{webhook}"  # no rule sends it (yet)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Print the request a webhook would send for an event (SPEC §4), secrets as ***.
+
+    Line 1 is ``METHOD URL`` (query string included), then the headers: the
+    template's and those delivery adds (the timestamp and signature depend on
+    the moment of sending; the signature is never shown), a blank line, the body.
+    """
+    config = _load(args.config)
+    try:
+        webhook = config.webhooks.get(args.webhook)
+        if webhook is None:
+            known = ", ".join(sorted(config.webhooks)) or "none"
+            raise _PreviewError(
+                f"no webhook named {args.webhook!r} in {args.config} (known: {known})"
+            )
+        event = _preview_event(args.event, config.kafka.max_event_bytes)
+        module = config.catalog.canonical(event.module)
+        if module != webhook.module:
+            raise _PreviewError(
+                f"event file {args.event} is a {event.module} event; "
+                f"webhook {webhook.name} is for {webhook.module}"
+            )
+    except _PreviewError as exc:
+        print(f"preview: {exc}", file=sys.stderr)
+        return _PREVIEW_USAGE_ERROR
+    if webhook.org is not None and webhook.org != event.org_id:
+        print(
+            f"preview: note: webhook {webhook.name} belongs to {webhook.org}; "
+            f"it is never sent for events of {event.org_id}",
+            file=sys.stderr,
+        )
     ctx = RenderContext(
-        module=catalog.canonical(event.module) or event.module,
+        module=module,
         record=event.record,
         related=event.related,
         user=event.user,
         organization=event.organization,
         time_zone=ZoneInfo(config.org(event.org_id).time_zone),
     )
-    request = CompiledWebhook(webhook, catalog).render(ctx)
-    body = request.body.decode("utf-8", "replace")
-    for name in webhook.secret_params:
-        value = webhook.custom_params.get(name)
-        if value:
-            body = body.replace(value, "***")
-    print(f"{request.method} {request.redacted_url}")
-    print(f"User-Agent: crmhooks/{__version__}")
-    for name, value in request.headers.items():
-        print(f"{name}: {value}")
-    if webhook.secret:
-        print("webhook-signature: v1,*** (signed with the webhook secret)")
-    print()
-    print(body)
+    request = CompiledWebhook(webhook, config.catalog).render(ctx)
+    # redacted_body is set exactly when the body carries secret parameters (a form
+    # body); a raw body never does: ${env:...} is only allowed in custom_params.
+    body = request.body if request.redacted_body is None else request.redacted_body
+    lines = [f"{request.method} {request.redacted_url}"]
+    lines += [f"{name}: {value}" for name, value in request.headers.items()]
+    lines += [
+        f"User-Agent: crmhooks/{__version__}",
+        "Accept-Encoding: identity",
+        f"webhook-id: {_preview_action_id(config, event, webhook.name)}",
+        "webhook-timestamp: <epoch seconds when sent>",
+    ]
+    if webhook.secret is not None:
+        lines.append("webhook-signature: v1,***")
+    lines += ["", body.decode("utf-8", "replace")]
+    print("\n".join(lines))
     return 0
 
 
