@@ -258,6 +258,12 @@ INVALID: list[tuple[str, Callable[[Raw], None], str, str]] = [
     ("wh-method", _set("webhooks[0].method", "PUT"), f"{WH}.method", "POST or GET"),
     ("wh-calls", _set("webhooks[0].module", "Calls"), f"{WH}.module", "does not allow webhooks"),
     ("wh-notes", _set("webhooks[0].module", "Notes"), f"{WH}.module", "does not allow webhooks"),
+    (
+        "wh-custom-placeholder",
+        _set("webhooks[0].custom_params.zc_ownername", "${Potentials.Potential Owner}"),
+        f"{WH}.custom_params.zc_ownername",
+        "put CRM fields in entity_params",
+    ),
     ("wh-module", _set("webhooks[0].module", "Widgets"), f"{WH}.module", "unknown module"),
     ("wh-org", _set("webhooks[0].org", "org-nope"), f"{WH}.org", "unknown organisation"),
     ("wh-unknown-key", _set("webhooks[0].urll", "x"), f"{WH}.urll", "did you mean 'url'"),

@@ -182,7 +182,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crmhooks", description=__doc__)
     parser.add_argument("--version", action="version", version=f"crmhooks {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("CRMHOOKS_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=os.environ.get("CRMHOOKS_LOG_LEVEL", "INFO").upper(),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -247,6 +247,8 @@ _ENV_MARK = "${env:"
 # Control characters would split headers or request lines (SPEC §6: CR/LF/NUL).
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _SECRET_PREFIX = "whsec_"
+# A ${Module.Field} placeholder (anything but ${env:...}) written in a custom param.
+_PLACEHOLDER_IN_LITERAL_RE = re.compile(r"\$\{(?!env:)[^}]*\}")
 _TEMPLATE_PART_RE = re.compile(r"(url|body|entity_params|custom_params)[.:]")
 
 _TOP_KEYS = (
@@ -399,7 +401,7 @@ class _Loader:
             return None
         if _unsupported_module(name):
             self.error(
-                _join(path, "module"), f"the CRM does not allow webhooks on {name} (module {name})"
+                _join(path, "module"), f"the CRM does not allow webhooks on {name} records"
             )
             return None
         canonical = self.catalog.canonical(name)
@@ -653,6 +655,12 @@ class _Loader:
         for key, text in self.params(
             _join(label, "custom_params"), t.get("custom_params", {})
         ).items():
+            if _PLACEHOLDER_IN_LITERAL_RE.search(text):
+                self.error(
+                    f"{label}.custom_params.{key}",
+                    "custom parameters are literals (or ${env:NAME}); "
+                    "put CRM fields in entity_params",
+                )
             resolved, from_env = self.resolve_env(f"{label}.custom_params.{key}", text)
             custom[key] = resolved
             if from_env:
