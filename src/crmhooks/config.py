@@ -400,9 +400,7 @@ class _Loader:
         if name is None:
             return None
         if _unsupported_module(name):
-            self.error(
-                _join(path, "module"), f"the CRM does not allow webhooks on {name} records"
-            )
+            self.error(_join(path, "module"), f"the CRM does not allow webhooks on {name} records")
             return None
         canonical = self.catalog.canonical(name)
         if canonical is None or not self.catalog.is_supported(canonical):
