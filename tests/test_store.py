@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from crmhooks.actions import Action
-from crmhooks.store import Store, WriteBatch
+from crmhooks.store import ChangelogRecord, Store, WriteBatch
 
 
 def action(n: int, *, partition: int = 0, due_ms: int = 1000, record: str = "r1") -> Action:
@@ -87,3 +88,71 @@ async def test_snapshots_and_once_state(tmp_path: Path) -> None:
         assert await store.once_states(["rule\x1forg/Potentials/r1", "x"]) == {
             "rule\x1forg/Potentials/r1": True
         }
+
+
+class FakeChangelog:
+    """An in-memory changelog topic: the sink appends, the source reads a partition."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, list[tuple[bytes, bytes | None]]] = {}
+
+    async def __call__(self, records: Sequence[ChangelogRecord]) -> dict[int, int]:
+        for partition, key, value in records:
+            self.partitions.setdefault(partition, []).append((key, value))
+        return {p: len(log) for p, log in self.partitions.items()}
+
+    async def read(
+        self, partition: int, from_offset: int
+    ) -> AsyncIterator[tuple[int, bytes, bytes | None]]:
+        for offset, (key, value) in enumerate(self.partitions.get(partition, [])):
+            if offset >= from_offset:
+                yield offset, key, value
+
+
+async def test_a_partition_state_moves_to_another_store_through_the_changelog(
+    tmp_path: Path,
+) -> None:
+    changelog = FakeChangelog()
+    async with Store(tmp_path / "a.db") as a:
+        a.changelog = changelog
+        await a.write(
+            WriteBatch(
+                new_actions=[action(1), action(2), action(3, partition=1)],
+                snapshots=[("org/Potentials/r1", 0, b'{"v": 1}')],
+                once_state=[("rule\x1forg/Potentials/r1", 0, True)],
+                quota=[("org", "2026-11-28", 0, 1)] * 2,
+                suspensions=[("org", "rule", "Hook", 0, 1, True, "fp")],
+            )
+        )
+        await a.write(WriteBatch(finished=[("e2:rule:Hook", "delivered", 5)]))
+        await a.write(WriteBatch(moved=[("e1:rule:Hook", 7000, 1)]))
+    async with Store(tmp_path / "b.db") as b:
+        assert await b.restore([0], changelog.read) > 0
+        (pending,) = await b.load_pending([0], before_ms=100_000)
+        assert (pending.action_id, pending.due_ms, pending.attempt) == ("e1:rule:Hook", 7000, 1)
+        assert await b.action_statuses(["e2:rule:Hook"]) == {"e2:rule:Hook": "delivered"}
+        assert await b.load_pending([1], before_ms=100_000) == []  # not restored: not asked
+        assert await b.quota_used("org", "2026-11-28") == 2
+        assert await b.once_states(["rule\x1forg/Potentials/r1"]) == {
+            "rule\x1forg/Potentials/r1": True
+        }
+        assert await b.snapshots(["org/Potentials/r1"]) == {"org/Potentials/r1": {"v": 1}}
+        assert await b.suspension_table() == {("org", "rule", "Hook"): (1, True, "fp")}
+        # Restoring again reads only what is new.
+        assert await b.restore([0], changelog.read) == 0
+
+
+async def test_purged_actions_leave_tombstones(tmp_path: Path) -> None:
+    changelog = FakeChangelog()
+    async with Store(tmp_path / "a.db") as a:
+        a.changelog = changelog
+        await a.write(WriteBatch(new_actions=[action(1), action(2)]))
+        await a.write(WriteBatch(finished=[("e1:rule:Hook", "delivered", 5)]))
+        await a.purge_finished([0], before_ms=10)
+        assert await a.action_statuses(["e1:rule:Hook", "e2:rule:Hook"]) == {
+            "e2:rule:Hook": "pending"
+        }
+    assert changelog.partitions[0][-1] == (b"a\x1fe1:rule:Hook", None)
+    async with Store(tmp_path / "b.db") as b:
+        await b.restore([0], changelog.read)
+        assert await b.action_statuses(["e1:rule:Hook"]) == {}

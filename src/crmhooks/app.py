@@ -3,8 +3,9 @@
 Order of effects for a batch of events (``_process_batch``), and why:
 
 1. **store** — new, moved and cancelled actions, record snapshots and rule state
-   are committed to SQLite in one transaction. From here on, nothing the batch
-   created can be lost, whatever happens next.
+   are committed to SQLite in one transaction, and its rows sent to the changelog
+   topic and acknowledged. From here on, nothing the batch created can be lost,
+   whatever happens next, on this machine or the next owner of the partition.
 2. **produce** — result records (``scheduled``, ``cancelled``, ``skipped``,
    ``suspended``) and dead letters are sent to Kafka.
 3. **flush** — we wait until the broker acknowledged every one of them.
@@ -60,6 +61,8 @@ HORIZON_MS = 60_000
 # producer flush over many events, small enough to keep a batch under ~100 ms.
 FETCH_MAX_RECORDS = 2000
 FETCH_TIMEOUT_MS = 200
+# How often finished actions past their retention are forgotten.
+PURGE_EVERY_MS = 3_600_000
 # How often a running processor looks for `crmhooks resume` written by another process.
 RESUME_POLL_S = 1.0
 
@@ -125,6 +128,7 @@ class Processor:
     async def run(self, kio: KafkaIO, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then stop gracefully (SPEC §10)."""
         self._kio = kio
+        self.store.changelog = kio.produce_changelog
         await self._load_suspensions()
         self._loaded_until_ms = self.clock.now_ms() + HORIZON_MS
         consume = asyncio.create_task(self._consume_loop(stop), name="consume")
@@ -180,13 +184,23 @@ class Processor:
             log.info("partitions revoked: %s", sorted(partitions))
 
     async def on_assigned(self, partitions: set[int]) -> None:
-        new = partitions - self._owned
-        self._owned |= partitions
-        if new:
-            # Another process may have owned these partitions meanwhile: counters and
-            # suspensions are read again from the store rather than trusted from memory.
+        # aiokafka may hand out records of these partitions before this callback
+        # returns: the lock keeps every batch waiting until their state is here.
+        async with self._lock:
+            new = partitions - self._owned
+            if not new:
+                return
+            # Another process, maybe on another machine, may have owned these partitions
+            # meanwhile: their rows come from the changelog first, and counters and
+            # suspensions are read again rather than trusted from memory.
+            restored = await self.store.restore(sorted(new), self.kio.read_changelog)
+            if restored:
+                log.info(
+                    "restored %d rows of partitions %s from the changelog", restored, sorted(new)
+                )
             self._quota.clear()
             await self._load_suspensions()
+            self._owned |= new
             loaded = await self.store.load_pending(sorted(new), self._loaded_until_ms)
             await self._schedule_loaded(loaded)
             log.info("partitions assigned: %s (%d actions due soon)", sorted(new), len(loaded))
@@ -379,21 +393,40 @@ class Processor:
             self._snapshot_refs[action.record_key] = refs
 
     async def _schedule_loaded(self, loaded: Sequence[Action]) -> None:
-        fresh = [
-            a for a in loaded if a.action_id not in self._inflight and a.partition in self._owned
-        ]
-        missing = [a.record_key for a in fresh if a.record_key not in self._snapshots]
+        """Put actions read from the store into the heap, unless memory knows better.
+
+        Fires run meanwhile: an action may have finished, or moved for a retry, since
+        the rows were read. So the statuses are read again last, and from then on
+        nothing awaits until every action is pushed or dropped.
+        """
+        mine = [a for a in loaded if a.partition in self._owned]
+        if not mine:
+            return
+        missing = [a.record_key for a in mine if a.record_key not in self._snapshots]
         if missing:
             stored = await self.store.snapshots(list(dict.fromkeys(missing)))
             for record_key, data in stored.items():
                 found = _event_or_none(data)
                 if found is not None:
                     self._snapshots[record_key] = found
-        for action in fresh:
-            self._push(action)
+        statuses = await self.store.action_statuses([a.action_id for a in mine])
+        for action in mine:
+            if (
+                statuses.get(action.action_id) == "pending"
+                and action.action_id not in self._actions  # in the heap, queued or firing
+                and action.partition in self._owned
+            ):
+                self._push(action)
 
     async def _refill_loop(self) -> None:
+        next_purge_ms = self.clock.now_ms() + PURGE_EVERY_MS
         while True:
+            if self.clock.now_ms() >= next_purge_ms:
+                next_purge_ms = self.clock.now_ms() + PURGE_EVERY_MS
+                retention_ms = int(self.config.store.finished_retention_s * 1000)
+                await self.store.purge_finished(
+                    sorted(self._owned), self.clock.now_ms() - retention_ms
+                )
             await self.clock.sleep_until(self._loaded_until_ms - HORIZON_MS // 2)
             start = self._loaded_until_ms
             until = self.clock.now_ms() + HORIZON_MS

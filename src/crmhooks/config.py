@@ -53,11 +53,22 @@ class KafkaSettings:
     # How long the group waits for a silent (crashed) member before handing its
     # partitions to the others: aiokafka's default, 10 s.
     session_timeout_ms: int = 10_000
+    # Compacted topic holding the store's changes, so a partition's timers, quota
+    # counts and rule state follow it to another machine. "" = "<group_id>.changelog".
+    changelog_topic: str = ""
+
+    @property
+    def changelog(self) -> str:
+        return self.changelog_topic or f"{self.group_id}.changelog"
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     path: str = "var/crmhooks.db"
+    # How long a finished action's id is remembered, so that reprocessing or
+    # replaying its event never sends it again: a week covers any replay an
+    # operator makes after a night's incident.
+    finished_retention_s: float = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +511,7 @@ class _Loader:
             session_timeout_ms=self.integer(
                 "kafka", t, "session_timeout_ms", d.session_timeout_ms, 1000
             ),
+            changelog_topic=self.string("kafka", t, "changelog_topic", d.changelog_topic),
         )
 
     def store(self, value: Any) -> StoreSettings:
@@ -507,7 +519,10 @@ class _Loader:
         path = self.env.get("CRMHOOKS_STORE_PATH") or self.string(
             "store", t, "path", StoreSettings().path
         )
-        return StoreSettings(path=path)
+        retention = self.number(
+            "store", t, "finished_retention_s", StoreSettings().finished_retention_s, positive=True
+        )
+        return StoreSettings(path=path, finished_retention_s=retention)
 
     def delivery(self, value: Any) -> DeliverySettings:
         d = DeliverySettings()

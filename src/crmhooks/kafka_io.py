@@ -35,20 +35,44 @@ class InRecord:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-async def ensure_topics(bootstrap_servers: str, names: Iterable[str], partitions: int) -> None:
-    """Create the topics that do not exist yet (replication factor 1 on one broker)."""
+async def ensure_topics(
+    bootstrap_servers: str,
+    names: Iterable[str],
+    partitions: int,
+    *,
+    changelog: str | None = None,
+) -> None:
+    """Create the topics that do not exist yet (replication factor up to 3).
+
+    ``changelog`` (compacted) gets as many partitions as ``names[0]``, the events
+    topic: changelog partition p holds the state of events partition p.
+    """
+    names = list(dict.fromkeys(names))
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        missing = [n for n in dict.fromkeys(names) if n not in existing]
+        factor = min(3, len(admin._client.cluster.brokers()) or 1)
+        missing = [n for n in names if n not in existing]
         if missing:
-            brokers = len(admin._client.cluster.brokers()) or 1
-            factor = min(3, brokers)
             await admin.create_topics(
                 [NewTopic(n, num_partitions=partitions, replication_factor=factor) for n in missing]
             )
             log.info("created topics %s with %d partitions", missing, partitions)
+        if changelog is not None and changelog not in existing:
+            (described,) = await admin.describe_topics([names[0]])
+            count = len(described.get("partitions") or []) or partitions
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        changelog,
+                        num_partitions=count,
+                        replication_factor=factor,
+                        topic_configs={"cleanup.policy": "compact"},
+                    )
+                ]
+            )
+            log.info("created changelog topic %s with %d partitions", changelog, count)
     except KafkaError as exc:
         raise KafkaIOError(f"cannot create topics on {bootstrap_servers}: {exc}") from exc
     finally:
@@ -89,7 +113,10 @@ class KafkaIO:
     async def __aenter__(self) -> KafkaIO:
         s = self.settings
         await ensure_topics(
-            s.bootstrap_servers, [s.events_topic, s.results_topic, s.dlq_topic], s.partitions
+            s.bootstrap_servers,
+            [s.events_topic, s.results_topic, s.dlq_topic],
+            s.partitions,
+            changelog=s.changelog,
         )
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.bootstrap_servers,
@@ -196,6 +223,55 @@ class KafkaIO:
             log.warning("retrying %d unacknowledged records", len(failed))
             await asyncio.sleep(0.2 * attempts)
             remaining = failed
+
+    async def produce_changelog(
+        self, records: Sequence[tuple[int, bytes, bytes | None]]
+    ) -> dict[int, int]:
+        """Send store changes to the changelog; returns partition → next offset (acked)."""
+        topic = self.settings.changelog
+        try:
+            futures = [
+                await self.producer.send(topic, value=v, key=k, partition=p) for p, k, v in records
+            ]
+            metadata = await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise ProduceError(f"changelog produce to {topic} failed: {exc}") from exc
+        offsets: dict[int, int] = {}
+        for md in metadata:
+            offsets[md.partition] = max(offsets.get(md.partition, 0), md.offset + 1)
+        return offsets
+
+    async def read_changelog(
+        self, partition: int, from_offset: int
+    ) -> AsyncIterator[tuple[int, bytes, bytes | None]]:
+        """(offset, key, value) of changelog ``partition`` from ``from_offset`` to its end."""
+        tp = TopicPartition(self.settings.changelog, partition)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            enable_auto_commit=False,
+            group_id=None,
+            auto_offset_reset="earliest",
+        )
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            end = (await consumer.end_offsets([tp]))[tp]
+            if from_offset >= end:
+                return
+            consumer.seek(tp, from_offset)
+            while True:
+                batch = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
+                for m in batch.get(tp, []):
+                    if m.key is not None:
+                        yield m.offset, m.key, m.value
+                    if m.offset + 1 >= end:
+                        return
+                if await consumer.position(tp) >= end:
+                    return
+        except KafkaError as exc:
+            raise KafkaIOError(f"cannot read changelog partition {partition}: {exc}") from exc
+        finally:
+            await consumer.stop()
 
     async def commit(self, next_offsets: dict[int, int]) -> None:
         """Commit ``partition → next offset to read`` for the events topic."""

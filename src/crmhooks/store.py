@@ -3,6 +3,11 @@
 Every row carries the Kafka partition that owns it, so a partition's state can be
 loaded when the partition is assigned and left alone when it is revoked.
 
+Every committed change is also sent to a compacted changelog topic (when a
+``ChangelogSink`` is attached), keyed by table and primary key, in the partition
+that owns the row: a process on another machine that is assigned the partition
+restores its state from there (``restore``), as Kafka Streams does.
+
 Writes go through one group-commit writer: callers hand over a ``WriteBatch`` and
 await it; the writer folds every batch queued meanwhile into one transaction, so
 under load there is one commit per round, not one per event. WAL with
@@ -15,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import orjson
@@ -69,6 +74,10 @@ CREATE TABLE IF NOT EXISTS quota (
     used      INTEGER NOT NULL,
     PRIMARY KEY (org_id, day)
 );
+CREATE TABLE IF NOT EXISTS changelog_offsets (
+    partition   INTEGER PRIMARY KEY,
+    next_offset INTEGER NOT NULL           -- the changelog offset this file reflects
+);
 CREATE TABLE IF NOT EXISTS suspensions (
     org_id         TEXT NOT NULL,
     rule_id        TEXT NOT NULL,
@@ -85,6 +94,34 @@ _ACTION_COLUMNS = (
     "action_id, partition, org_id, module, record_id, rule_id, webhook, kind, slot, "
     "due_ms, attempt, relative_to, event_id, source_offset"
 )
+
+
+# Every column of an action row, as the changelog carries it.
+_ROW_FIELDS = (
+    "action_id",
+    "partition",
+    "org_id",
+    "module",
+    "record_id",
+    "record_key",
+    "rule_id",
+    "webhook",
+    "kind",
+    "slot",
+    "due_ms",
+    "attempt",
+    "relative_to",
+    "event_id",
+    "source_offset",
+    "status",
+    "finished_ms",
+)
+_ROW_COLUMNS = ", ".join(_ROW_FIELDS)
+
+
+def _action_change(row: Sequence[Any]) -> ChangelogRecord:
+    value = dict(zip(_ROW_FIELDS, row, strict=True))
+    return (int(value["partition"]), f"a{SEP}{value['action_id']}".encode(), orjson.dumps(value))
 
 
 def _action_row(a: Action) -> tuple[Any, ...]:
@@ -125,6 +162,27 @@ def _action_from_row(row: Sequence[Any]) -> Action:
     )
 
 
+# (partition, key, value): one row's latest state; value None deletes it (tombstone)
+ChangelogRecord = tuple[int, bytes, bytes | None]
+
+
+class ChangelogSink(Protocol):
+    """Sends changelog records and waits for them; returns partition → next offset."""
+
+    async def __call__(self, records: Sequence[ChangelogRecord]) -> dict[int, int]: ...
+
+
+class ChangelogSource(Protocol):
+    """Reads one changelog partition from an offset to its current end."""
+
+    def __call__(
+        self, partition: int, from_offset: int
+    ) -> AsyncIterator[tuple[int, bytes, bytes | None]]: ...
+
+
+SEP = "\x1f"  # between the parts of a changelog key: never in ids (control characters)
+
+
 @dataclass(slots=True)
 class WriteBatch:
     """Changes to apply atomically, in this order of statements."""
@@ -143,6 +201,12 @@ class WriteBatch:
     quota: list[tuple[str, str, int, int]] = field(default_factory=list)
     # (org_id, rule_id, webhook, partition, failed_actions, suspended, config fingerprint)
     suspensions: list[tuple[str, str, str, int, int, bool, str]] = field(default_factory=list)
+    # rows read back from the changelog (restore): applied as they are, not sent again
+    restored: list[ChangelogRecord] = field(default_factory=list)
+    restored_offsets: dict[int, int] = field(default_factory=dict)
+    # (partitions, before_ms): delete final actions finished before then
+    purge: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+    tombstones: list[ChangelogRecord] = field(default_factory=list)  # filled by the store
 
     def extend(self, other: WriteBatch) -> None:
         self.new_actions += other.new_actions
@@ -153,6 +217,9 @@ class WriteBatch:
         self.once_state += other.once_state
         self.quota += other.quota
         self.suspensions += other.suspensions
+        self.restored += other.restored
+        self.restored_offsets.update(other.restored_offsets)
+        self.purge += other.purge
 
     def __bool__(self) -> bool:
         return bool(
@@ -164,6 +231,9 @@ class WriteBatch:
             or self.once_state
             or self.quota
             or self.suspensions
+            or self.restored
+            or self.restored_offsets
+            or self.purge
         )
 
 
@@ -184,6 +254,9 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0  # transactions committed (for tests and benchmarks)
+        # Attached by the processor once Kafka is up; None: no changelog (tools, tests).
+        self.changelog: ChangelogSink | None = None
+        self._acked_offsets: dict[int, int] = {}  # written with the next transaction
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, commits={self.commits})"
@@ -264,6 +337,9 @@ class Store:
         conn = self.conn
         await conn.execute("BEGIN IMMEDIATE")
         try:
+            if self._acked_offsets:
+                offsets, self._acked_offsets = self._acked_offsets, {}
+                await self._save_offsets(offsets)
             if b.new_actions:
                 await conn.executemany(
                     f"INSERT OR IGNORE INTO actions ({_ACTION_COLUMNS}, record_key, status) "
@@ -316,11 +392,157 @@ class Store:
                     "fingerprint = excluded.fingerprint",
                     [(o, r, w, p, f, int(s), fp) for o, r, w, p, f, s, fp in b.suspensions],
                 )
+            if b.restored or b.restored_offsets:
+                await self._apply_restored(b)
+            for partitions, before_ms in b.purge:
+                marks = ",".join("?" * len(partitions))
+                async with conn.execute(
+                    f"DELETE FROM actions WHERE status != 'pending' AND finished_ms < ? "
+                    f"AND partition IN ({marks}) RETURNING partition, action_id",
+                    (before_ms, *partitions),
+                ) as cur:
+                    b.tombstones += [
+                        (int(p), f"a{SEP}{aid}".encode(), None) async for p, aid in cur
+                    ]
+            records = await self._changelog_of(b) if self.changelog is not None else []
             await conn.execute("COMMIT")
             self.commits += 1
         except BaseException:
             await conn.execute("ROLLBACK")
             raise
+        if records and self.changelog is not None:
+            # Before the callers hear "stored": what they do next (commit an offset,
+            # send a request) may only happen once another machine could see it.
+            self._acked_offsets.update(await self.changelog(records))
+
+    async def _save_offsets(self, offsets: dict[int, int]) -> None:
+        await self.conn.executemany(
+            "INSERT INTO changelog_offsets (partition, next_offset) VALUES (?,?) "
+            "ON CONFLICT (partition) DO UPDATE SET "
+            "next_offset = max(next_offset, excluded.next_offset)",
+            list(offsets.items()),
+        )
+
+    async def _changelog_of(self, b: WriteBatch) -> list[ChangelogRecord]:
+        """The rows ``b`` touched, as they are now (read inside its transaction)."""
+        out: list[ChangelogRecord] = []
+        ids = list(
+            dict.fromkeys(
+                [a.action_id for a in b.new_actions]
+                + [a.action_id for a in b.rearmed]
+                + [m[0] for m in b.moved]
+                + [f[0] for f in b.finished]
+            )
+        )
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            async with self.conn.execute(
+                f"SELECT {_ROW_COLUMNS} FROM actions WHERE action_id IN ({marks})", chunk
+            ) as cur:
+                async for row in cur:
+                    out.append(_action_change(row))
+        for record_key, partition, data in {k: (k, p, d) for k, p, d in b.snapshots}.values():
+            out.append((partition, f"r{SEP}{record_key}".encode(), data))
+        for state_key, partition, matched in {k: (k, p, m) for k, p, m in b.once_state}.values():
+            out.append((partition, f"o{SEP}{state_key}".encode(), b"1" if matched else b"0"))
+        for org_id, day, partition in {(o, d): (o, d, p) for o, d, p, _ in b.quota}.values():
+            async with self.conn.execute(
+                "SELECT used FROM quota WHERE org_id = ? AND day = ?", (org_id, day)
+            ) as cur:
+                found = await cur.fetchone()
+            used = int(found[0]) if found else 0
+            out.append((partition, f"q{SEP}{org_id}{SEP}{day}".encode(), str(used).encode()))
+        latest = {(o, r, w): (o, r, w, p, f, sus, fp) for o, r, w, p, f, sus, fp in b.suspensions}
+        for org_id, rule_id, webhook, partition, failed, suspended, fp in latest.values():
+            skey = f"s{SEP}{org_id}{SEP}{rule_id}{SEP}{webhook}".encode()
+            out.append((partition, skey, orjson.dumps([failed, suspended, fp])))
+        out.extend(b.tombstones)
+        return out
+
+    # -- restoring from the changelog ---------------------------------------------
+
+    async def changelog_offsets(self, partitions: Sequence[int]) -> dict[int, int]:
+        """The next changelog offset this file reflects, per partition (0: nothing)."""
+        found = dict.fromkeys(partitions, 0)
+        async with self.conn.execute("SELECT partition, next_offset FROM changelog_offsets") as cur:
+            async for p, offset in cur:
+                if p in found:
+                    found[p] = int(offset)
+        for p, offset in self._acked_offsets.items():
+            if p in found:
+                found[p] = max(found[p], offset)
+        return found
+
+    async def restore(self, partitions: Sequence[int], source: ChangelogSource) -> int:
+        """Bring the rows of ``partitions`` up to date from the changelog; returns how many.
+
+        Records this file wrote itself come back too: applying a row's latest state
+        again changes nothing.
+        """
+        applied = 0
+        for partition, start in (await self.changelog_offsets(partitions)).items():
+            pending: list[tuple[bytes, bytes | None]] = []
+            next_offset = start
+            async for offset, key, value in source(partition, start):
+                pending.append((key, value))
+                next_offset = offset + 1
+                if len(pending) >= 5000:
+                    applied += await self._restore_rows(partition, pending, next_offset)
+                    pending = []
+            if pending or next_offset != start:
+                applied += await self._restore_rows(partition, pending, next_offset)
+        return applied
+
+    async def _restore_rows(
+        self, partition: int, rows: list[tuple[bytes, bytes | None]], next_offset: int
+    ) -> int:
+        batch = WriteBatch()  # only to go through the writer: one writer, one transaction
+        batch.restored = [(partition, k, v) for k, v in rows]
+        batch.restored_offsets = {partition: next_offset}
+        await self.write(batch)
+        return len(rows)
+
+    async def _apply_restored(self, b: WriteBatch) -> None:
+        conn = self.conn
+        for partition, key, value in b.restored:
+            table, _, rest = key.decode().partition(SEP)
+            if table == "a":
+                if value is None:
+                    await conn.execute("DELETE FROM actions WHERE action_id = ?", (rest,))
+                else:
+                    row = orjson.loads(value)
+                    await conn.execute(
+                        f"INSERT OR REPLACE INTO actions ({_ROW_COLUMNS}) "
+                        f"VALUES ({','.join('?' * len(_ROW_FIELDS))})",
+                        [row[name] for name in _ROW_FIELDS],
+                    )
+            elif table == "r" and value is not None:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO records (record_key, partition, data) VALUES (?,?,?)",
+                    (rest, partition, value),
+                )
+            elif table == "o" and value is not None:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO rule_state (state_key, partition, matched) "
+                    "VALUES (?,?,?)",
+                    (rest, partition, int(value == b"1")),
+                )
+            elif table == "q" and value is not None:
+                org_id, _, day = rest.partition(SEP)
+                await conn.execute(
+                    "INSERT OR REPLACE INTO quota (org_id, day, partition, used) VALUES (?,?,?,?)",
+                    (org_id, day, partition, int(value)),
+                )
+            elif table == "s" and value is not None:
+                org_id, rule_id, webhook = rest.split(SEP)
+                failed, suspended, fingerprint = orjson.loads(value)
+                await conn.execute(
+                    "INSERT OR REPLACE INTO suspensions (org_id, rule_id, webhook, partition, "
+                    "failed_actions, suspended, fingerprint) VALUES (?,?,?,?,?,?,?)",
+                    (org_id, rule_id, webhook, partition, failed, int(suspended), fingerprint),
+                )
+        if b.restored_offsets:
+            await self._save_offsets(b.restored_offsets)
 
     # -- reads ----------------------------------------------------------------
 
@@ -442,9 +664,10 @@ class Store:
         )
         return cur.rowcount
 
-    async def purge_finished(self, before_ms: int) -> int:
-        """Forget final actions finished before ``before_ms`` (their ids stop deduplicating)."""
-        cur = await self.conn.execute(
-            "DELETE FROM actions WHERE status != 'pending' AND finished_ms < ?", (before_ms,)
-        )
-        return cur.rowcount
+    async def purge_finished(self, partitions: Sequence[int], before_ms: int) -> None:
+        """Forget final actions finished before ``before_ms`` (their ids stop deduplicating).
+
+        Tombstones go to the changelog, so compaction forgets them there too.
+        """
+        if partitions:
+            await self.write(WriteBatch(purge=[(tuple(partitions), before_ms)]))
