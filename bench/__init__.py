@@ -1,0 +1,1 @@
+"""The crmhooks benchmark suite: ceilings, throughput, latency, timers and scale-out."""

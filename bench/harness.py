@@ -1,0 +1,504 @@
+"""Bench plumbing: fast producing, raw consuming, committed offsets, the sink and processors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = REPO / ".venv" / "bin" / "python"
+CRMHOOKS = REPO / ".venv" / "bin" / "crmhooks"
+# Records per producer batch request: large batches keep the bench's own producer
+# far faster than the processor it feeds (send_batch skips per-record futures).
+BATCH_BYTES = 512 * 1024
+# Unacknowledged batches of the bench's producer: 32 MB of events in the air.
+MAX_BATCHES_IN_FLIGHT = 64
+# A scenario whose deliveries stopped this long before all arrived has lost some:
+# waiting out its whole timeout would only make the bench slower.
+STALL_S = 20.0
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def iso_utc(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
+def event_bytes(
+    n: int,
+    org: str,
+    stage: str,
+    *,
+    occurred_s: float | None = None,
+    stamp_ms: float = 0.0,
+    record_id: str | None = None,
+    prefix: str = "e",
+) -> bytes:
+    """A Potentials record event (SPEC §2); ``T`` carries a time stamp into the webhook body."""
+    return orjson.dumps(
+        {
+            "event_id": f"{prefix}-{n}",
+            "org_id": org,
+            "module": "Potentials",
+            "operation": "create",
+            "occurred_at": iso_utc(time.time() if occurred_s is None else occurred_s),
+            "record_id": record_id or f"{prefix}-rec-{n}",
+            "record": {
+                "Potential Name": f"Deal {n}",
+                "Amount": 25000 + n % 1000,
+                "Stage": stage,
+                "Type": "New Business",
+                "Closing Date": "2026-11-30",
+                "Potential Owner": "Ana Silva",
+                "T": round(stamp_ms),
+            },
+            "related": {"Accounts": {"Account Name": "Acme Corp"}},
+            "user": {"Last Name": "Silva", "Email": "ana@example.com"},
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """One scenario's topics and group, so that scenarios never see each other's records."""
+
+    tag: str
+    partitions: int
+
+    @property
+    def events(self) -> str:
+        return f"bench-{self.tag}.events"
+
+    @property
+    def results(self) -> str:
+        return f"bench-{self.tag}.results"
+
+    @property
+    def dlq(self) -> str:
+        return f"bench-{self.tag}.dlq"
+
+    @property
+    def group(self) -> str:
+        return f"bench-{self.tag}"
+
+
+def new_topics(name: str, partitions: int) -> Topics:
+    return Topics(f"{name}-{uuid.uuid4().hex[:6]}", partitions)
+
+
+async def create_topics(bootstrap: str, topics: Topics) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(t, num_partitions=topics.partitions, replication_factor=1)
+                for t in (topics.events, topics.results, topics.dlq)
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+class FastProducer:
+    """Batches records per partition with ``send_batch``: tens of thousands a second."""
+
+    def __init__(self, bootstrap: str, *, linger_ms: int = 0) -> None:
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks=1,
+            linger_ms=linger_ms,
+            max_batch_size=BATCH_BYTES,
+            max_request_size=4 * BATCH_BYTES,
+        )
+
+    async def __aenter__(self) -> FastProducer:
+        await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.producer.stop()
+
+    async def send_many(self, topic: str, records: Iterable[tuple[int, bytes, bytes]]) -> int:
+        """(partition, key, value) records, batched per partition; waits for every ack.
+
+        ``records`` may be a generator: at most ``MAX_BATCHES_IN_FLIGHT`` batches are
+        unacknowledged at a time, so a million events never sit in memory at once.
+        """
+        batches: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        count = 0
+
+        async def send(partition: int, batch: Any) -> None:
+            nonlocal futures
+            batch.close()
+            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
+            if len(futures) >= MAX_BATCHES_IN_FLIGHT:
+                await asyncio.gather(*futures)
+                futures = []
+
+        for partition, key, value in records:
+            count += 1
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = self.producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                await send(partition, batch)
+                batch = batches[partition] = self.producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        for partition, batch in batches.items():
+            if batch.record_count():
+                await send(partition, batch)
+        await asyncio.gather(*futures)
+        return count
+
+    async def send_one(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
+        """Queue one record now (no wait for its ack): the latency test's paced producer."""
+        await self.producer.send(topic, value=value, key=key, partition=partition)
+
+    async def flush(self) -> None:
+        await self.producer.flush()
+
+
+async def raw_consume_rate(bootstrap: str, topic: str, partitions: int, count: int) -> float:
+    """Records/s of a bare AIOKafkaConsumer reading ``count`` records, decoding nothing."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        # The processor's fetch settings (kafka_io.KafkaIO), so the ceiling is comparable.
+        max_partition_fetch_bytes=1 << 20,
+        fetch_max_bytes=50 << 20,
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen = 0
+        start = time.monotonic()
+        while seen < count:
+            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+            seen += sum(len(v) for v in batches.values())
+        return seen / (time.monotonic() - start)
+    finally:
+        await consumer.stop()
+
+
+class GroupOffsets:
+    """Polls a consumer group's committed offsets on one topic."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self.group = group
+        self.topic = topic
+
+    async def __aenter__(self) -> GroupOffsets:
+        await self.admin.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.admin.close()
+
+    async def committed(self) -> int:
+        offsets = await self.admin.list_consumer_group_offsets(self.group)
+        return sum(max(0, md.offset) for tp, md in offsets.items() if tp.topic == self.topic)
+
+    async def rate_to(self, total: int, timeout_s: float) -> tuple[float, int, float]:
+        """Events/s from the first commit seen until the committed sum reaches ``total``.
+
+        Returns (rate, committed at the end, seconds from the first commit). Counting
+        from the first commit seen (not from 0) keeps the group join out of the figure.
+        """
+        deadline = time.monotonic() + timeout_s
+        first: tuple[float, int] | None = None
+        done = 0
+        while time.monotonic() < deadline:
+            done = await self.committed()
+            t = time.monotonic()
+            if first is None and done > 0:
+                first = (t, done)
+            if done >= total:
+                break
+            await asyncio.sleep(0.05)
+        if first is None:
+            return 0.0, done, 0.0
+        elapsed = time.monotonic() - first[0]
+        return ((done - first[1]) / elapsed if elapsed > 0 else 0.0), done, elapsed
+
+
+async def count_results(
+    bootstrap: str, topic: str, partitions: int, status: str
+) -> tuple[int, float]:
+    """(records with ``status``, the latest such record's timestamp in epoch ms)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        seen, last_ms = 0, 0.0
+        needle = f'"status":"{status}"'.encode()
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for messages in batches.values():
+                for m in messages:
+                    if m.value is not None and needle in m.value:
+                        seen += 1
+                        last_ms = max(last_ms, float(m.timestamp))
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                return seen, last_ms
+    finally:
+        await consumer.stop()
+
+
+# --- the sink process ------------------------------------------------------------
+
+
+class Sink:
+    """The sink server in a child process, with its control requests."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Sink:
+        port_file = self.workdir / "sink.port"
+        port_file.unlink(missing_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            str(PYTHON), "-m", "bench.sink", "--port-file", str(port_file), cwd=REPO
+        )
+        for _ in range(200):
+            if port_file.exists():
+                self.port = int(port_file.read_text())
+                return self
+            await asyncio.sleep(0.05)
+        raise RuntimeError("the sink did not start")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def _get(self, path: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: sink\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            return await reader.readexactly(length)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def stats(self) -> tuple[int, float, float]:
+        count, first, last = (await self._get("/_stats")).split()
+        return int(count), float(first), float(last)
+
+    async def latencies(self) -> list[float]:
+        values: list[float] = orjson.loads(await self._get("/_lat"))
+        return values
+
+    async def reset(self) -> None:
+        await self._get("/_reset")
+
+    async def wait_count(
+        self, want: int, timeout_s: float, stall_s: float = STALL_S
+    ) -> tuple[int, float, float]:
+        """Until ``want`` requests arrived, ``timeout_s`` passed, or requests stopped
+        arriving for ``stall_s`` after the first one: (count, first ms, last ms)."""
+        deadline = time.monotonic() + timeout_s
+        stats = await self.stats()
+        changed = time.monotonic()
+        while stats[0] < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            now = await self.stats()
+            if now[0] != stats[0]:
+                changed = time.monotonic()
+            elif now[0] and time.monotonic() - changed > stall_s:
+                return now
+            stats = now
+        return stats
+
+
+# --- the processor as a child process ----------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()  # a JSON string is a TOML basic string
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def render_toml(doc: Mapping[str, Any]) -> str:
+    """Tables of scalars and arrays of tables (one level of sub-tables): what crmhooks needs."""
+    lines: list[str] = []
+    for name, value in doc.items():
+        if isinstance(value, Mapping):
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
+        else:
+            for item in value:
+                lines.append(f"[[{name}]]")
+                subs = {k: v for k, v in item.items() if isinstance(v, Mapping)}
+                lines += [f"{k} = {toml_value(v)}" for k, v in item.items() if k not in subs]
+                for sub, table in subs.items():
+                    lines.append(f"  [{name}.{sub}]")
+                    lines += [f"  {k} = {toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def base_config(bootstrap: str, topics: Topics, store: Path) -> dict[str, Any]:
+    return {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "group_id": topics.group,
+            "events_topic": topics.events,
+            "results_topic": topics.results,
+            "dlq_topic": topics.dlq,
+            "partitions": topics.partitions,
+        },
+        "store": {"path": str(store)},
+        "delivery": {
+            "allow_private_networks": True,  # the sink is on 127.0.0.1
+            # The bare-client ceiling runs 64 requests in flight to the one sink host.
+            # BENCH_MAX_IN_FLIGHT_PER_HOST: a diagnostic knob (is delivery latency-bound?).
+            "max_in_flight_per_host": int(os.environ.get("BENCH_MAX_IN_FLIGHT_PER_HOST", "64")),
+        },
+        # No quota in the way: the bench sends far more than a day's 2500.
+        "quota": {"daily_limit": 1_000_000_000, "per_user": 1_000_000_000},
+    }
+
+
+class Processor:
+    """``crmhooks run --config F`` as a child process; SIGTERM stops it gracefully."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.profiler: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.started = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(
+                str(CRMHOOKS),
+                "run",
+                "--config",
+                str(self.config),
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "CRMHOOKS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO")},
+            )
+        profile_dir = os.environ.get("BENCH_PROFILE")
+        if profile_dir:
+            # py-spy (pip install py-spy) samples the processor until it exits; collapsed
+            # stacks, one file per processor run, for flame graphs or grep.
+            out = Path(profile_dir) / f"{self.log.stem}.{self.proc.pid}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.profiler = await asyncio.create_subprocess_exec(
+                str(PYTHON.parent / "py-spy"),
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(out),
+                "--pid",
+                str(self.proc.pid),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+        return 0.0
+
+    async def stop(self, timeout_s: float = 30.0) -> float:
+        """SIGTERM, wait; seconds it took (killed after ``timeout_s``)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return 0.0
+        start = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            print(f"bench: processor {self.pid} ignored SIGTERM; killed", file=sys.stderr)
+            self.proc.kill()
+            await self.proc.wait()
+        elapsed = time.monotonic() - start
+        if self.profiler is not None:
+            await self.profiler.wait()
+            self.profiler = None
+        return elapsed
+
+
+@contextlib.asynccontextmanager
+async def processors(
+    config: Mapping[str, Any], workdir: Path, name: str, count: int = 1
+) -> AsyncIterator[list[Processor]]:
+    path = workdir / f"{name}.toml"
+    path.write_text(render_toml(config))
+    procs = [Processor(path, workdir / f"{name}-{i}.log") for i in range(count)]
+    try:
+        for p in procs:
+            await p.start()
+        yield procs
+    finally:
+        await asyncio.gather(*(p.stop() for p in procs))

@@ -1,0 +1,646 @@
+"""The benchmark: ceilings, then the processor's figures against them (``scripts/bench``).
+
+Each figure about the product runs ``crmhooks run`` as a child process against a
+real broker and the lean sink (``bench.sink``, its own process), so that the
+bench's producer and readers never share the processor's event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.harness import (
+    PYTHON,
+    REPO,
+    FastProducer,
+    GroupOffsets,
+    Processor,
+    Sink,
+    Topics,
+    base_config,
+    count_results,
+    create_topics,
+    event_bytes,
+    new_topics,
+    now_ms,
+    processors,
+    raw_consume_rate,
+    render_toml,
+)
+from bench.report import (
+    Figure,
+    at_least,
+    at_most,
+    percentile,
+    ratio_at_least,
+    table,
+    write_json,
+)
+
+# Partitions of every events topic: ≥ 6 so that two processors each get several
+# organisations (SPEC §1: one organisation per key, so per partition here).
+PARTITIONS = 6
+ORGS = [f"org-{i}" for i in range(PARTITIONS)]
+# In-flight requests of the bare-client ceiling; the processor gets the same per host.
+CONCURRENCY = 64
+# The supported modules (SPEC §2), for spreading the filtering rules.
+MODULES = (
+    "Leads",
+    "Accounts",
+    "Contacts",
+    "Potentials",
+    "Campaigns",
+    "Cases",
+    "Solutions",
+    "Products",
+    "Vendors",
+    "Price Books",
+    "Quotes",
+    "Sales Orders",
+    "Purchase Orders",
+    "Invoices",
+    "Events",
+    "Tasks",
+)
+# Organisations the filtering rules are spread over (events come from the first six).
+RULE_ORGS = 50
+# The webhook body: a JSON document whose "t" is the record's T field (a time stamp
+# in epoch ms) as a JSON number, so the sink can compute latency and lateness.
+BODY_TEMPLATE = (
+    '{"deal":"${Potentials.Potential Name}","amount":${Potentials.Amount},'
+    '"owner":"${Potentials.Potential Owner}","t":${Potentials.T}}'
+)
+# Scheduled actions of the timer test are due this far ahead: never within the bench.
+FAR_OFFSET = "30d"
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    instant: int
+    filtering: int
+    rules: int
+    latency_s: float
+    latency_rate: int
+    timers: int
+    lateness: int
+    lateness_offset_s: int
+    scale: int
+    sink_load_s: float
+    bare_client: int
+
+
+FULL = Sizes(
+    instant=100_000,
+    filtering=500_000,
+    rules=1000,
+    latency_s=20.0,
+    latency_rate=1000,
+    timers=1_000_000,
+    lateness=10_000,
+    lateness_offset_s=45,
+    scale=50_000,
+    sink_load_s=3.0,
+    bare_client=50_000,
+)
+QUICK = Sizes(
+    instant=5_000,
+    filtering=20_000,
+    rules=1000,
+    latency_s=5.0,
+    latency_rate=1000,
+    timers=50_000,
+    lateness=2_000,
+    lateness_offset_s=12,
+    scale=5_000,
+    sink_load_s=1.5,
+    bare_client=5_000,
+)
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", flush=True)
+
+
+def hook(name: str, url: str, template: str = BODY_TEMPLATE) -> dict[str, Any]:
+    return {
+        "name": name,
+        "url": url,
+        "module": "Potentials",
+        "method": "POST",
+        "body": {"format": "json", "template": template},
+    }
+
+
+def stage_rule(rule_id: str, stage: str, **actions: Any) -> dict[str, Any]:
+    return {
+        "id": rule_id,
+        "module": "Potentials",
+        "criteria": {"all": [{"field": "Stage", "op": "is", "value": stage}]},
+        **actions,
+    }
+
+
+def spread(
+    count: int, stage: str, prefix: str, **fields: Any
+) -> Iterator[tuple[int, bytes, bytes]]:
+    """``count`` events of ``stage`` spread round-robin over the organisations/partitions."""
+    for n in range(count):
+        p = n % PARTITIONS
+        yield p, ORGS[p].encode(), event_bytes(n, ORGS[p], stage, prefix=prefix, **fields)
+
+
+def qualifying(count: int, prefix: str) -> list[tuple[int, bytes, bytes]]:
+    """``count`` instantly qualifying events, made before any clock starts."""
+    return list(spread(count, "Closed Won", prefix))
+
+
+class Bench:
+    def __init__(self, bootstrap: str, sizes: Sizes, workdir: Path, sink: Sink) -> None:
+        self.bootstrap = bootstrap
+        self.sizes = sizes
+        self.workdir = workdir
+        self.sink = sink
+        self.figures: list[Figure] = []
+        self.filter_topics: Topics | None = None
+        self.bare_client_rate: float | None = None
+        self.consume_rate: float | None = None
+        self.instant_rate: float | None = None
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        ratio = "" if figure.ratio is None else f" (ratio {figure.ratio:.2f})"
+        say(f"  {figure.name}: {figure.value} {figure.unit}{ratio} {figure.note}")
+
+    def instant_config(self, topics: Topics, store: str) -> dict[str, Any]:
+        config = base_config(self.bootstrap, topics, self.workdir / f"{store}.db")
+        config["webhooks"] = [hook("Hook", f"{self.sink.url}/hook")]
+        config["rules"] = [stage_rule("instant", "Closed Won", instant="Hook")]
+        return config
+
+    async def produce(self, topics: Topics, records: Iterable[tuple[int, bytes, bytes]]) -> int:
+        start = time.monotonic()
+        async with FastProducer(self.bootstrap) as producer:
+            count = await producer.send_many(topics.events, records)
+        elapsed = time.monotonic() - start
+        say(f"  produced {count:,} events in {elapsed:.1f} s")
+        return count
+
+    # -- 1. ceilings ---------------------------------------------------------------
+
+    async def ceilings(self) -> None:
+        say("1. ceilings: sink capacity, bare aiohttp client, raw consume")
+        await self.sink.reset()
+        proc = await asyncio.create_subprocess_exec(
+            str(PYTHON),
+            "-m",
+            "bench.loadgen",
+            "--port",
+            str(self.sink.port),
+            "--connections",
+            "128",
+            "--seconds",
+            str(self.sizes.sink_load_s),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        count, elapsed = out.split()
+        sink_rate = int(count) / float(elapsed)
+        await self.bare_client()
+        self.add(
+            Figure(
+                "sink capacity (raw sockets, 128 connections, another process)",
+                sink_rate,
+                "req/s",
+                self.bare_client_rate,
+                "≥ 2 × bare client",
+                ratio_at_least(sink_rate, self.bare_client_rate, 2.0),
+            )
+        )
+        # The filtering test's topic doubles as the raw consume ceiling's input.
+        topics = self.filter_topics = new_topics("filter", PARTITIONS)
+        await create_topics(self.bootstrap, topics)
+        produced = await self.produce(topics, spread(self.sizes.filtering, "Closed Won", "f"))
+        self.consume_rate = await raw_consume_rate(
+            self.bootstrap, topics.events, topics.partitions, produced
+        )
+        self.add(Figure("raw aiokafka consume (decode nothing)", self.consume_rate, "events/s"))
+
+    async def bare_client(self) -> None:
+        """A bare aiohttp client POSTing the processor's bodies, 64 in flight."""
+        total = self.sizes.bare_client
+        bodies = [
+            b'{"deal":"Deal %d","amount":%d,"owner":"Ana Silva","t":0}' % (n, 25000 + n % 1000)
+            for n in range(total)
+        ]
+        url = f"{self.sink.url}/hook"
+        next_n = 0
+
+        async def worker(session: aiohttp.ClientSession) -> None:
+            nonlocal next_n
+            while next_n < total:
+                n = next_n
+                next_n += 1
+                headers = {"Content-Type": "application/json", "webhook-id": f"bare-{n}"}
+                async with session.post(url, data=bodies[n], headers=headers) as resp:
+                    await resp.read()
+                    resp.raise_for_status()
+
+        connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            start = time.monotonic()
+            await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
+            self.bare_client_rate = total / (time.monotonic() - start)
+        self.add(
+            Figure(f"bare aiohttp client ({CONCURRENCY} in flight)", self.bare_client_rate, "req/s")
+        )
+
+    # -- 2. instant delivery ---------------------------------------------------------
+
+    async def instant(self) -> None:
+        n = self.sizes.instant
+        say(f"2. instant delivery: {n:,} pre-produced events, one webhook each")
+        topics = new_topics("instant", PARTITIONS)
+        await create_topics(self.bootstrap, topics)
+        await self.produce(topics, spread(n, "Closed Won", "i"))
+        await self.sink.reset()
+        async with processors(self.instant_config(topics, "instant"), self.workdir, "instant"):
+            count, first_ms, last_ms = await self.sink.wait_count(n, timeout_s=n / 200 + 60)
+            say(f"  sink: {count:,} requests in {(last_ms - first_ms) / 1000:.1f} s")
+            delivered, last_result_ms = await count_results(
+                self.bootstrap, topics.results, topics.partitions, "delivered"
+            )
+        end_ms = max(last_result_ms, last_ms)
+        rate = delivered / ((end_ms - first_ms) / 1000) if delivered and end_ms > first_ms else 0.0
+        self.instant_rate = rate
+        note = "" if delivered >= n else f"{delivered} of {n} delivered"
+        self.add(
+            Figure(
+                "instant delivery throughput",
+                rate,
+                "deliveries/s",
+                self.bare_client_rate,
+                "ratio ≥ 0.8",
+                False if note else ratio_at_least(rate, self.bare_client_rate, 0.8),
+                note,
+            )
+        )
+
+    # -- 3. filtering -----------------------------------------------------------------
+
+    def filter_config(self, topics: Topics) -> dict[str, Any]:
+        config = base_config(self.bootstrap, topics, self.workdir / "filter.db")
+        config["orgs"] = [{"id": f"org-{i}"} for i in range(RULE_ORGS)]
+        config["webhooks"] = [
+            {
+                "name": f"Hook{j}",
+                "url": f"{self.sink.url}/m{j}",
+                "module": module,
+                "body": {"format": "json", "template": '{"never":true}'},
+            }
+            for j, module in enumerate(MODULES)
+        ]
+        rules = []
+        for i in range(self.sizes.rules):
+            j = (i // RULE_ORGS) % len(MODULES)
+            rules.append(
+                {
+                    "id": f"r{i}",
+                    "org": f"org-{i % RULE_ORGS}",
+                    "module": MODULES[j],
+                    # Never true for the bench's events (Stage is "Closed Won").
+                    "criteria": {
+                        "all": [
+                            {"field": "Stage", "op": "is", "value": f"Never{i}"},
+                            {"field": "Amount", "op": "gt", "value": 1_000_000},
+                        ]
+                    },
+                    "instant": f"Hook{j}",
+                }
+            )
+        config["rules"] = rules
+        return config
+
+    async def filtering(self) -> None:
+        topics = self.filter_topics
+        assert topics is not None
+        n = self.sizes.filtering
+        say(f"3. filtering: {n:,} events against {self.sizes.rules} rules, none matching")
+        await self.sink.reset()
+        async with (
+            processors(self.filter_config(topics), self.workdir, "filter"),
+            GroupOffsets(self.bootstrap, topics.group, topics.events) as offsets,
+        ):
+            rate, done, _ = await offsets.rate_to(n, timeout_s=n / 2000 + 60)
+        sent = (await self.sink.stats())[0]
+        note = "" if done >= n else f"{done} of {n} committed"
+        if sent:
+            note += f" {sent} requests sent?!"
+        self.add(
+            Figure(
+                "filtering throughput",
+                rate,
+                "events/s",
+                self.consume_rate,
+                "ratio ≥ 0.5",
+                False if note else ratio_at_least(rate, self.consume_rate, 0.5),
+                note.strip(),
+            )
+        )
+
+    # -- 4. latency --------------------------------------------------------------------
+
+    async def warm_up(self, topics: Topics, producer: FastProducer, timeout_s: float) -> bool:
+        """One event per partition, delivered: the processors consume every partition."""
+        await self.sink.reset()
+        stamp = now_ms()
+        for p in range(topics.partitions):
+            value = event_bytes(p, ORGS[p], "Closed Won", stamp_ms=stamp, prefix=f"w{stamp:.0f}")
+            await producer.send_one(topics.events, p, ORGS[p].encode(), value)
+        await producer.flush()
+        count = (await self.sink.wait_count(topics.partitions, timeout_s))[0]
+        return count >= topics.partitions
+
+    async def latency(self) -> None:
+        s = self.sizes
+        total = int(s.latency_rate * s.latency_s)
+        say(f"4. latency: {s.latency_rate} events/s for {s.latency_s:.0f} s")
+        topics = new_topics("latency", PARTITIONS)
+        await create_topics(self.bootstrap, topics)
+        async with (
+            processors(self.instant_config(topics, "latency"), self.workdir, "latency"),
+            FastProducer(self.bootstrap) as producer,
+        ):
+            await self.warm_up(topics, producer, 60)
+            await self.sink.reset()
+            # Ticks of 10 ms, 10 events each: a steady 1000/s without a burst per second.
+            tick_s = 0.01
+            per_tick = max(1, round(s.latency_rate * tick_s))
+            start = time.monotonic()
+            n = 0
+            while n < total:
+                for _ in range(per_tick):
+                    p = n % topics.partitions
+                    value = event_bytes(n, ORGS[p], "Closed Won", stamp_ms=now_ms(), prefix="l")
+                    await producer.send_one(topics.events, p, ORGS[p].encode(), value)
+                    n += 1
+                delay = start + (n // per_tick) * tick_s - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await producer.flush()
+            count = (await self.sink.wait_count(total, 60))[0]
+            samples = await self.sink.latencies()
+        note = "" if count >= total else f"{count} of {total} received"
+        p50, p99 = percentile(samples, 50), percentile(samples, 99)
+        self.add(Figure("latency p50 (produce → receive)", p50, "ms", note=note))
+        self.add(
+            Figure(
+                "latency p99 (produce → receive)",
+                p99,
+                "ms",
+                target="≤ 50 ms",
+                passed=at_most(p99, 50.0) if not note else False,
+                note=note,
+            )
+        )
+
+    # -- 5. timers -----------------------------------------------------------------------
+
+    def timer_config(self, topics: Topics) -> dict[str, Any]:
+        url = self.sink.url
+        config = base_config(self.bootstrap, topics, self.workdir / "timers.db")
+        config["webhooks"] = [
+            hook("Far", f"{url}/far"),
+            hook("Soon", f"{url}/soon"),
+            hook("Ping", f"{url}/ping", '{"ping":"${Potentials.Potential Name}"}'),
+        ]
+        offset = f"{self.sizes.lateness_offset_s}s"
+        config["rules"] = [
+            stage_rule("far", "Far", scheduled=[{"webhook": "Far", "offset": FAR_OFFSET}]),
+            stage_rule("soon", "Soon", scheduled=[{"webhook": "Soon", "offset": offset}]),
+            stage_rule("ping", "Ping", instant="Ping"),
+        ]
+        return config
+
+    async def timers(self) -> None:
+        s = self.sizes
+        say(f"5. timers: {s.timers:,} pending scheduled actions")
+        topics = new_topics("timers", PARTITIONS)
+        await create_topics(self.bootstrap, topics)
+        await self.produce(topics, spread(s.timers, "Far", "t"))
+        config = self.timer_config(topics)
+        path = self.workdir / "timers.toml"
+
+        path.write_text(render_toml(config))
+        first = Processor(path, self.workdir / "timers-0.log")
+        second = Processor(path, self.workdir / "timers-1.log")
+        try:
+            await first.start()
+            async with GroupOffsets(self.bootstrap, topics.group, topics.events) as offsets:
+                rate, done, _ = await offsets.rate_to(s.timers, timeout_s=s.timers / 1000 + 60)
+            note = "" if done >= s.timers else f"{done} of {s.timers} committed"
+            self.add(
+                Figure(
+                    "scheduling rate (actions due in 30 days)",
+                    rate,
+                    "events/s",
+                    note=note,
+                )
+            )
+            rss = first.rss_mb()
+            self.add(
+                Figure(
+                    f"processor RSS with {done:,} pending timers",
+                    rss,
+                    "MB",
+                    target="≤ 400 MB",
+                    passed=at_most(rss, 400.0),
+                )
+            )
+            stop_s = await first.stop()
+            self.add(Figure("graceful stop (SIGTERM → exit)", stop_s, "s"))
+            await self.sink.reset()
+            async with FastProducer(self.bootstrap) as producer:
+                await producer.send_one(
+                    topics.events, 0, ORGS[0].encode(), event_bytes(0, ORGS[0], "Ping", prefix="p")
+                )
+                await producer.flush()
+            started_ms = now_ms()
+            await second.start()
+            count, first_ms, _ = await self.sink.wait_count(1, 120)
+            recovery_s = (first_ms - started_ms) / 1000 if count else None
+            self.add(
+                Figure(
+                    "restart recovery (start → first delivery)",
+                    recovery_s,
+                    "s",
+                    target="≤ 15 s",
+                    passed=at_most(recovery_s, 15.0),
+                )
+            )
+            await self.lateness(topics)
+        finally:
+            await first.stop()
+            await second.stop()
+
+    async def lateness(self, topics: Topics) -> None:
+        s = self.sizes
+        offset_ms = s.lateness_offset_s * 1000
+        await self.sink.reset()
+        # Every event occurred at the same whole second, so all fall due together.
+        occurred_s = math.ceil(time.time())
+        records = spread(s.lateness, "Soon", "s", occurred_s=occurred_s, stamp_ms=occurred_s * 1000)
+        say(f"  {s.lateness:,} timers due together in {s.lateness_offset_s} s")
+        await self.produce(topics, records)
+        count = (await self.sink.wait_count(s.lateness, s.lateness_offset_s + 60))[0]
+        late = [x - offset_ms for x in await self.sink.latencies()]
+        note = "" if count >= s.lateness else f"{count} of {s.lateness} fired"
+        p99 = percentile(late, 99)
+        self.add(Figure("timer lateness p50", percentile(late, 50), "ms", note=note))
+        self.add(
+            Figure(
+                f"timer lateness p99 ({s.lateness:,} due at once)",
+                p99,
+                "ms",
+                target="≤ 100 ms",
+                passed=at_most(p99, 100.0) if not note else False,
+                note=note,
+            )
+        )
+
+    # -- 6. scale-out -------------------------------------------------------------------
+
+    async def burst_rate(self, count: int) -> tuple[float, str]:
+        """Deliveries/s of a burst produced while the processors already consume."""
+        n = self.sizes.scale
+        topics = new_topics(f"scale{count}", PARTITIONS)
+        await create_topics(self.bootstrap, topics)
+        records = qualifying(n, f"s{count}")
+        config = self.instant_config(topics, f"scale{count}")
+        async with (
+            processors(config, self.workdir, f"scale{count}", count) as procs,
+            FastProducer(self.bootstrap) as producer,
+        ):
+            await wait_assigned(procs, 30)
+            if not await self.warm_up(topics, producer, 60):
+                return 0.0, "warm-up not delivered"
+            await self.sink.reset()
+            await producer.send_many(topics.events, records)
+            got, first_ms, last_ms = await self.sink.wait_count(n, n / 200 + 60)
+        rate = got / ((last_ms - first_ms) / 1000) if last_ms > first_ms else 0.0
+        return rate, "" if got >= n else f"{got} of {n} delivered"
+
+    async def scale_out(self) -> None:
+        say(f"6. scale-out: {self.sizes.scale:,} deliveries by one processor, then by two")
+        one, note1 = await self.burst_rate(1)
+        self.add(Figure("burst delivery, 1 processor", one, "deliveries/s", note=note1))
+        two, note2 = await self.burst_rate(2)
+        self.add(Figure("burst delivery, 2 processors", two, "deliveries/s", note=note2))
+        self.add(
+            Figure(
+                "scale-out ratio (2 processors / 1)",
+                two / one if one else None,
+                "×",
+                target="≥ 1.6",
+                passed=at_least(two / one if one else None, 1.6),
+                note=(note1 + " " + note2).strip(),
+            )
+        )
+
+
+async def wait_assigned(procs: list[Processor], timeout_s: float) -> None:
+    """Until every processor logged a partition assignment (its group join is over)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all("partitions assigned" in p.log.read_text(errors="replace") for p in procs):
+            await asyncio.sleep(1.0)  # a late joiner's rebalance settles
+            return
+        await asyncio.sleep(0.1)
+
+
+SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
+    "ceilings": Bench.ceilings,
+    "instant": Bench.instant,
+    "filtering": Bench.filtering,
+    "latency": Bench.latency,
+    "timers": Bench.timers,
+    "scale": Bench.scale_out,
+}
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    # aiokafka logs a retried NotLeaderForPartition while a new topic elects its leader.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    bootstrap = os.environ.get("CRMHOOKS_BOOTSTRAP_SERVERS", "127.0.0.1:29092")
+    sizes = QUICK if args.quick else FULL
+    workdir = REPO / "var" / "bench-run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    wall = time.monotonic()
+    names = args.only or list(SCENARIOS)
+    if "filtering" in names and "ceilings" not in names:
+        names.insert(0, "ceilings")  # the filtering test reads the ceiling's topic
+    async with Sink(workdir) as sink:
+        bench = Bench(bootstrap, sizes, workdir, sink)
+        for name in SCENARIOS:
+            if name not in names:
+                continue
+            try:
+                await SCENARIOS[name](bench)
+            except Exception as exc:  # one broken scenario must not lose the others' figures
+                traceback.print_exc()
+                bench.add(Figure(f"{name} scenario", None, "", passed=False, note=f"error: {exc}"))
+    wall_s = time.monotonic() - wall
+    mode = "quick" if args.quick else "full"
+    print()
+    print(f"crmhooks bench ({mode}), {wall_s:.0f} s")
+    print(table(bench.figures))
+    write_json(
+        args.out,
+        bench.figures,
+        {"mode": mode, "wall_s": round(wall_s, 1), "sizes": sizes_dict(sizes)},
+    )
+    print(f"\nwritten: {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    return 1 if any(f.passed is False for f in bench.figures) and args.strict else 0
+
+
+def sizes_dict(sizes: Sizes) -> dict[str, Any]:
+    return {name: getattr(sizes, name) for name in Sizes.__slots__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts (CI): < 2 minutes")
+    parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), help="run only these")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="the JSON report (default bench/results/latest.json, latest-quick.json with --quick)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when a figure falls short of its target"
+    )
+    args = parser.parse_args()
+    if args.out is None:
+        name = "latest-quick.json" if args.quick else "latest.json"
+        args.out = REPO / "bench" / "results" / name
+    sys.exit(asyncio.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()

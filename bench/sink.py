@@ -1,0 +1,131 @@
+"""A lean HTTP/1.1 keep-alive sink: counts requests, records receive times and latencies.
+
+Run as its own process (``python -m bench.sink --port-file F``) so that its CPU is
+not the processor's or the bench driver's. Every request is answered
+``200 OK`` with an empty body. Requests whose body holds ``"t":<epoch ms>`` add
+``receive ms - t`` to the latency samples. Control requests (GET):
+
+- ``/_stats`` → ``count first_ms last_ms`` (receive times in epoch ms, 0 before any)
+- ``/_lat``   → the latency samples as a JSON array of ms
+- ``/_reset`` → forget counts and samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+_CONTENT_LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+# The latency stamp the bench's webhook templates render into the body.
+_STAMP_RE = re.compile(rb'"t":\s*(-?\d+(?:\.\d+)?)')
+_HEAD_END = b"\r\n\r\n"
+
+
+class Stats:
+    """What the sink saw since the last reset."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.first_ms = 0.0
+        self.last_ms = 0.0
+        self.latencies_ms: list[float] = []
+
+    def control(self, path: bytes) -> bytes:
+        if path.startswith(b"/_stats"):
+            body = f"{self.count} {self.first_ms:.3f} {self.last_ms:.3f}".encode()
+        elif path.startswith(b"/_lat"):
+            body = ("[" + ",".join(f"{x:.3f}" for x in self.latencies_ms) + "]").encode()
+        elif path.startswith(b"/_reset"):
+            self.reset()
+            body = b"ok"
+        else:
+            return b""
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class SinkProtocol(asyncio.Protocol):
+    """One connection: parses pipelined requests, answers each with 200."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        out: list[bytes] = []
+        while True:
+            end = buf.find(_HEAD_END)
+            if end < 0:
+                break
+            m = _CONTENT_LENGTH_RE.search(buf, 0, end + 2)
+            length = int(m.group(1)) if m else 0
+            total = end + 4 + length
+            if len(buf) < total:
+                break
+            now_ms = time.time() * 1000.0
+            if buf.startswith(b"GET /_"):
+                path = buf[4 : buf.find(b" ", 4)]
+                answer = self.stats.control(path)
+                if answer:
+                    out.append(answer)
+                    buf = buf[total:]
+                    continue
+            st = self.stats
+            st.count += 1
+            if not st.first_ms:
+                st.first_ms = now_ms
+            st.last_ms = now_ms
+            if length:
+                stamp = _STAMP_RE.search(buf, end + 4, total)
+                if stamp is not None:
+                    st.latencies_ms.append(now_ms - float(stamp.group(1)))
+            out.append(OK)
+            buf = buf[total:]
+        self.buf = buf
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out))
+
+
+async def serve(port: int, port_file: Path | None) -> None:
+    stats = Stats()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    # A deep accept queue: the capacity test opens many connections at once.
+    sock.listen(1024)
+    server = await loop.create_server(lambda: SinkProtocol(stats), sock=sock)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(sock.getsockname()[1]))
+        os.replace(tmp, port_file)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--port-file", type=Path)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.port, args.port_file))
+
+
+if __name__ == "__main__":
+    main()
