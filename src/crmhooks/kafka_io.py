@@ -124,7 +124,7 @@ class KafkaIO:
             acks="all",
             enable_idempotence=True,
             # A few ms of linger turns a burst of results into one request per partition.
-            linger_ms=5,
+            linger_ms=2,
             max_request_size=4 << 20,
         )
         self._consumer = AIOKafkaConsumer(

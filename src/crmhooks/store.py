@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,16 @@ class WriteBatch:
         )
 
 
+# Tries of one group commit when SQLite says the file is locked or busy (another
+# process sharing it); each waits busy_timeout first, so this is a last resort.
+LOCKED_RETRIES = 5
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 def _chunks(items: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
     # SQLite limits host parameters per statement (32766 by default); stay far below.
     for start in range(0, len(items), size):
@@ -322,7 +333,7 @@ class Store:
             for batch, _ in pending:
                 merged.extend(batch)
             try:
-                await self._apply(merged)
+                await self._apply_retrying(merged)
             except Exception as exc:
                 err = StoreError(f"store write failed: {exc}")
                 for _, fut in pending:
@@ -332,6 +343,22 @@ class Store:
             for _, fut in pending:
                 if not fut.done():
                     fut.set_result(None)
+
+    async def _apply_retrying(self, b: WriteBatch) -> None:
+        """``_apply``, again when another process held the file's lock past busy_timeout.
+
+        Only SQLite's own errors are retried: they roll the transaction back, so
+        nothing (quota increments in particular) is applied twice.
+        """
+        for attempt in range(LOCKED_RETRIES):
+            try:
+                await self._apply(b)
+                return
+            except sqlite3.OperationalError as exc:
+                if attempt + 1 == LOCKED_RETRIES or not _is_busy(exc):
+                    raise
+                log.warning("store busy (%s); retrying the commit", exc)
+                await asyncio.sleep(0.05 * (attempt + 1))
 
     async def _apply(self, b: WriteBatch) -> None:
         conn = self.conn
