@@ -461,13 +461,8 @@ class Store:
                 + [f[0] for f in b.finished]
             )
         )
-        for chunk in _chunks(ids):
-            marks = ",".join("?" * len(chunk))
-            async with self.conn.execute(
-                f"SELECT {_ROW_COLUMNS} FROM actions WHERE action_id IN ({marks})", chunk
-            ) as cur:
-                async for row in cur:
-                    out.append(_action_change(row))
+        sql = f"SELECT {_ROW_COLUMNS} FROM actions WHERE action_id IN ({{marks}})"
+        out += [_action_change(row) for row in await self._select_in(sql, ids)]
         for record_key, partition, data in {k: (k, p, d) for k, p, d in b.snapshots}.values():
             out.append((partition, f"r{SEP}{record_key}".encode(), data))
         for state_key, partition, matched in {k: (k, p, m) for k, p, m in b.once_state}.values():
@@ -576,65 +571,56 @@ class Store:
     async def action_statuses(self, action_ids: Sequence[str]) -> dict[str, str]:
         """Status of each known action id ('pending' or a final status)."""
         found: dict[str, str] = {}
-        for chunk in _chunks(action_ids):
-            marks = ",".join("?" * len(chunk))
-            async with self.conn.execute(
-                f"SELECT action_id, status FROM actions WHERE action_id IN ({marks})", chunk
-            ) as cur:
-                async for row in cur:
-                    found[row[0]] = row[1]
+        sql = "SELECT action_id, status FROM actions WHERE action_id IN ({marks})"
+        for row in await self._select_in(sql, action_ids):
+            found[row[0]] = row[1]
         return found
 
     async def get_actions(self, action_ids: Sequence[str]) -> dict[str, Action]:
         """Pending actions by id."""
         found: dict[str, Action] = {}
-        for chunk in _chunks(action_ids):
-            marks = ",".join("?" * len(chunk))
-            async with self.conn.execute(
-                f"SELECT {_ACTION_COLUMNS} FROM actions "
-                f"WHERE status = 'pending' AND action_id IN ({marks})",
-                chunk,
-            ) as cur:
-                async for row in cur:
-                    found[row[0]] = _action_from_row(row)
+        sql = (
+            f"SELECT {_ACTION_COLUMNS} FROM actions "
+            "WHERE status = 'pending' AND action_id IN ({marks})"
+        )
+        for row in await self._select_in(sql, action_ids):
+            found[row[0]] = _action_from_row(row)
         return found
 
     async def pending_for_records(self, record_keys: Sequence[str]) -> list[Action]:
         """Pending actions of the given records (``org/module/record_id`` keys)."""
         found: list[Action] = []
-        for chunk in _chunks(record_keys):
-            marks = ",".join("?" * len(chunk))
-            async with self.conn.execute(
-                f"SELECT {_ACTION_COLUMNS} FROM actions "
-                f"WHERE status = 'pending' AND record_key IN ({marks})",
-                chunk,
-            ) as cur:
-                found.extend([_action_from_row(row) async for row in cur])
+        sql = (
+            f"SELECT {_ACTION_COLUMNS} FROM actions "
+            "WHERE status = 'pending' AND record_key IN ({marks})"
+        )
+        found.extend(_action_from_row(row) for row in await self._select_in(sql, record_keys))
         return found
 
     async def snapshots(self, record_keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The latest event stored for each record key."""
         found: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(record_keys):
-            marks = ",".join("?" * len(chunk))
-            async with self.conn.execute(
-                f"SELECT record_key, data FROM records WHERE record_key IN ({marks})", chunk
-            ) as cur:
-                async for row in cur:
-                    found[row[0]] = orjson.loads(row[1])
+        sql = "SELECT record_key, data FROM records WHERE record_key IN ({marks})"
+        for row in await self._select_in(sql, record_keys):
+            found[row[0]] = orjson.loads(row[1])
         return found
 
     async def once_states(self, state_keys: Sequence[str]) -> dict[str, bool]:
         """``repeat = "once"`` flags by state key (absent: never met)."""
         found: dict[str, bool] = {}
-        for chunk in _chunks(state_keys):
-            marks = ",".join("?" * len(chunk))
-            async with self.conn.execute(
-                f"SELECT state_key, matched FROM rule_state WHERE state_key IN ({marks})", chunk
-            ) as cur:
-                async for row in cur:
-                    found[row[0]] = bool(row[1])
+        sql = "SELECT state_key, matched FROM rule_state WHERE state_key IN ({marks})"
+        for row in await self._select_in(sql, state_keys):
+            found[row[0]] = bool(row[1])
         return found
+
+    async def _select_in(self, sql: str, keys: Sequence[str]) -> list[Any]:
+        """Rows of ``sql`` whose ``{marks}`` stands for ``keys``, queried in chunks."""
+        rows: list[Any] = []
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            async with self.conn.execute(sql.format(marks=marks), chunk) as cur:
+                rows.extend(await cur.fetchall())
+        return rows
 
     async def load_pending(
         self, partitions: Sequence[int], before_ms: int, from_ms: int | None = None
