@@ -17,6 +17,7 @@ from typing import IO
 from aiohttp import web
 
 from crmhooks.config import KafkaSettings
+from tests.support import serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,18 +57,9 @@ async def flaky_receiver(fail_first: frozenset[str]) -> AsyncIterator[FlakyRecei
         rx.hits.append(Hit(request.path, webhook_id, body, status))
         return web.Response(status=status)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rx.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serve(handle) as url:
+        rx.url = url
         yield rx
-    finally:
-        await runner.cleanup()
 
 
 def _q(value: str) -> str:

@@ -97,6 +97,16 @@ async def receiver(
         status, headers = answer if isinstance(answer, tuple) else (answer, {})
         return web.Response(status=status, headers=headers)
 
+    async with serve(handle) as url:
+        rec.url = url
+        yield rec
+
+
+@asynccontextmanager
+async def serve(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """An aiohttp server on 127.0.0.1 (a free port) answering every path with ``handle``."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
@@ -104,9 +114,8 @@ async def receiver(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}"
     try:
-        yield rec
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 

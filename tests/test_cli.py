@@ -51,6 +51,12 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def preview(
+    capsys: pytest.CaptureFixture[str], webhook: str, event: str, *, config: str
+) -> tuple[int, str, str]:
+    return run(capsys, "preview", "--config", config, "--webhook", webhook, "--event", event)
+
+
 def seed_event(**changes: Any) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(SEED_EVENT.read_text(encoding="utf-8"))
     for key, value in changes.items():
@@ -206,16 +212,7 @@ def test_preview_of_the_commission_webhook_is_a_form_post_with_the_key_redacted(
 ) -> None:
     # An RFC 3339 close date renders in the org's time zone (Asia/Shanghai, +08:00).
     event = write_event(tmp_path, seed_event(record={"Closing Date": "2026-11-30T16:30:00Z"}))
-    code, out, err = run(
-        capsys,
-        "preview",
-        "--config",
-        str(PRODUCTION),
-        "--webhook",
-        "CreatorCommission",
-        "--event",
-        event,
-    )
+    code, out, err = preview(capsys, "CreatorCommission", event, config=str(PRODUCTION))
     assert code == 0, err
     first, headers, body = split_preview(out)
     assert first == "POST https://creator.example.com/api/xml/write"
@@ -253,16 +250,7 @@ def test_preview_of_the_sms_webhook_is_the_raw_xml_with_escaped_values(
             },
         ),
     )
-    code, out, err = run(
-        capsys,
-        "preview",
-        "--config",
-        str(PRODUCTION),
-        "--webhook",
-        "PaymentDueSms",
-        "--event",
-        event,
-    )
+    code, out, err = preview(capsys, "PaymentDueSms", event, config=str(PRODUCTION))
     assert code == 0, err
     first, headers, body = split_preview(out)
     assert first == "POST https://sms-gateway.example.com/smsgateway/post?apikey=***"
@@ -284,32 +272,14 @@ def test_the_seed_event_previews_with_the_demo_config(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = str(ROOT / "config" / "demo.toml")
-    code, out, _ = run(
-        capsys,
-        "preview",
-        "--config",
-        config,
-        "--webhook",
-        "PaymentDueSms",
-        "--event",
-        str(SEED_EVENT),
-    )
+    code, out, _ = preview(capsys, "PaymentDueSms", str(SEED_EVENT), config=config)
     assert code == 0
     assert out.startswith("POST http://127.0.0.1:8765/smsgateway/post?apikey=demo-sms-key\n")
     assert "Hi Silva, Payment amount 25000 is due today from Acme Corp." in out
 
 
 def test_preview_of_an_unknown_webhook_names_it(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(
-        capsys,
-        "preview",
-        "--config",
-        str(PRODUCTION),
-        "--webhook",
-        "Nope",
-        "--event",
-        str(SEED_EVENT),
-    )
+    code, out, err = preview(capsys, "Nope", str(SEED_EVENT), config=str(PRODUCTION))
     assert code == 2
     assert out == ""
     assert "no webhook named 'Nope'" in err
@@ -332,16 +302,7 @@ def test_preview_of_a_bad_event_file_names_it(
     path = tmp_path / "event.json"
     if content is not None:
         path.write_text(content, encoding="utf-8")
-    code, out, err = run(
-        capsys,
-        "preview",
-        "--config",
-        str(PRODUCTION),
-        "--webhook",
-        "PaymentDueSms",
-        "--event",
-        str(path),
-    )
+    code, out, err = preview(capsys, "PaymentDueSms", str(path), config=str(PRODUCTION))
     assert code == 2
     assert out == ""
     assert str(path) in err
@@ -352,16 +313,7 @@ def test_preview_refuses_an_event_of_another_module(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     event = write_event(tmp_path, seed_event(module="Leads"))
-    code, out, err = run(
-        capsys,
-        "preview",
-        "--config",
-        str(PRODUCTION),
-        "--webhook",
-        "CreatorCommission",
-        "--event",
-        event,
-    )
+    code, out, err = preview(capsys, "CreatorCommission", event, config=str(PRODUCTION))
     assert code == 2
     assert out == ""
     assert "is a Leads event; webhook CreatorCommission is for Potentials" in err
@@ -371,16 +323,7 @@ def test_preview_accepts_a_module_alias_and_notes_another_org(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     event = write_event(tmp_path, seed_event(module="Deals", org_id="org-other"))
-    code, out, err = run(
-        capsys,
-        "preview",
-        "--config",
-        str(PRODUCTION),
-        "--webhook",
-        "CreatorCommission",
-        "--event",
-        event,
-    )
+    code, out, err = preview(capsys, "CreatorCommission", event, config=str(PRODUCTION))
     assert code == 0
     assert out.startswith("POST https://creator.example.com/api/xml/write\n")
     assert "belongs to org-acme; it is never sent for events of org-other" in err
