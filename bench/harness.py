@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -36,7 +37,9 @@ def now_ms() -> float:
 
 
 def iso_utc(epoch_s: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+    """RFC 3339 UTC with milliseconds, as events carry ``occurred_at``."""
+    whole, ms = divmod(round(epoch_s * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{ms:03d}Z"
 
 
 def event_bytes(
@@ -218,7 +221,11 @@ class GroupOffsets:
         await self.admin.close()
 
     async def committed(self) -> int:
-        offsets = await self.admin.list_consumer_group_offsets(self.group)
+        """The group's committed sum; 0 while a fresh broker has no group coordinator yet."""
+        try:
+            offsets = await self.admin.list_consumer_group_offsets(self.group)
+        except GroupCoordinatorNotAvailableError:
+            return 0
         return sum(max(0, md.offset) for tp, md in offsets.items() if tp.topic == self.topic)
 
     async def rate_to(self, total: int, timeout_s: float) -> tuple[float, int, float]:
