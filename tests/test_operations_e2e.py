@@ -6,8 +6,10 @@ import asyncio
 import io
 from collections import Counter
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -27,6 +29,7 @@ from crmhooks.config import (
     Webhook,
 )
 from crmhooks.errors import TemplateError
+from crmhooks.store import Store
 from crmhooks.templates import CompiledWebhook, RenderContext, RenderedRequest
 from crmhooks.tools import replay_dlq, tail_results
 from tests.support import (
@@ -110,6 +113,45 @@ async def test_quota_is_exact_under_concurrency_and_survives_a_restart(tmp_path:
                 lambda rs: finals(rs).get("evt-after-restart:r1:Hook") == ["quota_exceeded"],
             )
         assert len(rx.requests) == 5
+
+
+async def test_quota_blocks_written_ahead_never_overshoot_and_go_back_on_stop(
+    tmp_path: Path,
+) -> None:
+    """A limit of several quota blocks: counts are stored ahead, a block at a time,
+    yet exactly the limit is sent, and after a stop the store counts only what was sent."""
+    async with receiver() as rx:
+        config = config_for(rx, tmp_path, limit=45)
+        async with running(config):
+            await produce(config, *(event(n) for n in range(60)))
+            results = await wait_for_records(
+                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 60
+            )
+        statuses = Counter(s for ss in finals(results).values() for s in ss)
+        assert statuses == {"delivered": 45, "quota_exceeded": 15}
+        assert len(rx.requests) == 45
+    async with Store(config.store.path) as store:
+        assert await store.quota_used("org-acme", _org_day(config)) == 45
+
+
+async def test_quota_count_given_back_on_stop_when_under_the_limit(tmp_path: Path) -> None:
+    async with receiver() as rx:
+        config = config_for(rx, tmp_path, limit=1000)
+        async with running(config):
+            await produce(config, *(event(n) for n in range(26)))
+            await wait_for_records(
+                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 26
+            )
+        assert len(rx.requests) == 26
+    async with Store(config.store.path) as store:
+        # Three blocks of 16 were stored (each next one once half of the one before
+        # was used): 6 unused in the second, 16 in the third. The stop gives them back.
+        assert await store.quota_used("org-acme", _org_day(config)) == 26
+
+
+def _org_day(config: Config) -> str:
+    tz = ZoneInfo(config.orgs["org-acme"].time_zone)
+    return datetime.now(tz).date().isoformat()
 
 
 async def test_dead_letters_replayed_after_fixing_the_cause_are_delivered_once(

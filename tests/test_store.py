@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 
 from crmhooks.actions import Action
@@ -96,10 +96,14 @@ class FakeChangelog:
     def __init__(self) -> None:
         self.partitions: dict[int, list[tuple[bytes, bytes | None]]] = {}
 
-    async def __call__(self, records: Sequence[ChangelogRecord]) -> dict[int, int]:
+    async def __call__(self, records: Sequence[ChangelogRecord]) -> Awaitable[dict[int, int]]:
         for partition, key, value in records:
             self.partitions.setdefault(partition, []).append((key, value))
-        return {p: len(log) for p, log in self.partitions.items()}
+        return self._acked({p: len(log) for p, log in self.partitions.items()})
+
+    @staticmethod
+    async def _acked(offsets: dict[int, int]) -> dict[int, int]:
+        return offsets
 
     async def read(
         self, partition: int, from_offset: int

@@ -9,13 +9,17 @@ Order of effects for a batch of events (``_process_batch``), and why:
 2. **produce** — result records (``scheduled``, ``cancelled``, ``skipped``,
    ``suspended``) and dead letters are sent to Kafka.
 3. **flush** — we wait until the broker acknowledged every one of them.
-4. **commit** — only then the offsets after the batch are committed.
+4. **commit** — only then the offsets after the batch are committed. The commit
+   goes out in the background (``_commit_soon``), one after another in batch
+   order, so the next batch need not wait for the broker's answer; a rebalance
+   and a stop wait for every commit handed out.
 
 A crash before 4 replays the batch: actions have deterministic ids and are
 inserted with ``INSERT OR IGNORE``, so replaying creates nothing twice; a result
 record may repeat, never go missing.
 
-For one attempt of one action (``_fire``) the order is: quota count stored →
+For one attempt of one action (``_fire``) the order is: quota count stored (a
+block of units at a time, the next block written while the current one is used) →
 request sent → result produced and acknowledged → action's new state stored
 (finished, or moved for a retry). A crash between the last two sends the request
 again after restart, with the same ``webhook-id``.
@@ -63,8 +67,9 @@ HORIZON_MS = 60_000
 FETCH_MAX_RECORDS = 2000
 FETCH_TIMEOUT_MS = 200
 # Quota units stored per write: one commit (and changelog round trip) per 16
-# requests of an organisation instead of one each; at most 16 stay counted unused
-# after a crash, none after a stop.
+# requests of an organisation instead of one each. The next block is written once
+# half of the current one is used, so requests seldom wait for a write; at most
+# two blocks stay counted unused after a crash, none after a stop.
 QUOTA_BLOCK = 16
 # An unexpected error while firing (a store or Kafka hiccup): the action is tried
 # again this much later instead of waiting for a restart.
@@ -111,6 +116,8 @@ class Processor:
         self._fingerprints: dict[tuple[str, str], str] = {}
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # one batch at a time; rebalances wait for it
+        self._committing: asyncio.Task[None] | None = None  # the latest offset commit
+        self._quota_writes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._kio: KafkaIO | None = None
         # Endpoint isolation: at most max_in_flight_per_host actions of one host fire at
@@ -168,6 +175,11 @@ class Processor:
                     await task
             stopper.cancel()
             await self._drain_fires(self.config.delivery.shutdown_grace_s)
+            if self._committing is not None and not self._committing.done():
+                try:  # left behind only when consuming failed
+                    await self._committing
+                except Exception as exc:
+                    log.warning("offsets not committed: %s", exc)
             try:
                 await self._release_quota()
             except Exception as exc:  # stopping anyway: they stay counted, never overshoot
@@ -189,6 +201,13 @@ class Processor:
 
     async def on_revoked(self, partitions: set[int]) -> None:
         async with self._lock:  # never in the middle of a batch
+            try:
+                await self._committed()  # what was processed is not processed again
+            except Exception as exc:
+                # Not a loss: the next owner reprocesses from the last commit, and
+                # actions keep their ids, so nothing is created or sent twice.
+                log.warning("offsets not committed before the rebalance: %s", exc)
+                self._committing = None
             self._owned -= partitions
             await self._release_quota(partitions)
             for p in partitions:
@@ -225,11 +244,34 @@ class Processor:
 
     async def _consume_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self._committing is not None and self._committing.done():
+                self._committing.result()  # a failed commit stops the processor
             records = await self.kio.fetch(FETCH_TIMEOUT_MS, FETCH_MAX_RECORDS)
             if not records:
                 continue
             async with self._lock:
                 await self._process_batch(records)
+        async with self._lock:
+            await self._committed()
+
+    def _commit_soon(self, next_offsets: dict[int, int]) -> None:
+        """Commit in the background, after every commit handed out before."""
+        self._committing = asyncio.create_task(
+            self._commit_after(self._committing, next_offsets), name="commit"
+        )
+
+    async def _commit_after(
+        self, previous: asyncio.Task[None] | None, next_offsets: dict[int, int]
+    ) -> None:
+        if previous is not None:
+            await previous  # in order; its failure is this one's too
+        # Only partitions still owned: a revoked one's next owner commits its own.
+        await self.kio.commit({p: o for p, o in next_offsets.items() if p in self._owned})
+
+    async def _committed(self) -> None:
+        """Until every commit handed out is done (raises if one failed)."""
+        if self._committing is not None:
+            await self._committing
 
     async def _process_batch(self, records: Sequence[InRecord]) -> None:
         now_ms = self.clock.now_ms()
@@ -275,7 +317,7 @@ class Processor:
             if action.action_id not in gone:
                 self._push(action)
         # 4. commit.
-        await self.kio.commit({p: o for p, o in next_offsets.items() if p in self._owned})
+        self._commit_soon(next_offsets)
         self.stats["batches"] += 1
 
     async def _plan_batch(
@@ -557,39 +599,66 @@ class Processor:
     async def _count_quota(self, org_id: str, day: str, partition: int, left: int) -> None:
         """Make one request's count durable before it is sent.
 
-        Counts are stored a block at a time (at most ``left`` more than this one), so
-        most requests find theirs already stored; a request taking a unit of a block
-        still being written waits for that write. Unused units go back to the store
-        on stop and on rebalance; after a crash they stay counted (never an overshoot).
+        Counts are stored a block at a time (never more than ``left``, the units of
+        the limit not yet taken, beyond this one), so most requests find theirs
+        already stored. Once half a block is used the next one is written in the
+        background; a request taking a unit of a block still being written waits
+        for that write. Unused units go back to the store on stop and on rebalance;
+        after a crash they stay counted (never an overshoot).
         """
         key = (org_id, day, partition)
         held = self._reserved.get(key)
-        if held is not None and held.remaining > 0:
-            held.remaining -= 1
-            await asyncio.shield(held.stored)
-            return
-        block = 1 + max(0, min(QUOTA_BLOCK - 1, left))
-        held = _Reservation(block - 1, asyncio.get_running_loop().create_future())
-        self._reserved[key] = held
-        try:
-            await self.store.write(WriteBatch(quota=[(org_id, day, partition, block)]))
-        except BaseException as exc:
-            held.remaining = 0
-            held.stored.set_exception(exc)
-            held.stored.exception()  # retrieved: the waiters see it too
-            raise
-        held.stored.set_result(None)
+        if held is not None and held.remaining == 0 and held.next is not None:
+            held = self._reserved[key] = held.next
+        if held is None or held.remaining == 0:
+            held = self._reserved[key] = self._reserve_block(key, 1 + min(QUOTA_BLOCK - 1, left))
+        held.remaining -= 1
+        ahead = held.remaining  # units stored (or being stored) and not yet taken
+        if held.next is None and ahead <= QUOTA_BLOCK // 2 and left > ahead:
+            held.next = self._reserve_block(key, min(QUOTA_BLOCK, left - ahead))
+        await asyncio.shield(held.stored)
+
+    def _reserve_block(self, key: tuple[str, str, int], units: int) -> _Reservation:
+        """Count ``units`` in the store, in the background; the reservation's ``stored``
+        is done once they are durable."""
+        held = _Reservation(units, asyncio.get_running_loop().create_future())
+
+        async def store_block() -> None:
+            try:
+                await self.store.write(WriteBatch(quota=[(*key, units)]))
+            except BaseException as exc:
+                held.remaining = 0
+                held.stored.set_exception(exc)
+                held.stored.exception()  # retrieved: the waiters see it too
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            held.stored.set_result(None)
+
+        task = asyncio.create_task(store_block(), name=f"quota {key}")
+        self._quota_writes.add(task)
+        task.add_done_callback(self._quota_writes.discard)
+        return held
 
     async def _release_quota(self, partitions: set[int] | None = None) -> None:
         """Give back counted but unused units (of ``partitions``, or all)."""
+        if self._quota_writes:  # blocks being written: their units are known once stored
+            await asyncio.gather(*self._quota_writes, return_exceptions=True)
         give_back = WriteBatch()
-        for (org_id, day, partition), held in list(self._reserved.items()):
-            if partitions is not None and partition not in partitions:
+        for key, held in list(self._reserved.items()):
+            if partitions is not None and key[2] not in partitions:
                 continue
-            if held.stored.done() and not held.stored.exception() and held.remaining:
-                give_back.quota.append((org_id, day, partition, -held.remaining))
-            if held.stored.done():
-                del self._reserved[(org_id, day, partition)]
+            writing = False
+            for block in (held, held.next):
+                if block is None:
+                    continue
+                if not block.stored.done():
+                    writing = True  # given back at the next release, once stored
+                elif block.stored.exception() is None and block.remaining:
+                    give_back.quota.append((*key, -block.remaining))
+                    block.remaining = 0
+            if not writing:
+                del self._reserved[key]
         await self.store.write(give_back)
 
     def _quota_day(self, org_id: str, now_ms: int) -> tuple[str, int]:
@@ -802,6 +871,7 @@ class Processor:
 class _Reservation:
     remaining: int  # units stored but not yet used
     stored: asyncio.Future[None]  # done when the block is durable
+    next: _Reservation | None = None  # the block written ahead, used after this one
 
 
 def _host_key(url: str) -> str:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -124,7 +125,7 @@ class KafkaIO:
             acks="all",
             enable_idempotence=True,
             # A few ms of linger turns a burst of results into one request per partition.
-            linger_ms=2,
+            linger_ms=0,
             max_request_size=4 << 20,
         )
         self._consumer = AIOKafkaConsumer(
@@ -226,20 +227,17 @@ class KafkaIO:
 
     async def produce_changelog(
         self, records: Sequence[tuple[int, bytes, bytes | None]]
-    ) -> dict[int, int]:
-        """Send store changes to the changelog; returns partition → next offset (acked)."""
+    ) -> Awaitable[dict[int, int]]:
+        """Queue store changes for the changelog, in order; returns without waiting for
+        the broker an awaitable of partition → next offset (acknowledged)."""
         topic = self.settings.changelog
         try:
             futures = [
                 await self.producer.send(topic, value=v, key=k, partition=p) for p, k, v in records
             ]
-            metadata = await asyncio.gather(*futures)
         except KafkaError as exc:
             raise ProduceError(f"changelog produce to {topic} failed: {exc}") from exc
-        offsets: dict[int, int] = {}
-        for md in metadata:
-            offsets[md.partition] = max(offsets.get(md.partition, 0), md.offset + 1)
-        return offsets
+        return _changelog_acked(topic, futures)
 
     async def read_changelog(
         self, partition: int, from_offset: int
@@ -349,3 +347,14 @@ async def produce_records(
         raise ProduceError(f"produce to {bootstrap_servers} failed: {exc}") from exc
     finally:
         await producer.stop()
+
+
+async def _changelog_acked(topic: str, futures: Sequence[Awaitable[Any]]) -> dict[int, int]:
+    try:
+        metadata = await asyncio.gather(*futures)
+    except KafkaError as exc:
+        raise ProduceError(f"changelog produce to {topic} failed: {exc}") from exc
+    offsets: dict[int, int] = {}
+    for md in metadata:
+        offsets[md.partition] = max(offsets.get(md.partition, 0), md.offset + 1)
+    return offsets

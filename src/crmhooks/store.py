@@ -10,7 +10,10 @@ restores its state from there (``restore``), as Kafka Streams does.
 
 Writes go through one group-commit writer: callers hand over a ``WriteBatch`` and
 await it; the writer folds every batch queued meanwhile into one transaction, so
-under load there is one commit per round, not one per event. WAL with
+under load there is one commit per round, not one per event. A caller hears
+"stored" only once its transaction's changelog records are acknowledged too;
+the writer does not wait for those acknowledgements before the next transaction
+(the records are queued in commit order, and callers are answered in that order). WAL with
 ``synchronous=NORMAL`` keeps every committed transaction across ``kill -9`` (the
 WAL is in the OS page cache); only a power loss may lose the last commits.
 """
@@ -21,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -168,9 +171,10 @@ ChangelogRecord = tuple[int, bytes, bytes | None]
 
 
 class ChangelogSink(Protocol):
-    """Sends changelog records and waits for them; returns partition → next offset."""
+    """Queues changelog records in the order given and returns, without waiting for
+    the broker, an awaitable of their acknowledgement: partition → next offset."""
 
-    async def __call__(self, records: Sequence[ChangelogRecord]) -> dict[int, int]: ...
+    async def __call__(self, records: Sequence[ChangelogRecord]) -> Awaitable[dict[int, int]]: ...
 
 
 class ChangelogSource(Protocol):
@@ -248,6 +252,12 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _fail(callers: Sequence[asyncio.Future[None]], exc: Exception) -> None:
+    for fut in callers:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
 def _chunks(items: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
     # SQLite limits host parameters per statement (32766 by default); stay far below.
     for start in range(0, len(items), size):
@@ -263,6 +273,12 @@ class Store:
         self._queue: list[tuple[WriteBatch, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        # Committed transactions waiting for their changelog acknowledgement, in order:
+        # (acknowledgement or None without records, the callers to answer after it)
+        self._unacked: asyncio.Queue[
+            tuple[Awaitable[dict[int, int]] | None, list[asyncio.Future[None]]] | None
+        ] = asyncio.Queue()
+        self._acker: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0  # transactions committed (for tests and benchmarks)
         # Attached by the processor once Kafka is up; None: no changelog (tools, tests).
@@ -285,6 +301,7 @@ class Store:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._conn = conn
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        self._acker = asyncio.create_task(self._ack_loop(), name="store-changelog-acks")
         return self
 
     async def __aexit__(
@@ -299,6 +316,10 @@ class Store:
             self._wakeup.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+        if self._acker is not None:
+            self._unacked.put_nowait(None)  # after every committed transaction
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acker
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -332,19 +353,33 @@ class Store:
             merged = WriteBatch()
             for batch, _ in pending:
                 merged.extend(batch)
+            callers = [fut for _, fut in pending]
             try:
-                await self._apply_retrying(merged)
+                records = await self._apply_retrying(merged)
+                # Queued here, in commit order, so the changelog's last record of a
+                # key is its row's latest version; acknowledged in _ack_loop.
+                acked = await self.changelog(records) if records and self.changelog else None
             except Exception as exc:
-                err = StoreError(f"store write failed: {exc}")
-                for _, fut in pending:
-                    if not fut.done():
-                        fut.set_exception(err)
+                _fail(callers, StoreError(f"store write failed: {exc}"))
                 continue
-            for _, fut in pending:
+            self._unacked.put_nowait((acked, callers))
+
+    async def _ack_loop(self) -> None:
+        """Answer the writers, transaction by transaction, once the changelog has them."""
+        while (item := await self._unacked.get()) is not None:
+            acked, callers = item
+            if acked is not None:
+                try:
+                    # Saved with the next transaction (see changelog_offsets).
+                    self._acked_offsets.update(await acked)
+                except Exception as exc:
+                    _fail(callers, StoreError(f"changelog not acknowledged: {exc}"))
+                    continue
+            for fut in callers:
                 if not fut.done():
                     fut.set_result(None)
 
-    async def _apply_retrying(self, b: WriteBatch) -> None:
+    async def _apply_retrying(self, b: WriteBatch) -> list[ChangelogRecord]:
         """``_apply``, again when another process held the file's lock past busy_timeout.
 
         Only SQLite's own errors are retried: they roll the transaction back, so
@@ -352,15 +387,16 @@ class Store:
         """
         for attempt in range(LOCKED_RETRIES):
             try:
-                await self._apply(b)
-                return
+                return await self._apply(b)
             except sqlite3.OperationalError as exc:
                 if attempt + 1 == LOCKED_RETRIES or not _is_busy(exc):
                     raise
                 log.warning("store busy (%s); retrying the commit", exc)
                 await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("not reached: the last try returns or raises")
 
-    async def _apply(self, b: WriteBatch) -> None:
+    async def _apply(self, b: WriteBatch) -> list[ChangelogRecord]:
+        """Commit ``b``; returns the changelog records of what it changed."""
         conn = self.conn
         await conn.execute("BEGIN IMMEDIATE")
         try:
@@ -437,10 +473,10 @@ class Store:
         except BaseException:
             await conn.execute("ROLLBACK")
             raise
-        if records and self.changelog is not None:
-            # Before the callers hear "stored": what they do next (commit an offset,
-            # send a request) may only happen once another machine could see it.
-            self._acked_offsets.update(await self.changelog(records))
+        # The callers hear "stored" only once these are acknowledged: what they do next
+        # (commit an offset, send a request) may only happen once another machine
+        # could see it.
+        return records
 
     async def _save_offsets(self, offsets: dict[int, int]) -> None:
         await self.conn.executemany(
