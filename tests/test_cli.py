@@ -13,7 +13,9 @@ from urllib.parse import parse_qs, quote
 
 import pytest
 
+from crmhooks import cli
 from crmhooks.cli import main
+from crmhooks.errors import CrmhooksError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.toml"))
@@ -340,3 +342,27 @@ def test_preview_with_an_invalid_config_lists_its_errors(
     assert code == 1
     assert out == ""
     assert f"{path}: 11 error(s):" in err
+
+
+def test_run_picks_uvloop_when_installed_and_asyncio_on_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvloop
+
+    assert cli._loop_factory("auto") is uvloop.new_event_loop
+    assert cli._loop_factory("uvloop") is uvloop.new_event_loop
+    assert cli._loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert cli._loop_factory("auto") is None
+    with pytest.raises(CrmhooksError, match="uvloop is not installed"):
+        cli._loop_factory("uvloop")
+
+
+def test_run_names_an_unknown_event_loop(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CRMHOOKS_EVENT_LOOP", "tokio")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--config", str(ROOT / "config" / "demo.toml")])
+    assert exit_info.value.code == 2
+    assert "unknown event loop 'tokio'" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -27,8 +27,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     from crmhooks.runner import run_processor
 
     config = _load(args.config)
-    asyncio.run(run_processor(config))
+    with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
+        runner.run(run_processor(config))
     return 0
+
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def _event_loop_name(text: str) -> str:
+    if text not in EVENT_LOOPS:
+        raise argparse.ArgumentTypeError(
+            f"unknown event loop {text!r} (choose from {', '.join(EVENT_LOOPS)})"
+        )
+    return text
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop (C, libuv) when installed; ``asyncio``: the standard one."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise CrmhooksError("--event-loop uvloop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def _count(n: int, noun: str) -> str:
@@ -195,7 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="the TOML config file")
         return p
 
-    command("run", "run the processor").set_defaults(func=cmd_run)
+    run = command("run", "run the processor")
+    run.add_argument(
+        "--event-loop",
+        type=_event_loop_name,  # applied to the environment's default too
+        default=os.environ.get("CRMHOOKS_EVENT_LOOP", "auto"),
+        help="auto: uvloop when installed (faster), else asyncio's (env CRMHOOKS_EVENT_LOOP)",
+    )
+    run.set_defaults(func=cmd_run)
     command("check-config", "validate the config; exit 1 listing every error").set_defaults(
         func=cmd_check_config
     )

@@ -33,10 +33,11 @@ async def run_processor(
         processor = Processor(config, store, transport, clock)
         async with KafkaIO(config.kafka, processor.on_revoked, processor.on_assigned) as kio:
             log.info(
-                "crmhooks running: %s, %d rules, %d webhooks",
+                "crmhooks running: %s, %d rules, %d webhooks, event loop %s",
                 kio,
                 len(config.rules),
                 len(config.webhooks),
+                type(asyncio.get_running_loop()).__module__.split(".")[0],
             )
             await processor.run(kio, stop)
     log.info("crmhooks stopped: %s", processor.stats)
