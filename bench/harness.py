@@ -425,9 +425,10 @@ def base_config(bootstrap: str, topics: Topics, store: Path) -> dict[str, Any]:
 class Processor:
     """``crmhooks run --config F`` as a child process; SIGTERM stops it gracefully."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, store: Path | None = None) -> None:
         self.config = config
         self.log = log
+        self.store = store  # its own SQLite file (CRMHOOKS_STORE_PATH), else the config's
         self.proc: asyncio.subprocess.Process | None = None
         self.profiler: asyncio.subprocess.Process | None = None
         self.started = 0.0
@@ -443,7 +444,11 @@ class Processor:
                 cwd=REPO,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "CRMHOOKS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO")},
+                env={
+                    **os.environ,
+                    "CRMHOOKS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
+                    **({"CRMHOOKS_STORE_PATH": str(self.store)} if self.store else {}),
+                },
             )
         profile_dir = os.environ.get("BENCH_PROFILE")
         if profile_dir:
@@ -498,11 +503,23 @@ class Processor:
 
 @contextlib.asynccontextmanager
 async def processors(
-    config: Mapping[str, Any], workdir: Path, name: str, count: int = 1
+    config: Mapping[str, Any],
+    workdir: Path,
+    name: str,
+    count: int = 1,
+    *,
+    own_stores: bool = False,
 ) -> AsyncIterator[list[Processor]]:
+    """``count`` processors of one config; ``own_stores``: each its own SQLite file, as
+    on separate machines (state moves through the changelog)."""
     path = workdir / f"{name}.toml"
     path.write_text(render_toml(config))
-    procs = [Processor(path, workdir / f"{name}-{i}.log") for i in range(count)]
+    procs = [
+        Processor(
+            path, workdir / f"{name}-{i}.log", workdir / f"{name}-{i}.db" if own_stores else None
+        )
+        for i in range(count)
+    ]
     try:
         for p in procs:
             await p.start()

@@ -570,15 +570,16 @@ class Bench:
 
     # -- 6. scale-out -------------------------------------------------------------------
 
-    async def burst_rate(self, count: int) -> tuple[float, str]:
+    async def burst_rate(self, count: int, *, own_stores: bool = True) -> tuple[float, str]:
         """Deliveries/s of a burst produced while the processors already consume."""
         n = self.sizes.scale
-        topics = new_topics(f"scale{count}", PARTITIONS)
+        name = f"scale{count}" + ("" if own_stores else "shared")
+        topics = new_topics(name, PARTITIONS)
         await create_topics(self.bootstrap, topics)
-        records = qualifying(n, f"s{count}")
-        config = self.instant_config(topics, f"scale{count}")
+        records = qualifying(n, f"s{name}")
+        config = self.instant_config(topics, name)
         async with (
-            processors(config, self.workdir, f"scale{count}", count) as procs,
+            processors(config, self.workdir, name, count, own_stores=own_stores) as procs,
             FastProducer(self.bootstrap) as producer,
         ):
             await wait_assigned(procs, 30)
@@ -604,6 +605,16 @@ class Bench:
                 target="≥ 1.6",
                 passed=at_least(two / one if one else None, 1.6),
                 note=(note1 + " " + note2).strip(),
+            )
+        )
+        shared, note3 = await self.burst_rate(2, own_stores=False)
+        self.add(
+            Figure(
+                "burst delivery, 2 processors sharing one SQLite file",
+                shared,
+                "deliveries/s",
+                ceiling=two,  # each with its own file
+                note=note3,
             )
         )
 
