@@ -645,3 +645,16 @@ def test_demo_config_settings() -> None:
     spec = config.rules[0].scheduled[0]
     assert (spec.relative_to, spec.offset_ms, spec.at) == ("trigger", 5000, None)
     assert all(r.repeat == "every" for r in config.rules)
+
+
+def test_every_template_problem_of_one_webhook_is_named() -> None:
+    raw = base()
+    raw["webhooks"][0]["url"] = "https://x.example/${Potentials.Host"
+    raw["webhooks"][0]["entity_params"]["deal"] = "${Nowhere.Field}"
+    raw["webhooks"][0]["body"]["template"] = "<a>${Potentials.}</a>"
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(raw, ENV)
+    named = sorted(e.split(":")[0] for e in info.value.errors if e.startswith(WH))
+    assert named == [f"{WH}.body.template", f"{WH}.entity_params.deal", f"{WH}.url"], (
+        info.value.errors
+    )

@@ -779,12 +779,12 @@ class _Loader:
         try:
             compiled = CompiledWebhook(hook, self.catalog)
         except TemplateError as exc:
-            message = str(exc)
-            # templates names the part first ("url: ...", "body.template: ...").
-            if _TEMPLATE_PART_RE.match(message):
-                self.errors.append(f"{label}.{message}")
-            else:
-                self.error(label, message)
+            for message in exc.problems:
+                # templates names the part first ("url: ...", "body.template: ...").
+                if _TEMPLATE_PART_RE.match(message):
+                    self.errors.append(f"{label}.{message}")
+                else:
+                    self.error(label, message)
             return
         count = len(compiled.crm_fields)
         if count > limits.crm_fields_per_webhook:

@@ -47,7 +47,15 @@ class InvalidEvent(CrmhooksError):
 
 
 class TemplateError(CrmhooksError):
-    """A webhook request could not be rendered (internal process error)."""
+    """A webhook request could not be rendered (internal process error).
+
+    ``problems`` lists every problem found (the message is the first), so that a
+    config check can name them all at once.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)
 
 
 class StoreError(CrmhooksError):

@@ -679,8 +679,14 @@ class CompiledWebhook:
         self._method = webhook.method
         resolver = _Resolver(webhook.module, catalog)
         fields: set[Placeholder] = set()
+        problems: list[str] = []  # every part is checked: all problems named at once
 
-        self._url = _compile_url(webhook.url, resolver, fields)
+        try:
+            self._url = _compile_url(webhook.url, resolver, fields)
+        except TemplateError as exc:
+            message = str(exc)
+            problems.append(message if message.startswith("url: ") else f"url: {message}")
+            self._url = ()
         # Where the parameters join the URL; placeholders cannot add a "?" or "&".
         literal_url = "".join(s if type(s) is str else "x" for s in self._url)
         if "?" not in literal_url:
@@ -695,7 +701,8 @@ class CompiledWebhook:
                 encoders: list[Encoder] = [_url_value] * len(spans)
                 segs = _segments(template, spans, encoders, resolver, fields, url_encoded=False)
             except TemplateError as exc:
-                raise TemplateError(f"entity_params.{name}: {exc}") from None
+                problems.append(f"entity_params.{name}: {exc}")
+                continue
             # Literals are encoded together with the values: the whole text is one value.
             entity.append((url_component(name) + "=", _url_encode_literals(segs)))
         self._entity = tuple(entity)
@@ -715,7 +722,7 @@ class CompiledWebhook:
         if body is not None:
             as_param = body.param is not None
             if not as_param and self._method == "GET":
-                raise TemplateError("body: GET cannot carry a raw body; set body.param")
+                problems.append("body: GET cannot carry a raw body; set body.param")
             # Whitespace around the document carries nothing, and before an
             # <?xml ...?> declaration it would make the document ill-formed.
             try:
@@ -723,7 +730,7 @@ class CompiledWebhook:
                     body.template.strip(), body.format, resolver, fields, url_encoded=as_param
                 )
             except TemplateError as exc:
-                raise TemplateError(f"body.template: {exc}") from None
+                problems.append(f"body.template: {exc}")
             if as_param:
                 assert body.param is not None
                 self._param_prefix = url_component(body.param) + "="
@@ -733,6 +740,8 @@ class CompiledWebhook:
         # Parameters travel in the URL for GET and beside a raw body.
         self._body_in_query = self._method == "GET" or self._raw_body
         self._fields = frozenset(fields)
+        if problems:
+            raise TemplateError(problems[0], problems)
 
     @property
     def crm_fields(self) -> frozenset[Placeholder]:
