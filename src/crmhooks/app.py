@@ -296,8 +296,10 @@ class Processor:
                 continue
             # Rules with scheduled actions or repeat="once" keep per-record state that a
             # non-matching event may change; instant-only rules can skip the store.
-            if any(c.stateful or c.matches(event) for c in compiled):
-                todo.append((rec, event, module))
+            for c in compiled:
+                if c.stateful or c.matches(event):
+                    todo.append((rec, event, module))
+                    break
         self.stats["events"] += len(records)
         batch = WriteBatch()
         heap_new: list[Action] = []

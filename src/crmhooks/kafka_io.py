@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -25,15 +24,20 @@ log = logging.getLogger(__name__)
 PartitionsCallback = Callable[[set[int]], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class InRecord:
-    """One record read from the events topic."""
+class InRecord(Protocol):
+    """One record read from a topic: aiokafka's ConsumerRecord, used as it comes
+    (no copy per record on the hot path)."""
 
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 async def ensure_topics(
@@ -185,11 +189,7 @@ class KafkaIO:
             batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except KafkaError as exc:
             raise KafkaIOError(f"fetch failed: {exc}") from exc
-        return [
-            InRecord(tp.partition, m.offset, m.key, m.value, tuple(m.headers or ()))
-            for tp, messages in batches.items()
-            for m in messages
-        ]
+        return [m for messages in batches.values() for m in messages]
 
     def assigned_partitions(self) -> set[int]:
         return {tp.partition for tp in self.consumer.assignment()}
@@ -314,9 +314,9 @@ async def read_topic(
         idle_since = asyncio.get_running_loop().time()
         while True:
             batches = await consumer.getmany(timeout_ms=200, max_records=1000)
-            for tp, messages in batches.items():
+            for messages in batches.values():
                 for m in messages:
-                    yield InRecord(tp.partition, m.offset, m.key, m.value)
+                    yield m
             now = asyncio.get_running_loop().time()
             if batches:
                 idle_since = now

@@ -454,14 +454,21 @@ class CompiledRule:
     rule: Rule
     fires: Matcher
     criteria_met: Matcher
+    # Keeps per-record state (pending scheduled actions, repeat="once" flags), so
+    # even an event it does not match may change something. Set by ``of``.
+    stateful: bool
 
     def matches(self, event: RecordEvent) -> bool:
         return self.fires(event) and self.criteria_met(event)
 
-    @property
-    def stateful(self) -> bool:
-        """Keeps per-record state (pending scheduled actions, repeat="once" flags)."""
-        return bool(self.rule.scheduled) or self.rule.repeat == "once"
+    @classmethod
+    def of(cls, rule: Rule, catalog: ModuleCatalog) -> CompiledRule:
+        return cls(
+            rule,
+            compile_trigger(rule),
+            compile_criteria(rule.criteria, catalog, rule.module),
+            bool(rule.scheduled) or rule.repeat == "once",
+        )
 
 
 class RuleIndex:
@@ -477,14 +484,7 @@ class RuleIndex:
 
     def __init__(self, rules: Iterable[Rule], catalog: ModuleCatalog | None = None) -> None:
         self._catalog = _DEFAULT_CATALOG if catalog is None else catalog
-        compiled = [
-            CompiledRule(
-                rule,
-                compile_trigger(rule),
-                compile_criteria(rule.criteria, self._catalog, rule.module),
-            )
-            for rule in rules
-        ]
+        compiled = [CompiledRule.of(rule, self._catalog) for rule in rules]
         self._by_id: Mapping[str, CompiledRule] = {c.rule.id: c for c in compiled}
         orgless: dict[str, list[CompiledRule]] = {}
         scoped_keys: set[tuple[str, str]] = set()
