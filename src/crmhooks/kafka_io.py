@@ -109,6 +109,7 @@ class KafkaIO:
         self.settings = settings
         self._listener = _Listener(on_revoked, on_assigned)
         self._client_id = client_id
+        self.retry_pause_s = 0.2  # times the try number, between tries of produce_all
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -222,7 +223,7 @@ class KafkaIO:
             if attempts >= 5:
                 raise ProduceError(f"{len(failed)} records not acknowledged after {attempts} tries")
             log.warning("retrying %d unacknowledged records", len(failed))
-            await asyncio.sleep(0.2 * attempts)
+            await asyncio.sleep(self.retry_pause_s * attempts)
             remaining = failed
 
     async def produce_changelog(
