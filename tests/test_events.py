@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta, timezone
+import re
+from dataclasses import FrozenInstanceError, fields, replace
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -505,6 +507,49 @@ def test_unknown_top_level_fields_are_kept_uninspected() -> None:
     assert event.data["x"] == {"any": [{"shape": {}}]}
 
 
+def test_a_decoded_event_has_every_field_and_is_frozen() -> None:
+    event = decode_event(orjson.dumps(SPEC_EVENT))
+    # getattr raises AttributeError for a field the fast constructor never set.
+    values = {field.name: getattr(event, field.name) for field in fields(RecordEvent)}
+    assert RecordEvent(**values) == event
+    assert replace(event, module="Deals") == RecordEvent(**values | {"module": "Deals"})
+    with pytest.raises(FrozenInstanceError):
+        event.module = "Deals"  # type: ignore[misc]
+
+
+ID_FIELDS = ["event_id", "org_id", "module", "record_id"]
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+@pytest.mark.parametrize("char", ["\x00", "\t", "\n", "\x1f", "\x7f"])
+def test_a_control_character_in_an_id_is_rejected(field: str, char: str) -> None:
+    message = raises(ev(**{field: f"a{char}b"})).message
+    assert message == f"field {field!r} contains a control character"
+
+
+@pytest.mark.parametrize("field", ID_FIELDS)
+@pytest.mark.parametrize("char", [" ", "\x80", "\x85", "\xa0", "\u200b", "\u2028", "\U000e0001"])
+def test_other_unprintable_characters_in_an_id_are_accepted(field: str, char: str) -> None:
+    assert getattr(decode_event(ev(**{field: f"a{char}b"})), field) == f"a{char}b"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"event_id": "a\nb", "org_id": DELETE}, "field 'event_id' contains a control character"),
+        ({"event_id": "", "org_id": "a\nb"}, "field 'event_id' must be a non-empty string"),
+        ({"module": "a\nb", "operation": "x"}, "field 'module' contains a control character"),
+        ({"operation": "x", "occurred_at": "x"}, "field 'operation' must be one of"),
+        ({"occurred_at": "x", "record_id": "a\nb"}, "field 'occurred_at' is not RFC 3339"),
+        ({"record_id": "a\nb", "record": None}, "field 'record_id' contains a control character"),
+    ],
+)
+def test_of_several_problems_the_first_in_field_order_is_named(
+    changes: dict[str, Any], message: str
+) -> None:
+    assert raises(ev(**changes)).message.startswith(message)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -584,6 +629,109 @@ def test_rfc3339_agrees_with_datetime(moment: datetime) -> None:
     text = moment.isoformat(timespec="milliseconds")
     expected = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
     assert parse_rfc3339_ms(text) == expected
+
+
+# The parser as it was before its per-event cost was cut (computing everything
+# from one regex's groups, no cache, no tables): the reference for the fast one.
+_REFERENCE_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+
+def reference_rfc3339_ms(text: str) -> int:
+    match = _REFERENCE_RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError("expected yyyy-MM-ddTHH:mm:ss[.fff] followed by Z or ±HH:mm")
+    year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
+    hours, minutes, seconds = int(hour), int(minute), int(second)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        raise ValueError(f"time of day out of range: {hour}:{minute}:{second}")
+    days = date(int(year), int(month), int(day)).toordinal() - date(1970, 1, 1).toordinal()
+    ms = days * 86_400_000 + ((hours * 60 + minutes) * 60 + seconds) * 1000
+    if fraction:
+        ms += int(fraction[:3].ljust(3, "0"))
+    if sign:
+        offset_h, offset_m = int(off_h), int(off_m)
+        if offset_h > 23 or offset_m > 59:
+            raise ValueError(f"offset out of range: {sign}{off_h}:{off_m}")
+        offset_ms = (offset_h * 60 + offset_m) * 60_000
+        ms -= offset_ms if sign == "+" else -offset_ms
+    return ms
+
+
+def rfc3339_outcome(parse: Any, text: str) -> int | str:
+    try:
+        result: int = parse(text)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    return result
+
+
+@st.composite
+def rfc3339_like(draw: st.DrawFn) -> str:
+    """RFC 3339 shaped text: fields mostly in range, some not; maybe with an edit."""
+
+    def digits(width: int, low: int, high: int) -> str:
+        value = draw(st.integers(low, high) | st.integers(0, 10**width - 1))
+        return f"{value:0{width}d}"
+
+    text = (
+        f"{digits(4, 1, 9999)}-{digits(2, 1, 12)}-{digits(2, 1, 31)}"
+        f"{draw(st.sampled_from('Tt'))}{digits(2, 0, 23)}:{digits(2, 0, 59)}:{digits(2, 0, 60)}"
+    )
+    if draw(st.booleans()):
+        text += "." + draw(st.text(alphabet="0123456789", min_size=1, max_size=12))
+    if draw(st.booleans()):
+        text += draw(st.sampled_from(["Z", "z"]))
+    else:
+        text += f"{draw(st.sampled_from('+-'))}{digits(2, 0, 23)}:{digits(2, 0, 59)}"
+    if draw(st.booleans()):  # an edit somewhere: most are malformed, some stay valid
+        at = draw(st.integers(0, len(text)))
+        cut = draw(st.integers(0, 2))
+        insert = draw(st.text(alphabet="0123456789-:.+TtZz ٢", max_size=2))
+        text = text[:at] + insert + text[at + cut :]
+    return text
+
+
+@settings(max_examples=1000)
+@given(text=rfc3339_like())
+def test_rfc3339_agrees_with_the_reference_parser(text: str) -> None:
+    assert rfc3339_outcome(parse_rfc3339_ms, text) == rfc3339_outcome(reference_rfc3339_ms, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-28T09:00:00Z",
+        "2016-12-31T23:59:60.5+01:00",  # a leap second, a fraction, an offset
+        "2026-11-28T09:00:00.1234567890123-23:59",
+        "2026-02-29T09:00:00Z",  # no such day
+        "0000-01-01T00:00:00Z",  # no year 0 either
+        "2026-11-28T23:60:00Z",
+        "2026-11-28T09:00:61Z",
+        "2026-11-28T09:00:00+23:60",
+        "2026-11-28T09:00:00-99:00",
+        "2026-11-28T09:00:00.Z",
+        "2026-11-28T09:00:00+0100",
+    ],
+)
+def test_rfc3339_edge_cases_agree_with_the_reference_parser(text: str) -> None:
+    for _ in range(2):  # the second time from the cache
+        assert rfc3339_outcome(parse_rfc3339_ms, text) == rfc3339_outcome(
+            reference_rfc3339_ms, text
+        )
+
+
+def test_rfc3339_every_fraction_and_offset_agree_with_the_reference_parser() -> None:
+    fractions = [f"{n:0{width}d}" for width in (1, 2, 3, 4) for n in range(10**width)]
+    offsets = [f"{sign}{n // 100:02d}:{n % 100:02d}" for sign in "+-" for n in range(10_000)]
+    for text in [f"2026-11-28T09:00:00.{fraction}Z" for fraction in fractions] + [
+        f"2026-11-28T09:00:00{offset}" for offset in offsets
+    ]:
+        assert rfc3339_outcome(parse_rfc3339_ms, text) == rfc3339_outcome(
+            reference_rfc3339_ms, text
+        )
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
