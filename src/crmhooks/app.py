@@ -10,9 +10,10 @@ Order of effects for a batch of events (``_process_batch``), and why:
    ``suspended``) and dead letters are sent to Kafka.
 3. **flush** — we wait until the broker acknowledged every one of them.
 4. **commit** — only then the offsets after the batch are committed. The commit
-   goes out in the background (``_commit_soon``), one after another in batch
-   order, so the next batch need not wait for the broker's answer; a rebalance
-   and a stop wait for every commit handed out.
+   goes out in the background (``_commit_soon``), one commit at a time, so the
+   next batch need not wait for the broker's answer; a rebalance and a stop wait
+   for it. A failed commit (a rebalance under way) is logged and retried with the
+   next: events after the last commit are only processed again.
 
 A crash before 4 replays the batch: actions have deterministic ids and are
 inserted with ``INSERT OR IGNORE``, so replaying creates nothing twice; a result
@@ -45,7 +46,7 @@ from crmhooks.actions import Action
 from crmhooks.clock import Clock
 from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
-from crmhooks.errors import InvalidEvent, TemplateError
+from crmhooks.errors import InvalidEvent, KafkaIOError, TemplateError
 from crmhooks.events import RecordEvent, decode_event, event_from_json
 from crmhooks.kafka_io import InRecord, KafkaIO
 from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
@@ -116,7 +117,8 @@ class Processor:
         self._fingerprints: dict[tuple[str, str], str] = {}
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # one batch at a time; rebalances wait for it
-        self._committing: asyncio.Task[None] | None = None  # the latest offset commit
+        self._committing: asyncio.Task[None] | None = None  # the running offset commit
+        self._to_commit: dict[int, int] = {}  # partition → next offset, not yet committed
         self._quota_writes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._kio: KafkaIO | None = None
@@ -126,7 +128,13 @@ class Processor:
         self._host_of = {name: _host_key(w.url) for name, w in config.webhooks.items()}
         self._host_active: dict[str, int] = {}
         self._host_waiting: dict[str, deque[Action]] = {}
-        self.stats = {"events": 0, "dead_letters": 0, "results": 0, "batches": 0}
+        self.stats = {
+            "events": 0,
+            "dead_letters": 0,
+            "results": 0,
+            "batches": 0,
+            "commit_failures": 0,
+        }
 
     def __repr__(self) -> str:
         return (
@@ -178,8 +186,8 @@ class Processor:
             if self._committing is not None and not self._committing.done():
                 try:  # left behind only when consuming failed
                     await self._committing
-                except Exception as exc:
-                    log.warning("offsets not committed: %s", exc)
+                except Exception:
+                    log.exception("offsets not committed")
             try:
                 await self._release_quota()
             except Exception as exc:  # stopping anyway: they stay counted, never overshoot
@@ -201,13 +209,9 @@ class Processor:
 
     async def on_revoked(self, partitions: set[int]) -> None:
         async with self._lock:  # never in the middle of a batch
-            try:
-                await self._committed()  # what was processed is not processed again
-            except Exception as exc:
-                # Not a loss: the next owner reprocesses from the last commit, and
-                # actions keep their ids, so nothing is created or sent twice.
-                log.warning("offsets not committed before the rebalance: %s", exc)
-                self._committing = None
+            await self._committed()  # what was processed is not processed again
+            for p in partitions:
+                self._to_commit.pop(p, None)  # not committed: the next owner reprocesses
             self._owned -= partitions
             await self._release_quota(partitions)
             for p in partitions:
@@ -245,7 +249,7 @@ class Processor:
     async def _consume_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if self._committing is not None and self._committing.done():
-                self._committing.result()  # a failed commit stops the processor
+                self._committing.result()  # only a bug raises here (see _commit_pending)
             records = await self.kio.fetch(FETCH_TIMEOUT_MS, FETCH_MAX_RECORDS)
             if not records:
                 continue
@@ -255,22 +259,40 @@ class Processor:
             await self._committed()
 
     def _commit_soon(self, next_offsets: dict[int, int]) -> None:
-        """Commit in the background, after every commit handed out before."""
-        self._committing = asyncio.create_task(
-            self._commit_after(self._committing, next_offsets), name="commit"
-        )
+        """Commit in the background: one commit at a time, each with every offset
+        handed over since the one before."""
+        for p, o in next_offsets.items():
+            self._to_commit[p] = max(o, self._to_commit.get(p, 0))
+        if self._committing is None or self._committing.done():
+            self._committing = asyncio.create_task(self._commit_pending(), name="commit")
 
-    async def _commit_after(
-        self, previous: asyncio.Task[None] | None, next_offsets: dict[int, int]
-    ) -> None:
-        if previous is not None:
-            await previous  # in order; its failure is this one's too
-        # Only partitions still owned: a revoked one's next owner commits its own.
-        await self.kio.commit({p: o for p, o in next_offsets.items() if p in self._owned})
+    async def _commit_pending(self) -> None:
+        """Commit what the batches handed over, until nothing is left.
+
+        A failed commit (the group rebalancing, the coordinator moving) is logged
+        and its offsets go with the next commit: not a loss, since events after the
+        last commit are processed again after a crash or by the next owner, and
+        actions keep their ids, so nothing is created or sent twice.
+        """
+        while self._to_commit:
+            # Only partitions still owned: a revoked one's next owner commits its own.
+            offsets = {p: o for p, o in self._to_commit.items() if p in self._owned}
+            self._to_commit = {}
+            try:
+                await self.kio.commit(offsets)
+            except KafkaIOError as exc:
+                for p, o in offsets.items():
+                    self._to_commit[p] = max(o, self._to_commit.get(p, 0))
+                self.stats["commit_failures"] += 1
+                log.warning("offsets %s not committed, tried again with the next: %s", offsets, exc)
+                return
 
     async def _committed(self) -> None:
-        """Until every commit handed out is done (raises if one failed)."""
+        """Until the offsets handed over are committed (or failed to, logged)."""
         if self._committing is not None:
+            await self._committing
+        if self._to_commit:  # a commit failed: one more try now
+            self._committing = asyncio.create_task(self._commit_pending(), name="commit")
             await self._committing
 
     async def _process_batch(self, records: Sequence[InRecord]) -> None:
