@@ -366,3 +366,16 @@ def test_run_names_an_unknown_event_loop(
         main(["run", "--config", str(ROOT / "config" / "demo.toml")])
     assert exit_info.value.code == 2
     assert "unknown event loop 'tokio'" in capsys.readouterr().err
+
+
+def test_run_tunes_the_garbage_collector_for_a_long_running_server() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        cli._tune_gc()
+        assert gc.get_threshold() == cli.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # what exists at start is left out of collections
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
