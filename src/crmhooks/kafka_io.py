@@ -129,7 +129,10 @@ class KafkaIO:
             client_id=self._client_id,
             acks="all",
             enable_idempotence=True,
-            # A few ms of linger turns a burst of results into one request per partition.
+            # No linger: every store commit and offset commit waits for acknowledgements,
+            # so waiting to fill a batch adds to every event's latency (p50 42 -> 16 ms
+            # at 1,000 events/s); under load, records queue while a request is in
+            # flight and go out together anyway.
             linger_ms=0,
             max_request_size=4 << 20,
         )
