@@ -687,13 +687,17 @@ def main() -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        help="the JSON report (default bench/results/latest.json, latest-quick.json with --quick)",
+        help="the JSON report (default bench/results/latest.json, latest-quick.json with "
+        "--quick; with --only, var/bench-run/partial.json, so a partial run never replaces "
+        "the full report)",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a figure falls short of its target"
     )
     args = parser.parse_args()
-    if args.out is None:
+    if args.out is None and args.only:
+        args.out = REPO / "var" / "bench-run" / "partial.json"
+    elif args.out is None:
         name = "latest-quick.json" if args.quick else "latest.json"
         args.out = REPO / "bench" / "results" / name
     sys.exit(asyncio.run(main_async(args)))
