@@ -80,14 +80,21 @@ def finals(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
+async def produce_until_final(
+    config: Config, *events: bytes | dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Produce ``events`` (one action each) and read results until every action is final."""
+    await produce(config, *events)
+    return await wait_for_records(
+        config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= len(events)
+    )
+
+
 async def test_quota_is_exact_under_concurrency_and_survives_a_restart(tmp_path: Path) -> None:
     async with receiver() as rx:
         config = config_for(rx, tmp_path, limit=5)
         async with running(config):
-            await produce(config, *(event(n) for n in range(12)))
-            results = await wait_for_records(
-                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 12
-            )
+            results = await produce_until_final(config, *(event(n) for n in range(12)))
         assert len(rx.requests) == 5
         statuses = Counter(s for ss in finals(results).values() for s in ss)
         assert statuses == {"delivered": 5, "quota_exceeded": 7}
@@ -123,10 +130,7 @@ async def test_quota_blocks_written_ahead_never_overshoot_and_go_back_on_stop(
     async with receiver() as rx:
         config = config_for(rx, tmp_path, limit=45)
         async with running(config):
-            await produce(config, *(event(n) for n in range(60)))
-            results = await wait_for_records(
-                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 60
-            )
+            results = await produce_until_final(config, *(event(n) for n in range(60)))
         statuses = Counter(s for ss in finals(results).values() for s in ss)
         assert statuses == {"delivered": 45, "quota_exceeded": 15}
         assert len(rx.requests) == 45
@@ -138,10 +142,7 @@ async def test_quota_count_given_back_on_stop_when_under_the_limit(tmp_path: Pat
     async with receiver() as rx:
         config = config_for(rx, tmp_path, limit=1000)
         async with running(config):
-            await produce(config, *(event(n) for n in range(26)))
-            await wait_for_records(
-                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 26
-            )
+            await produce_until_final(config, *(event(n) for n in range(26)))
         assert len(rx.requests) == 26
     async with Store(config.store.path) as store:
         # Three blocks of 16 were stored (each next one once half of the one before
@@ -160,10 +161,7 @@ async def test_dead_letters_replayed_after_fixing_the_cause_are_delivered_once(
     async with receiver() as rx:
         config = config_for(rx, tmp_path, limit=1)
         async with running(config):
-            await produce(config, event("a"), event("b"))
-            await wait_for_records(
-                config, config.kafka.results_topic, lambda rs: len(finals(rs)) >= 2
-            )
+            await produce_until_final(config, event("a"), event("b"))
         assert [r.body for r in rx.requests] == [b'{"deal": "Deal a"}']
         fixed = replace(config, quota=QuotaSettings(daily_limit=10_000, per_user=10))
         async with running(fixed):

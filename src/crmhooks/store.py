@@ -13,9 +13,11 @@ await it; the writer folds every batch queued meanwhile into one transaction, so
 under load there is one commit per round, not one per event. A caller hears
 "stored" only once its transaction's changelog records are acknowledged too;
 the writer does not wait for those acknowledgements before the next transaction
-(the records are queued in commit order, and callers are answered in that order). WAL with
-``synchronous=NORMAL`` keeps every committed transaction across ``kill -9`` (the
-WAL is in the OS page cache); only a power loss may lose the last commits.
+(the records are queued in commit order, and callers are answered in that order).
+
+WAL with ``synchronous=NORMAL`` keeps every committed transaction across
+``kill -9`` (the WAL is in the OS page cache); only a power loss may lose the
+last commits.
 """
 
 from __future__ import annotations
