@@ -1,32 +1,42 @@
-"""HTTP delivery: one shared aiohttp session, SSRF guard, signing, outcome classes.
+"""HTTP delivery: the request we send, SSRF guard, signing, outcome classes.
 
-This is the one module that talks to aiohttp: its exceptions are translated
-here into an ``Outcome`` and never escape ``HttpTransport.send``.
+Connections and the wire are ``http1``'s; its exceptions, and the OS's, are
+translated here into an ``Outcome`` and never escape ``HttpTransport.send``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import email.utils
 import errno
+import functools
 import http
 import logging
+import re
+import socket
+import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
-
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
+from urllib.parse import unquote, urlsplit
 
 from crmhooks import __version__
 from crmhooks.clock import Clock
 from crmhooks.config import DeliverySettings
 from crmhooks.errors import DeliveryRefused
-from crmhooks.netguard import PinnedResolver, Resolver, SystemResolver, check_url
+from crmhooks.http1 import (
+    BadResponse,
+    ConnectFailed,
+    ConnectTimeout,
+    Http1Pool,
+    Origin,
+    Response,
+    ServerDisconnected,
+)
+from crmhooks.netguard import Resolver, SystemResolver, check_url
 from crmhooks.signing import sign
 from crmhooks.templates import RenderedRequest
 
@@ -141,7 +151,7 @@ class _HostSlot:
 
 
 class HttpTransport:
-    """The real transport (aiohttp). Use as ``async with HttpTransport(...) as t``.
+    """The real transport (``http1.Http1Pool``). Use as ``async with HttpTransport(...) as t``.
 
     In-flight bounds: a request first takes a slot of its host (scheme, host,
     port; ``max_in_flight_per_host``), then a slot of the process
@@ -150,13 +160,16 @@ class HttpTransport:
     ``max_in_flight_per_host`` process slots, and every other host keeps the
     rest. (Taking the global slot first would let a backlog for one hung host
     fill the whole process.) The order is the same everywhere, so no deadlock.
-    The connector's ``limit``/``limit_per_host`` equal the semaphores and are
-    never the binding limit; the time a request waits for its slots is not
-    counted in ``total_timeout_s``, which starts once it holds both.
+    So a host never has more connections than its slots. The time a request
+    waits for its slots is not counted in ``total_timeout_s``, which starts once
+    it holds both.
 
-    With the SSRF guard on (``allow_private_networks = false``) every request
-    resolves its host through ``resolver`` (default: getaddrinfo), vets every
-    address, and pins the vetted ones in the connector's resolver.
+    With the SSRF guard on (``allow_private_networks = false``) every new
+    connection first resolves its host through ``resolver`` (default:
+    getaddrinfo), vets every address, and connects only to the vetted ones: no
+    second lookup in which a rebinding name could answer 127.0.0.1. A request
+    that finds an idle connection to its origin reuses it without a lookup: that
+    connection's address was vetted when it was made.
     """
 
     def __init__(
@@ -166,14 +179,13 @@ class HttpTransport:
         self._clock = clock
         self._resolver: Resolver = resolver if resolver is not None else SystemResolver()
         self._guarded = not settings.allow_private_networks
-        self._pinned = PinnedResolver()
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None
         self._global = asyncio.Semaphore(settings.max_in_flight)
         self._hosts: dict[str, _HostSlot] = {}
         self._user_agent = f"crmhooks/{__version__}"
 
     def __repr__(self) -> str:
-        state = "open" if self._session is not None else "closed"
+        state = "open" if self._pool is not None else "closed"
         guard = "on" if self._guarded else "off (private networks allowed)"
         return (
             f"HttpTransport({state}, ssrf_guard={guard}, "
@@ -182,30 +194,7 @@ class HttpTransport:
         )
 
     async def __aenter__(self) -> HttpTransport:
-        settings = self._settings
-        connector = aiohttp.TCPConnector(
-            limit=settings.max_in_flight,
-            limit_per_host=settings.max_in_flight_per_host,
-            # Guarded: every connection must ask the pinned resolver, never a cache
-            # filled by an earlier request.
-            resolver=self._pinned if self._guarded else None,
-            use_dns_cache=not self._guarded,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=settings.total_timeout_s, sock_connect=settings.connect_timeout_s
-            ),
-            # No HTTP(S)_PROXY/NO_PROXY/.netrc from the environment: a proxy would
-            # connect on our behalf to addresses the guard never saw.
-            trust_env=False,
-            # One session serves every organisation: a cookie set by one receiver
-            # must never travel with another organisation's webhook.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # We ask for identity encoding and read raw bytes, so a compressed
-            # response cannot expand past the 64 KiB cap in memory.
-            auto_decompress=False,
-        )
+        self._pool = Http1Pool(connect_timeout_s=self._settings.connect_timeout_s)
         return self
 
     async def __aexit__(
@@ -214,18 +203,17 @@ class HttpTransport:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        await self._pinned.close()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
         """One attempt; every failure becomes an Outcome (RuntimeError if not entered)."""
-        session = self._session
-        if session is None:
+        pool = self._pool
+        if pool is None:
             raise RuntimeError("HttpTransport used outside 'async with'")
         try:
-            outcome = await self._send(session, action_id, request, secret)
+            outcome = await self._send(pool, action_id, request, secret)
         except Exception as exc:  # the contract: nothing escapes send
             log.exception("delivery action_id=%s unexpected error", action_id)
             outcome = Outcome(
@@ -235,142 +223,153 @@ class HttpTransport:
                 latency_ms=0.0,
                 sent_at_ms=None,
             )
-        log.debug(
-            "delivery action_id=%s url=%s class=%s status=%s latency_ms=%.1f",
-            action_id,
-            request.redacted_url,
-            outcome.error_class or "delivered",
-            outcome.http_status,
-            outcome.latency_ms,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "delivery action_id=%s url=%s class=%s status=%s latency_ms=%.1f",
+                action_id,
+                request.redacted_url,
+                outcome.error_class or "delivered",
+                outcome.http_status,
+                outcome.latency_ms,
+            )
         return outcome
 
-    @contextlib.asynccontextmanager
-    async def _host_slot(self, key: str) -> AsyncIterator[None]:
-        slot = self._hosts.get(key)
-        if slot is None:
-            slot = self._hosts[key] = _HostSlot(
-                asyncio.Semaphore(self._settings.max_in_flight_per_host)
-            )
-        slot.users += 1
-        try:
-            async with slot.semaphore:
-                yield
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                # Forget idle hosts, so the table does not grow with every URL ever seen.
-                del self._hosts[key]
-
-    def _headers(
-        self, action_id: str, request: RenderedRequest, secret: str | None, timestamp_s: int
-    ) -> CIMultiDict[str]:
-        # Ours replace any template header of the same name, and a template's own
-        # webhook-* headers are dropped: it must not forge an id or a signature.
-        headers: CIMultiDict[str] = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if not k.lower().startswith("webhook-")
-        )
-        headers["User-Agent"] = self._user_agent
-        headers["Accept-Encoding"] = "identity"
-        headers["webhook-id"] = action_id
-        headers["webhook-timestamp"] = str(timestamp_s)
-        if secret is not None:
-            headers["webhook-signature"] = sign(secret, action_id, timestamp_s, request.body)
-        return headers
-
     async def _send(
-        self,
-        session: aiohttp.ClientSession,
-        action_id: str,
-        request: RenderedRequest,
-        secret: str | None,
+        self, pool: Http1Pool, action_id: str, request: RenderedRequest, secret: str | None
     ) -> Outcome:
-        settings = self._settings
         try:
-            url = URL(request.url)
+            origin, target, auth = split_url(request.url)
         except ValueError as exc:
             return _not_sent(
                 "connection_error",
                 f"invalid URL {request.redacted_url}: {exc}",
                 time.perf_counter(),
             )
-        raw_host = url.raw_host or ""
-        async with self._host_slot(f"{url.scheme}://{raw_host}:{url.port}"), self._global:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + settings.total_timeout_s
-            started = time.perf_counter()
-            if self._guarded:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        vetted = await check_url(url, self._resolver)
-                except DeliveryRefused as exc:
-                    return _not_sent("ssrf_blocked", str(exc), started)
-                except TimeoutError:
-                    return _not_sent(
-                        "timeout",
-                        f"DNS lookup timed out after {settings.total_timeout_s} s",
-                        started,
-                    )
-                except OSError as exc:
-                    return _not_sent("connection_error", f"DNS lookup failed: {exc}", started)
-            sent_at_ms = self._clock.now_ms()
-            try:
-                headers = self._headers(action_id, request, secret, sent_at_ms // 1000)
-            except ValueError as exc:  # a secret that is not whsec_ base64
-                return _not_sent("connection_error", f"not sent: {exc}", started)
-            bad = [k for k, v in headers.items() if FORBIDDEN_HEADER_CHARS.intersection(k + v)]
-            if bad:
-                return _not_sent(
-                    "connection_error", f"not sent: CR/LF/NUL in header {bad[0]}", started
-                )
-            if self._guarded:
-                self._pinned.pin(raw_host, vetted)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    response = await session.request(
-                        request.method,
-                        url,
-                        headers=headers,
-                        data=request.body or None,
-                        allow_redirects=False,
-                    )
-            except Exception as exc:
-                error_class, message = self._translate(exc)
-                return Outcome(
-                    error_class=error_class,
-                    http_status=None,
-                    error=_scrub(message, request),
-                    latency_ms=_elapsed_ms(started),
-                    sent_at_ms=sent_at_ms,
-                )
-            finally:
-                if self._guarded:
-                    self._pinned.unpin(raw_host)
-            body = bytearray()
-            complete = False
-            try:
-                async with asyncio.timeout_at(deadline):
-                    complete = await _read_capped(response, body)
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                # The status line already tells the outcome; a body that trickles
-                # or breaks off only shortens the excerpt.
-                pass
-            finally:
-                if complete:
-                    response.release()  # fully read: the connection can be reused
-                else:
-                    response.close()  # unread bytes remain: drop the connection
-            latency_ms = _elapsed_ms(started)
-            return self._from_response(response, bytes(body), not complete, latency_ms, sent_at_ms)
+        slot = self._hosts.get(origin.key)
+        if slot is None:
+            slot = self._hosts[origin.key] = _HostSlot(
+                asyncio.Semaphore(self._settings.max_in_flight_per_host)
+            )
+        slot.users += 1
+        try:
+            async with slot.semaphore, self._global:
+                return await self._attempt(pool, origin, target, auth, action_id, request, secret)
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                # Forget idle hosts, so the table does not grow with every URL ever seen.
+                del self._hosts[origin.key]
 
-    def _from_response(
+    async def _attempt(
         self,
-        response: aiohttp.ClientResponse,
-        body: bytes,
-        truncated: bool,
-        latency_ms: float,
-        sent_at_ms: int,
+        pool: Http1Pool,
+        origin: Origin,
+        target: str,
+        auth: str | None,
+        action_id: str,
+        request: RenderedRequest,
+        secret: str | None,
     ) -> Outcome:
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.total_timeout_s
+        started = time.perf_counter()
+        conn = pool.take_idle(origin)
+        vetted: list[str] | None = None
+        if conn is None and self._guarded:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    vetted = await check_url(request.url, self._resolver)
+            except DeliveryRefused as exc:
+                return _not_sent("ssrf_blocked", str(exc), started)
+            except TimeoutError:
+                return _not_sent(
+                    "timeout",
+                    f"DNS lookup timed out after {settings.total_timeout_s} s",
+                    started,
+                )
+            except OSError as exc:
+                return _not_sent("connection_error", f"DNS lookup failed: {exc}", started)
+        sent_at_ms = self._clock.now_ms()
+        try:
+            head = self._head(origin, target, auth, action_id, request, secret, sent_at_ms // 1000)
+        except ValueError as exc:  # a secret that is not whsec_ base64, a CR in a header
+            if conn is not None:
+                pool.put_back(conn)
+            return _not_sent("connection_error", f"not sent: {exc}", started)
+        try:
+            response = await pool.request(
+                origin,
+                (head, request.body) if request.body else (head,),
+                deadline=deadline,
+                cap=MAX_RESPONSE_BYTES,
+                conn=conn,
+                addresses=vetted,
+            )
+        except Exception as exc:
+            error_class, message = self._translate(exc, origin)
+            return Outcome(
+                error_class=error_class,
+                http_status=None,
+                error=_scrub(message, request),
+                latency_ms=_elapsed_ms(started),
+                sent_at_ms=sent_at_ms,
+            )
+        return self._from_response(response, _elapsed_ms(started), sent_at_ms)
+
+    def _head(
+        self,
+        origin: Origin,
+        target: str,
+        auth: str | None,
+        action_id: str,
+        request: RenderedRequest,
+        secret: str | None,
+        timestamp_s: int,
+    ) -> bytes:
+        """The request line and headers, encoded; ValueError naming a header we cannot send.
+
+        Ours replace any template header of the same name, and a template's own
+        webhook-* headers are dropped: it must not forge an id or a signature.
+        """
+        headers: list[tuple[str, str]] = []
+        given: set[str] = set()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower.startswith("webhook-") or lower in _OWN_HEADERS:
+                continue
+            given.add(lower)
+            headers.append((name, value))
+        headers.append(("User-Agent", self._user_agent))
+        headers.append(("Accept-Encoding", "identity"))
+        headers.append(("webhook-id", action_id))
+        headers.append(("webhook-timestamp", str(timestamp_s)))
+        if secret is not None:
+            headers.append(
+                ("webhook-signature", sign(secret, action_id, timestamp_s, request.body))
+            )
+        if auth is not None and "authorization" not in given:
+            headers.append(("Authorization", auth))
+        if "accept" not in given:
+            headers.append(("Accept", "*/*"))
+        body = request.body
+        if body and "content-type" not in given:
+            headers.append(("Content-Type", "application/octet-stream"))
+        if body or request.method not in _NO_BODY_METHODS:
+            headers.append(("Content-Length", str(len(body))))
+        lines = [f"{request.method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
+        for name, value in headers:
+            if FORBIDDEN_HEADER_CHARS.intersection(name) or FORBIDDEN_HEADER_CHARS.intersection(
+                value
+            ):
+                raise ValueError(f"CR/LF/NUL in header {name}")
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8")
+
+    def _from_response(self, response: Response, latency_ms: float, sent_at_ms: int) -> Outcome:
         status = response.status
         error_class = classify_status(status)
         error: str | None = None
@@ -379,11 +378,12 @@ class HttpTransport:
             reason = response.reason or _phrase(status)
             error = f"HTTP {status} {reason}".rstrip()
             if error_class == "redirect":
-                location = response.headers.get("Location", "")[:EXCERPT_CHARS]
+                location = response.headers.get("location", "")[:EXCERPT_CHARS]
                 error += f" (redirect to {location or 'nowhere'} not followed)"
-            retry_after = response.headers.get("Retry-After")
+            retry_after = response.headers.get("retry-after")
             if status in RETRY_AFTER_STATUSES and retry_after is not None:
                 retry_after_s = parse_retry_after(retry_after, self._clock.now_ms())
+        body = response.body
         return Outcome(
             error_class=error_class,
             http_status=status,
@@ -393,53 +393,102 @@ class HttpTransport:
             retry_after_s=retry_after_s,
             response_excerpt=_excerpt(body),
             response_bytes=len(body),
-            response_truncated=truncated and len(body) >= MAX_RESPONSE_BYTES,
+            response_truncated=not response.complete and len(body) >= MAX_RESPONSE_BYTES,
         )
 
-    def _translate(self, exc: Exception) -> tuple[str, str]:
-        """aiohttp/OS exception of a request → (error_class, sentence)."""
+    def _translate(self, exc: Exception, origin: Origin) -> tuple[str, str]:
+        """An exception of a request (http1's, or the OS's) → (error_class, sentence)."""
         settings = self._settings
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, ConnectTimeout):
             return "timeout", f"connect timed out after {settings.connect_timeout_s} s"
-        if isinstance(exc, TimeoutError):  # asyncio's and aiohttp's ServerTimeoutError
+        if isinstance(exc, TimeoutError):
             return "timeout", f"timed out after {settings.total_timeout_s} s"
-        if isinstance(exc, aiohttp.ClientConnectorDNSError):
-            return "connection_error", f"DNS lookup failed: {exc.os_error}"
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-            return "connection_error", f"TLS certificate error: {exc.certificate_error}"
-        if isinstance(exc, aiohttp.ClientSSLError):
-            return "connection_error", f"TLS error: {exc.os_error}"
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            target = f"{exc.host}:{exc.port}"
+        if isinstance(exc, ConnectFailed):
+            os_error = exc.os_error
+            if isinstance(os_error, socket.gaierror):
+                return "connection_error", f"DNS lookup failed: {os_error}"
+            if isinstance(os_error, ssl.SSLCertVerificationError):
+                return "connection_error", f"TLS certificate error: {os_error}"
+            if isinstance(os_error, ssl.SSLError):
+                return "connection_error", f"TLS error: {os_error}"
             refused = (
-                exc.os_error.errno == errno.ECONNREFUSED
-                or "refused" in str(exc.os_error).lower()
-                or "connect call failed" in str(exc.os_error).lower()
+                os_error.errno == errno.ECONNREFUSED
+                or "refused" in str(os_error).lower()
+                or "connect call failed" in str(os_error).lower()
             )
             if refused:
-                return "connection_error", f"connection refused: {target}"
-            return "connection_error", f"cannot connect to {target}: {exc.os_error}"
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
+                return "connection_error", f"connection refused: {exc.target}"
+            return "connection_error", f"cannot connect to {exc.target}: {os_error}"
+        if isinstance(exc, ServerDisconnected):
             return "connection_error", "server disconnected before responding"
         if isinstance(exc, ConnectionResetError):
             return "connection_error", f"connection reset: {exc}"
-        if isinstance(exc, aiohttp.InvalidURL):
-            return "connection_error", f"invalid URL: {exc}"
-        if isinstance(exc, aiohttp.ClientResponseError):
-            return "connection_error", f"invalid HTTP response: {exc.message}"
-        if isinstance(exc, aiohttp.ClientError | OSError):
+        if isinstance(exc, BadResponse):
+            return "connection_error", f"invalid HTTP response: {exc}"
+        if isinstance(exc, OSError):
             return "connection_error", f"{type(exc).__name__}: {exc}"
         return "connection_error", f"unexpected {type(exc).__name__}: {exc}"
 
 
-async def _read_capped(response: aiohttp.ClientResponse, into: bytearray) -> bool:
-    """Read the body into ``into`` up to the cap; True if the whole body was read."""
-    while len(into) < MAX_RESPONSE_BYTES:
-        chunk = await response.content.read(MAX_RESPONSE_BYTES - len(into))
-        if not chunk:
-            return True
-        into += chunk
-    return response.content.at_eof()
+# Headers the transport writes itself; a template's are dropped.
+_OWN_HEADERS = frozenset(
+    {
+        "host",
+        "user-agent",
+        "accept-encoding",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+    }
+)
+# Methods whose empty body needs no Content-Length (RFC 9110 §8.6).
+_NO_BODY_METHODS = frozenset({"GET", "HEAD"})
+# RFC 9110 §5.6.2: a header name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def split_url(url: str) -> tuple[Origin, str, str | None]:
+    """An absolute http(s) URL → its origin, request target and Basic credentials.
+
+    ``url`` is percent-encoded ASCII (``RenderedRequest.url``), so the target is
+    sent as it is. ValueError (saying why) if it is not such a URL.
+    """
+    start = url.find("://")
+    if start <= 0:
+        raise ValueError("not an absolute URL")
+    end = len(url)
+    for sep in "/?#":
+        found = url.find(sep, start + 3)
+        if found != -1 and found < end:
+            end = found
+    origin, auth = _origin(url[:end])
+    target = url[end:].partition("#")[0]
+    if not target.startswith("/"):
+        target = "/" + target
+    return origin, target, auth
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin(scheme_authority: str) -> tuple[Origin, str | None]:
+    parts = urlsplit(scheme_authority)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"scheme {scheme!r} is not http or https")
+    host = parts.hostname
+    if not host:
+        raise ValueError("no host")
+    port = parts.port  # ValueError when out of range
+    if not host.isascii():
+        host = host.encode("idna").decode("ascii")
+    default = 443 if scheme == "https" else 80
+    host_header = f"[{host}]" if ":" in host else host
+    if port is not None and port != default:
+        host_header += f":{port}"
+    auth = None
+    if parts.username is not None or parts.password is not None:
+        credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+        auth = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+    return Origin(scheme, host, port or default, host_header), auth
 
 
 def _not_sent(error_class: str, error: str, started: float) -> Outcome:
@@ -467,5 +516,4 @@ def _scrub(message: str, request: RenderedRequest) -> str:
     """Never let a secret in the URL (api keys in the query) reach an error text."""
     if request.url and request.url != request.redacted_url:
         message = message.replace(request.url, request.redacted_url)
-        message = message.replace(str(URL(request.url)), request.redacted_url)
     return message

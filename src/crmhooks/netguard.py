@@ -1,11 +1,10 @@
-"""SSRF guard: which addresses a webhook may reach, and a resolver pinned to the vetted ones.
+"""SSRF guard: which addresses a webhook may reach.
 
 The guard resolves a URL's host itself, refuses the request if ANY address is
-blocked, and hands the vetted addresses to ``PinnedResolver``, the resolver of
-the shared aiohttp connector. The connection therefore goes to exactly the
-addresses that were checked: there is no second DNS lookup in which a
-rebinding name could answer with 127.0.0.1. TLS SNI and the Host header still
-use the host name, because only the address lookup is replaced.
+blocked, and hands the vetted addresses to the transport, which connects to
+exactly those (``http1.Http1Pool.request(addresses=...)``): there is no second
+DNS lookup in which a rebinding name could answer with 127.0.0.1. TLS SNI and
+the Host header still use the host name.
 
 The tables below are written out on purpose instead of trusting
 ``ipaddress.is_private``/``is_global``, whose answers changed between Python
@@ -19,10 +18,8 @@ import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
 from typing import Protocol
 
-from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from crmhooks.errors import DeliveryRefused
@@ -260,58 +257,3 @@ async def check_url(url: str | URL, resolver: Resolver) -> list[str]:
         if address not in vetted:
             vetted.append(address)
     return vetted
-
-
-class PinnedResolver(AbstractResolver):
-    """aiohttp resolver that answers only with addresses pinned by the SSRF guard.
-
-    ``pin`` is called right before a request with the addresses ``check_url``
-    vetted, ``unpin`` after it; a host that is not pinned does not resolve, so a
-    connection can never reach an address that was not checked. Hosts are keyed
-    by ``URL.raw_host``, the form aiohttp's connector asks for.
-    """
-
-    def __init__(self) -> None:
-        # host → (addresses, number of requests that pinned it)
-        self._pins: dict[str, tuple[list[str], int]] = {}
-
-    def pin(self, host: str, addresses: Iterable[str]) -> None:
-        _, users = self._pins.get(host, ([], 0))
-        # Concurrent requests to one host re-pin with their own, equally vetted answer.
-        self._pins[host] = (list(addresses), users + 1)
-
-    def unpin(self, host: str) -> None:
-        addresses, users = self._pins.get(host, ([], 1))
-        if users <= 1:
-            self._pins.pop(host, None)
-        else:
-            self._pins[host] = (addresses, users - 1)
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        addresses, _ = self._pins.get(host, ([], 0))
-        results: list[ResolveResult] = []
-        for address in addresses:
-            addr_family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            if family not in (socket.AF_UNSPEC, addr_family):
-                continue
-            results.append(
-                {
-                    "hostname": host,
-                    "host": address,
-                    "port": port,
-                    "family": addr_family,
-                    "proto": 0,
-                    "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-                }
-            )
-        if not results:
-            raise OSError(f"{host} was not vetted by the SSRF guard")
-        return results
-
-    async def close(self) -> None:
-        self._pins.clear()
-
-    def __repr__(self) -> str:
-        return f"PinnedResolver(pinned={sorted(self._pins)})"
