@@ -19,6 +19,15 @@ A crash before 4 replays the batch: actions have deterministic ids and are
 inserted with ``INSERT OR IGNORE``, so replaying creates nothing twice; a result
 record may repeat, never go missing.
 
+New instant actions skip step 1: they are sent at once, and stored when finished,
+with their final status (one row, one changelog record, instead of three of
+each). Step 4 then waits until every instant action of the batch is stored,
+finished or, after INSTANT_COMMIT_WAIT_MS, as pending (``_Ticket``); batches
+commit in the order they were read. A crash before that reads the event again:
+a finished action is known by its id and not sent again; one in flight is sent
+again (at least once, same ``webhook-id``). Reading pauses while
+UNSTORED_BUDGET such actions are unsettled.
+
 For one attempt of one action (``_fire``) the order is: quota count stored (a
 block of units at a time, the next block written while the current one is used) →
 request sent → result produced and acknowledged → action's new state stored
@@ -34,7 +43,7 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,6 +81,15 @@ FETCH_TIMEOUT_MS = 200
 # half of the current one is used, so requests seldom wait for a write; at most
 # two blocks stay counted unused after a crash, none after a stop.
 QUOTA_BLOCK = 16
+# Instant actions are sent before they are stored (see _plan_batch): their event's
+# offset is committed once they are finished and stored. One still unfinished this
+# long after its event was read is stored as pending, so that a slow or hung
+# endpoint holds commits back by at most this much.
+INSTANT_COMMIT_WAIT_MS = 2_000
+# Reading pauses while this many instant actions are unfinished and unstored, and
+# resumes below half of it: memory stays bounded while a backlog is drained, and
+# actions are sent soon after they are read (well within INSTANT_COMMIT_WAIT_MS).
+UNSTORED_BUDGET = 2048
 # An unexpected error while firing (a store or Kafka hiccup): the action is tried
 # again this much later instead of waiting for a restart.
 FIRE_ERROR_RETRY_MS = 5_000
@@ -120,6 +138,14 @@ class Processor:
         self._committing: asyncio.Task[None] | None = None  # the running offset commit
         self._to_commit: dict[int, int] = {}  # partition → next offset, not yet committed
         self._quota_writes: set[asyncio.Task[None]] = set()
+        # Batches in the order they were read, each until its instant actions are
+        # finished or stored; then their offsets go to _commit_soon, in that order.
+        self._tickets: deque[_Ticket] = deque()
+        self._tickets_changed = asyncio.Event()
+        # Instant actions sent (or about to be) before being stored: action_id →
+        # (its batch's ticket, the action, the event's bytes for its snapshot).
+        self._unstored: dict[str, tuple[_Ticket, Action, bytes]] = {}
+        self._paused: set[int] = set()  # partitions not read while over the budget
         self._stopping = False
         self._kio: KafkaIO | None = None
         # Endpoint isolation: at most max_in_flight_per_host actions of one host fire at
@@ -161,6 +187,7 @@ class Processor:
             asyncio.create_task(self._fire_loop(), name="fire"),
             asyncio.create_task(self._refill_loop(), name="refill"),
             asyncio.create_task(self._resume_poll_loop(), name="resume-poll"),
+            asyncio.create_task(self._ticket_loop(), name="unstored-deadline"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
@@ -183,6 +210,11 @@ class Processor:
                     await task
             stopper.cancel()
             await self._drain_fires(self.config.delivery.shutdown_grace_s)
+            try:  # what was not finished in time is stored, then every offset committed
+                await self._store_unstored()
+                await self._committed()
+            except Exception:
+                log.exception("unfinished instant actions not stored: their events run again")
             if self._committing is not None and not self._committing.done():
                 try:  # left behind only when consuming failed
                     await self._committing
@@ -209,10 +241,14 @@ class Processor:
 
     async def on_revoked(self, partitions: set[int]) -> None:
         async with self._lock:  # never in the middle of a batch
-            await self._committed()  # what was processed is not processed again
+            # Every batch's actions stored, so every offset can be committed: what
+            # was processed is not processed again by the next owner.
+            await self._store_unstored()
+            await self._committed()
             for p in partitions:
                 self._to_commit.pop(p, None)  # not committed: the next owner reprocesses
             self._owned -= partitions
+            self._paused -= partitions  # assigned again, a partition starts unpaused
             await self._release_quota(partitions)
             for p in partitions:
                 self.heap.drop_partition(p)
@@ -295,6 +331,83 @@ class Processor:
             self._committing = asyncio.create_task(self._commit_pending(), name="commit")
             await self._committing
 
+    # -- instant actions sent before they are stored -----------------------------
+
+    def _advance_tickets(self) -> None:
+        """Hand over the offsets of the batches, oldest first, whose actions are settled."""
+        offsets: dict[int, int] = {}
+        while self._tickets and not self._tickets[0].waiting:
+            for p, o in self._tickets.popleft().offsets.items():
+                offsets[p] = max(o, offsets.get(p, 0))
+        if offsets:
+            self._commit_soon(offsets)
+        self._tickets_changed.set()
+
+    def _take_unstored(self, action_id: str) -> tuple[_Ticket, Action, bytes] | None:
+        """The entry of an instant action not stored yet, which the caller now stores."""
+        return self._unstored.pop(action_id, None)
+
+    def _settled(self, action: Action, ticket: _Ticket) -> None:
+        """An instant action is stored (finished or pending): its batch may commit."""
+        ticket.waiting.discard(action.action_id)
+        if self._paused and len(self._unstored) < UNSTORED_BUDGET // 2:
+            self.kio.resume(self._paused & self._owned)
+            self._paused = set()
+        self._advance_tickets()
+
+    def _pause_busy(self) -> None:
+        """Stop reading while the instant actions read and not settled exceed the budget."""
+        if len(self._unstored) >= UNSTORED_BUDGET and not self._paused:
+            self._paused = set(self._owned)
+            self.kio.pause(self._paused)
+
+    async def _store_unstored(self, before_ms: int | None = None) -> None:
+        """Store as pending the instant actions not stored yet (read before ``before_ms``)."""
+        batch = WriteBatch()
+        taken: list[tuple[_Ticket, Action, bytes]] = []
+        for action_id, (ticket, action, raw) in list(self._unstored.items()):
+            if before_ms is not None and ticket.deadline_ms > before_ms:
+                continue
+            del self._unstored[action_id]
+            taken.append((ticket, action, raw))
+            batch.new_actions.append(action)
+            batch.snapshots.append((action.record_key, action.partition, raw))
+        if not taken:
+            return
+        try:
+            await self.store.write(batch)
+        except BaseException:
+            for entry in taken:  # still unstored: tried again
+                self._unstored.setdefault(entry[1].action_id, entry)
+            raise
+        log.info("%d instant actions not finished in time: stored as pending", len(taken))
+        for ticket, action, _ in taken:
+            self._settled(action, ticket)
+
+    async def _ticket_loop(self) -> None:
+        """Store the instant actions still unfinished INSTANT_COMMIT_WAIT_MS after their
+        batch was read, so that no endpoint holds commits back for longer."""
+        while True:
+            self._tickets_changed.clear()
+            if not self._tickets:
+                await self._tickets_changed.wait()
+                continue
+            deadline_ms = self._tickets[0].deadline_ms
+            if self.clock.now_ms() < deadline_ms:
+                sleeper = asyncio.create_task(self.clock.sleep_until(deadline_ms))
+                changed = asyncio.create_task(self._tickets_changed.wait())
+                try:
+                    await asyncio.wait([sleeper, changed], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    sleeper.cancel()
+                    changed.cancel()
+                continue
+            try:
+                await self._store_unstored(before_ms=self.clock.now_ms())
+            except Exception:
+                log.exception("storing unfinished instant actions failed; trying again")
+                await asyncio.sleep(1.0)
+
     async def _process_batch(self, records: Sequence[InRecord]) -> None:
         now_ms = self.clock.now_ms()
         cfg = self.config
@@ -326,8 +439,9 @@ class Processor:
         batch = WriteBatch()
         heap_new: list[Action] = []
         heap_gone: list[str] = []
+        unstored: list[tuple[Action, bytes]] = []
         if todo:
-            await self._plan_batch(todo, now_ms, batch, out, heap_new, heap_gone)
+            await self._plan_batch(todo, now_ms, batch, out, heap_new, heap_gone, unstored)
         # 1. store, 2. produce, 3. flush (see the module docstring for why).
         await self.store.write(batch)
         await self.kio.produce_all(out)
@@ -337,11 +451,18 @@ class Processor:
             self.heap.remove(aid)
             if aid not in self._inflight:
                 self._forget(aid)
+        # 4. commit, once the instant actions sent unstored are finished or stored.
+        ticket = _Ticket(next_offsets, now_ms + INSTANT_COMMIT_WAIT_MS)
+        for action, raw in unstored:
+            if action.action_id not in self._unstored and action.action_id not in gone:
+                ticket.waiting.add(action.action_id)
+                self._unstored[action.action_id] = (ticket, action, raw)
         for action in heap_new:  # in plan order: a later move replaces an earlier push
             if action.action_id not in gone:
                 self._push(action)
-        # 4. commit.
-        self._commit_soon(next_offsets)
+        self._tickets.append(ticket)
+        self._advance_tickets()
+        self._pause_busy()
         self.stats["batches"] += 1
 
     async def _plan_batch(
@@ -352,7 +473,18 @@ class Processor:
         out: list[Produced],
         heap_new: list[Action],
         heap_gone: list[str],
+        unstored: list[tuple[Action, bytes]],
     ) -> None:
+        """Plan the events of a batch into ``batch`` (to store), ``out`` (to produce),
+        ``heap_new``/``heap_gone`` and ``unstored``.
+
+        A new instant action is not stored here: it is sent first, and stored once,
+        finished, with its final status (``_settle``), or as pending if it takes longer
+        than INSTANT_COMMIT_WAIT_MS (``_store_unstored``). Its event's offset is
+        committed after either, so a crash before sends it again (at least once, the
+        same webhook-id), never loses it; and most instant actions cost one row and one
+        changelog record instead of three of each.
+        """
         keys = list(dict.fromkeys(ev.record_key for _, ev, _ in todo))
         states = {k: RecordState() for k in keys}
         for action in await self.store.pending_for_records(keys):
@@ -387,12 +519,13 @@ class Processor:
         results_topic = self.config.kafka.results_topic
         for rec, event, plan in plans:
             key = event.org_id.encode()
+            # The bytes as received: no re-encoding (rec.value is not None once decoded).
+            raw = rec.value or orjson.dumps(event.data)
+            if event.record_key in self._snapshots:
+                self._snapshots[event.record_key] = event  # the latest, for those due soon
+            snapshot_stored = plan.touched
             if plan.touched:
-                # The bytes as received: no re-encoding (rec.value is not None once decoded).
-                raw = rec.value or orjson.dumps(event.data)
                 batch.snapshots.append((event.record_key, rec.partition, raw))
-                if event.record_key in self._snapshots:
-                    self._snapshots[event.record_key] = event
             for rule_id, matched in plan.once_updates:
                 batch.once_state.append(
                     (once_key(rule_id, event.record_key), rec.partition, matched)
@@ -404,9 +537,15 @@ class Processor:
                     if status == "delivered" or not replayed:
                         continue  # finished before: a reprocessed event never sends again
                     batch.rearmed.append(action)  # replayed after its cause was fixed
-                batch.new_actions.append(action)
                 heap_new.append(action)
                 self._snapshots[action.record_key] = event
+                if action.kind == "instant" and status is None:
+                    unstored.append((action, raw))  # sent first, stored when finished
+                    continue
+                batch.new_actions.append(action)
+                if not snapshot_stored:  # an instant action stored: renders after a restart
+                    snapshot_stored = True
+                    batch.snapshots.append((event.record_key, rec.partition, raw))
                 if action.kind == "scheduled":
                     out.append((results_topic, key, encode(result_record(action, "scheduled"))))
             for action in plan.moved:
@@ -758,14 +897,21 @@ class Processor:
                 outcome.error_class,
                 retry.due_ms,
             )
-            batch.moved.append((action.action_id, retry.due_ms, retry.attempt))
         else:
             status = "failed"
             log.warning(
                 "action %s failed on attempt %d: %s", action.action_id, attempt, outcome.error
             )
             self._count_failure(action, batch)
-        if retry is None:
+        unstored = self._take_unstored(action.action_id)
+        if retry is not None and unstored is not None:
+            batch.new_actions.append(retry)  # stored for the first time, for its retry
+            batch.snapshots.append((action.record_key, action.partition, unstored[2]))
+        elif retry is not None:
+            batch.moved.append((action.action_id, retry.due_ms, retry.attempt))
+        else:
+            if unstored is not None:
+                batch.new_actions.append(action)  # stored for the first time, finished
             batch.finished.append((action.action_id, status, self.clock.now_ms()))
         rec = result_record(
             action,
@@ -775,10 +921,17 @@ class Processor:
             next_attempt_ms=retry.due_ms if retry else None,
             request=shown,
         )
-        await self.kio.produce_all(
-            [(self.config.kafka.results_topic, action.org_id.encode(), encode(rec))]
-        )
-        await self.store.write(batch)
+        try:
+            await self.kio.produce_all(
+                [(self.config.kafka.results_topic, action.org_id.encode(), encode(rec))]
+            )
+            await self.store.write(batch)
+        except BaseException:
+            if unstored is not None:  # stored later (deadline, stop) as pending
+                self._unstored.setdefault(action.action_id, unstored)
+            raise
+        if unstored is not None:
+            self._settled(action, unstored[0])
         if retry is not None:
             self._inflight.discard(action.action_id)
             self._push(retry)
@@ -847,9 +1000,18 @@ class Processor:
             (self.config.kafka.results_topic, action.org_id.encode(), encode(rec))
         ]
         await self.kio.produce_all([*out, *extra])
-        await self.store.write(
-            WriteBatch(finished=[(action.action_id, status, self.clock.now_ms())])
-        )
+        batch = WriteBatch(finished=[(action.action_id, status, self.clock.now_ms())])
+        unstored = self._take_unstored(action.action_id)
+        if unstored is not None:
+            batch.new_actions.append(action)  # stored for the first time, finished
+        try:
+            await self.store.write(batch)
+        except BaseException:
+            if unstored is not None:
+                self._unstored.setdefault(action.action_id, unstored)
+            raise
+        if unstored is not None:
+            self._settled(action, unstored[0])
 
     async def _over_quota(self, action: Action, event: RecordEvent, day: str, limit: int) -> None:
         qkey = (action.org_id, day)
@@ -889,6 +1051,15 @@ class Processor:
             webhook=action.webhook,
         )
         return (self.config.kafka.dlq_topic, action.org_id.encode(), encode(letter))
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """A batch read, until its instant actions are settled (finished or stored)."""
+
+    offsets: dict[int, int]  # partition → next offset, committed once settled
+    deadline_ms: int  # its unsettled instant actions are stored as pending then
+    waiting: set[str] = field(default_factory=set)  # ids of those not stored yet
 
 
 @dataclass(slots=True)

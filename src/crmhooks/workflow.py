@@ -43,7 +43,7 @@ class EventPlan:
     moved: list[Action] = field(default_factory=list)  # pending actions with a new due time
     finished: list[Finished] = field(default_factory=list)
     once_updates: list[tuple[str, bool]] = field(default_factory=list)  # (rule_id, matched)
-    touched: bool = False  # the record has or had actions: keep its latest snapshot
+    touched: bool = False  # the record has or gets scheduled actions: keep its snapshot
 
     @property
     def is_empty(self) -> bool:
@@ -94,7 +94,10 @@ def plan_event(
         elif mine and not fires:
             _reschedule(plan, state, mine, rule, event, tz)
         if fires:
-            plan.touched = True
+            # Scheduled actions render the record as it is when they fire; instant ones
+            # are sent with this very event (the processor stores its snapshot itself
+            # whenever it has to store an instant action).
+            plan.touched = plan.touched or bool(rule.scheduled)
             _create(
                 plan,
                 state,

@@ -1,0 +1,253 @@
+"""Instant actions are sent before they are stored: one row once finished, commits after.
+
+The processor runs against a real SQLite store, a fake Kafka (commits, produces,
+pause/resume recorded) and a fake transport that answers when the test says.
+Time is a FakeClock: the deadline that stores slow actions is reached by advancing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from crmhooks import app as app_module
+from crmhooks.app import INSTANT_COMMIT_WAIT_MS, Processor
+from crmhooks.clock import FakeClock
+from crmhooks.config import Config, config_from_mapping
+from crmhooks.delivery import Outcome
+from crmhooks.store import Store
+from crmhooks.templates import RenderedRequest
+from tests.support import event
+
+NOW_MS = 1_764_320_400_000
+
+
+def config() -> Config:
+    return config_from_mapping(
+        {
+            "orgs": [{"id": "org-acme"}],
+            "webhooks": [
+                {
+                    "name": "Hook",
+                    "url": "http://receiver.test/hook",
+                    "module": "Potentials",
+                    "body": {"format": "json", "template": '{"d":"${Potentials.Potential Name}"}'},
+                }
+            ],
+            "rules": [
+                {
+                    "id": "won",
+                    "module": "Potentials",
+                    "criteria": {"all": [{"field": "Stage", "op": "is", "value": "Closed Won"}]},
+                    "instant": "Hook",
+                }
+            ],
+        },
+        {},
+    )
+
+
+@dataclass
+class Rec:
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None = b"org-acme"
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+def rec(n: int, offset: int, partition: int = 0) -> Rec:
+    return Rec(partition, offset, orjson.dumps(event(n)))
+
+
+@dataclass
+class FakeKafka:
+    committed: dict[int, int] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    changelog_keys: list[bytes] = field(default_factory=list)
+    paused: list[set[int]] = field(default_factory=list)
+    resumed: list[set[int]] = field(default_factory=list)
+
+    async def commit(self, next_offsets: dict[int, int]) -> None:
+        self.committed.update(next_offsets)
+
+    async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        self.results += [orjson.loads(v) for _, _, v in records]
+
+    async def produce_changelog(
+        self, records: Sequence[tuple[int, bytes, bytes | None]]
+    ) -> Awaitable[dict[int, int]]:
+        self.changelog_keys += [k for _, k, _ in records]
+
+        async def acked() -> dict[int, int]:
+            return {}
+
+        return acked()
+
+    def pause(self, partitions: set[int]) -> None:
+        self.paused.append(set(partitions))
+
+    def resume(self, partitions: set[int]) -> None:
+        self.resumed.append(set(partitions))
+
+
+class GatedTransport:
+    """Answers 200 to every request once ``gate`` is set."""
+
+    def __init__(self, open_now: bool = True) -> None:
+        self.gate = asyncio.Event()
+        if open_now:
+            self.gate.set()
+        self.sent: list[str] = []
+
+    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+        self.sent.append(action_id)
+        await self.gate.wait()
+        return Outcome(None, 200, None, 1.0, NOW_MS)
+
+
+@contextlib.asynccontextmanager
+async def processor(
+    tmp_path: Path, transport: GatedTransport
+) -> AsyncIterator[tuple[Processor, FakeKafka, FakeClock]]:
+    kafka = FakeKafka()
+    clock = FakeClock(NOW_MS)
+    async with Store(tmp_path / "s.db") as store:
+        store.changelog = kafka.produce_changelog
+        p = Processor(config(), store, transport, clock)
+        p._kio = kafka  # type: ignore[assignment]
+        p._owned = {0, 1}
+        p._loaded_until_ms = NOW_MS + app_module.HORIZON_MS
+        loops = [
+            asyncio.create_task(p._fire_loop()),
+            asyncio.create_task(p._ticket_loop()),
+        ]
+        try:
+            yield p, kafka, clock
+        finally:
+            p._stopping = True
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, *p._fire_tasks, return_exceptions=True)
+
+
+async def until(check: Any, what: str) -> None:
+    for _ in range(500):  # bounded: a few loop turns each
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def rows(store: Store, table: str) -> list[tuple[Any, ...]]:
+    column = "status" if table == "actions" else "record_key"
+    async with store.conn.execute(f"SELECT action_id, {column} FROM {table}") as cur:
+        return [tuple(r) async for r in cur]
+
+
+async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path) -> None:
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        await p._process_batch([rec(1, 10)])
+        await until(lambda: transport.sent, "the request is sent")
+        # Sent, not stored, not committed: a crash now reads the event again.
+        assert await rows(p.store, "actions") == []
+        assert kafka.committed == {}
+        transport.gate.set()
+        await until(lambda: kafka.committed == {0: 11}, "the offset is committed")
+        assert await rows(p.store, "actions") == [("evt-1:won:Hook", "delivered")]
+        async with p.store.conn.execute("SELECT count(*) FROM records") as cur:
+            assert await cur.fetchone() == (0,)  # no snapshot for an instant-only rule
+        # One changelog record for the action (its final row), none for a snapshot
+        # (besides the day's quota count, written a block at a time).
+        assert kafka.changelog_keys == [b"q\x1forg-acme\x1f2025-11-28", b"a\x1fevt-1:won:Hook"]
+        assert [r["status"] for r in kafka.results] == ["delivered"]
+        assert p._unstored == {}
+        # Read again (a crash after the commit was lost): finished, never sent again.
+        await p._process_batch([rec(1, 10)])
+        await asyncio.sleep(0.02)
+        assert transport.sent == ["evt-1:won:Hook"]
+
+
+async def test_commits_stay_in_order_behind_an_unfinished_action(tmp_path: Path) -> None:
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        await p._process_batch([rec(1, 10, partition=0)])
+        await until(lambda: transport.sent, "the first request is sent")
+        await p._process_batch([Rec(1, 7, b'{"not": "an event"}')])  # nothing to send
+        await asyncio.sleep(0.02)
+        assert kafka.committed == {}  # partition 1 waits behind partition 0's earlier batch
+        transport.gate.set()
+        await until(lambda: kafka.committed == {0: 11, 1: 8}, "both committed")
+
+
+async def test_an_action_unfinished_past_the_deadline_is_stored_as_pending(
+    tmp_path: Path,
+) -> None:
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, clock):
+        await p._process_batch([rec(1, 10), rec(2, 11)])
+        await until(lambda: len(transport.sent) == 2, "both requests are sent")
+        clock.advance(INSTANT_COMMIT_WAIT_MS - 1)
+        await asyncio.sleep(0.02)
+        assert kafka.committed == {}
+        clock.advance(1)
+        await until(lambda: kafka.committed == {0: 12}, "committed once stored")
+        assert sorted(await rows(p.store, "actions")) == [
+            ("evt-1:won:Hook", "pending"),
+            ("evt-2:won:Hook", "pending"),
+        ]
+        async with p.store.conn.execute("SELECT record_key FROM records ORDER BY 1") as cur:
+            # Their snapshots too: after a restart they render from the store.
+            assert [r[0] async for r in cur] == [
+                "org-acme/Potentials/rec-1",
+                "org-acme/Potentials/rec-2",
+            ]
+        transport.gate.set()
+        await until(
+            lambda: len(kafka.results) == 2 and not p._fire_tasks, "both reported delivered"
+        )
+        await until(lambda: not p.store._queue, "the store is idle")
+        await asyncio.sleep(0.02)
+        assert sorted(await rows(p.store, "actions")) == [
+            ("evt-1:won:Hook", "delivered"),
+            ("evt-2:won:Hook", "delivered"),
+        ]
+        assert transport.sent == ["evt-1:won:Hook", "evt-2:won:Hook"]  # each sent once
+
+
+async def test_reading_pauses_over_the_budget_and_resumes_below_half(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(app_module, "UNSTORED_BUDGET", 4)
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        await p._process_batch([rec(n, n) for n in range(3)])
+        assert kafka.paused == []
+        await p._process_batch([rec(n, n) for n in range(3, 5)])
+        assert kafka.paused == [{0, 1}]  # 5 read and unsettled: over 4
+        transport.gate.set()
+        await until(lambda: kafka.resumed, "reading resumes")
+        assert kafka.resumed == [{0, 1}]
+        await until(lambda: kafka.committed == {0: 5}, "all committed")
+
+
+async def test_revoking_stores_what_is_unfinished_and_commits(tmp_path: Path) -> None:
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        await p._process_batch([rec(1, 10)])
+        await until(lambda: transport.sent, "the request is sent")
+        await p.on_revoked({0})
+        assert kafka.committed == {0: 11}  # the next owner starts after the event
+        assert await rows(p.store, "actions") == [("evt-1:won:Hook", "pending")]
+        transport.gate.set()
+        await until(lambda: kafka.results, "the request in flight is reported")
+        await until(lambda: not p._fire_tasks, "the fire is over")
+        await asyncio.sleep(0.02)
+        assert await rows(p.store, "actions") == [("evt-1:won:Hook", "delivered")]
