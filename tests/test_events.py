@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError, fields, replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
@@ -13,10 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from crmhooks import events
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import (
     DEFAULT_MAX_EVENT_BYTES,
     MAX_EVENT_DEPTH,
+    OPERATIONS,
     RecordEvent,
     decode_event,
     decode_json_object,
@@ -509,6 +513,7 @@ def test_unknown_top_level_fields_are_kept_uninspected() -> None:
 
 def test_a_decoded_event_has_every_field_and_is_frozen() -> None:
     event = decode_event(orjson.dumps(SPEC_EVENT))
+    assert type(event) is RecordEvent
     # getattr raises AttributeError for a field the fast constructor never set.
     values = {field.name: getattr(event, field.name) for field in fields(RecordEvent)}
     assert RecordEvent(**values) == event
@@ -734,6 +739,57 @@ def test_rfc3339_every_fraction_and_offset_agree_with_the_reference_parser() -> 
         )
 
 
+# Heads and tails of RFC 3339 texts, valid and not: the parser caches the value of
+# each valid one, and a text of a cached head and a cached tail skips the regex.
+RFC3339_HEADS = [
+    "2026-11-28T09:00:00",
+    "2026-11-28t23:59:59",
+    "2016-12-31T23:59:60",  # a leap second
+    "2026-02-29T09:00:00",  # no such day
+    "2026-11-28T24:00:00",
+    "2026-11-28 09:00:00",
+    "2026-11-28T09:00:0",  # 18 characters: the tail's first one completes the head
+    "٢٠٢٦-11-28T09:00:00",
+]
+RFC3339_TAILS = [
+    "Z",
+    "z",
+    ".5Z",
+    ".123+08:00",
+    ".1234567-02:30",  # more than 3 digits: never cached
+    "+23:59",
+    "-00:00",
+    "+24:00",
+    "-00:60",
+    ".Z",
+    "",
+    "Z ",
+    "+0100",
+    "0Z",
+    "0.1Z",
+]
+RFC3339_VALID_TAILS = ["Z", "z", ".5Z", ".123+08:00", ".1234567-02:30", "+23:59", "-00:00"]
+
+
+def test_rfc3339_cached_heads_and_tails_combine_as_the_reference_parser() -> None:
+    texts = [head + tail for head in RFC3339_HEADS for tail in RFC3339_TAILS]
+    for _ in range(2):  # the second time, every valid head and tail cached
+        for text in texts:
+            assert rfc3339_outcome(parse_rfc3339_ms, text) == rfc3339_outcome(
+                reference_rfc3339_ms, text
+            ), text
+
+
+def test_the_rfc3339_caches_are_bounded() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for second in range(events._CACHE_SIZE + 10):
+        moment = start + timedelta(seconds=second, milliseconds=second % 1000)
+        text = moment.isoformat(timespec="milliseconds").replace("+00:00", "+01:30")
+        assert parse_rfc3339_ms(text) == reference_rfc3339_ms(text)
+        assert len(events._HEAD_MS) <= events._CACHE_SIZE
+        assert len(events._TAIL_MS) <= events._CACHE_SIZE
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -851,3 +907,221 @@ def test_arbitrary_json_objects_decode_or_raise_invalid_event(event: dict[str, A
         decoded = exc
     assert (decoded.data if isinstance(decoded, RecordEvent) else decoded.parsed) is event
     _check_rejection_or_event(orjson.dumps(event))
+
+
+# The fast path of event_from_json (_plain_event) against the checked one
+# (_checked_event, which names the first problem): on events of which some fields
+# are spoiled, every outcome must be the same: the event, or the message.
+
+
+class Text(str):
+    """A str subclass: never decoded from JSON, and refused where a string is required."""
+
+
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=4)
+)
+FIELDS = st.dictionaries(st.text(max_size=4), SCALARS | st.lists(SCALARS, max_size=3), max_size=4)
+# Ids without control characters, some ending in other non-printable ones (which
+# the fast path leaves to the checked one); and bad ids.
+IDS = st.builds(
+    operator.add,
+    st.text(st.characters(whitelist_categories=["L", "N", "P", "S"]), min_size=1, max_size=6),
+    st.sampled_from([""] * 12 + ["\x85", "\u2028", "\U000e0001", "\xa0"]),
+)
+BAD_IDS = st.sampled_from(["", "a\nb", "\x00", "a\x7f", "\t"])
+MOMENTS = st.datetimes(
+    min_value=datetime(1, 1, 2),
+    max_value=datetime(9999, 12, 30),
+    timezones=st.sampled_from([UTC, timezone(timedelta(hours=8)), timezone(-timedelta(hours=2))]),
+)
+# Per field of the SPEC: values that mostly pass ...
+VALID: dict[str, st.SearchStrategy[Any]] = {
+    "event_id": IDS,
+    "org_id": IDS,
+    "module": IDS,
+    "operation": st.sampled_from(sorted(OPERATIONS)),
+    "occurred_at": st.builds(
+        datetime.isoformat, MOMENTS, timespec=st.sampled_from(["seconds", "milliseconds"])
+    )
+    | st.sampled_from([f"2026-11-28T09:00:00{tail}" for tail in RFC3339_VALID_TAILS]),
+    "record_id": IDS | st.integers(-(2**63), 2**64 - 1),
+    "record": FIELDS,
+    "previous": st.none() | FIELDS,
+    "related": st.none() | st.dictionaries(st.text(max_size=4), FIELDS, max_size=3),
+    "user": st.none() | FIELDS,
+    "organization": st.none() | FIELDS,
+}
+# ... and values that mostly do not; a field may also be missing.
+NOT_SCALARS = (
+    st.dictionaries(st.text(max_size=2), SCALARS, max_size=2)
+    | st.lists(SCALARS, max_size=2).map(tuple)
+    | st.just(Text("x"))
+)
+# Field values, one of them neither a scalar nor an array of scalars.
+NOT_FIELDS = st.builds(
+    lambda fields, name, bad: fields | {name: bad},
+    FIELDS,
+    st.text(max_size=4),
+    NOT_SCALARS
+    | st.builds(
+        lambda items, bad: [*items, bad],
+        st.lists(SCALARS, max_size=2),
+        NOT_SCALARS | st.lists(SCALARS, max_size=1),
+    ),
+)
+SPOILED: dict[str, st.SearchStrategy[Any]] = {
+    "event_id": BAD_IDS | st.just(Text("e1")),
+    "org_id": BAD_IDS | st.just(Text("org")),
+    "module": BAD_IDS | st.just(Text("Leads")),
+    "operation": st.sampled_from(["", "Create", "update", "create "]) | st.just(Text("edit")),
+    "occurred_at": rfc3339_like() | st.just(Text("2026-11-28T09:00:00Z")),
+    "record_id": BAD_IDS | st.sampled_from([Text("1"), 1.0, -0.0, True, False]),
+    "record": NOT_FIELDS,
+    "previous": NOT_FIELDS,
+    "related": st.builds(
+        lambda related, name, bad: related | {name: bad},
+        st.dictionaries(st.text(max_size=4), FIELDS, max_size=2),
+        st.text(max_size=4),
+        NOT_FIELDS | SCALARS,
+    ),
+    "user": NOT_FIELDS,
+    "organization": NOT_FIELDS,
+}
+
+
+@st.composite
+def spoiled_events(draw: st.DrawFn) -> dict[str, Any]:
+    """An event with its fields in random order, a few spoiled, missing or extra."""
+    count = draw(st.sampled_from([0, 1, 1, 1, 2]))
+    spoiled = draw(st.lists(st.sampled_from(list(VALID)), min_size=count, max_size=count))
+    event: dict[str, Any] = {}
+    for key in draw(st.permutations(list(VALID))):
+        if key not in spoiled:
+            event[key] = draw(VALID[key])
+        else:
+            how = draw(st.sampled_from(["missing", "any", "bad", "bad"]))
+            if how != "missing":
+                event[key] = draw(JSON_VALUES if how == "any" else SPOILED[key])
+    if draw(st.booleans()):
+        event["x"] = draw(JSON_VALUES)
+    return event
+
+
+def outcome(decode: Callable[[dict[str, Any]], RecordEvent], event: dict[str, Any]) -> Any:
+    """What decoding gives: the event's fields, or the error's message; and what it keeps."""
+    try:
+        decoded = decode(event)
+    except InvalidEvent as exc:
+        error = exc
+    else:
+        assert type(decoded) is RecordEvent
+        assert decoded.data is event
+        for name in ("record", "previous", "user", "organization"):
+            assert getattr(decoded, name) is event.get(name)
+        if event.get("related") is not None:
+            assert decoded.related is event["related"]
+        return [(name, getattr(decoded, name)) for name in RecordEvent.__slots__]
+    assert error.parsed is event
+    return error.message
+
+
+def bytes_outcome(decode: Callable[[bytes], RecordEvent], data: bytes) -> Any:
+    try:
+        decoded = decode(data)
+    except InvalidEvent as exc:
+        return exc.message, exc.parsed
+    return [(name, getattr(decoded, name)) for name in RecordEvent.__slots__]
+
+
+def decode_checked(data: bytes) -> RecordEvent:
+    """decode_event without the fast path."""
+    return events._checked_event(decode_json_object(data))
+
+
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(event=spoiled_events())
+def test_the_fast_path_decides_as_the_checked_one(event: dict[str, Any]) -> None:
+    fast = events._plain_event(event)
+    checked = outcome(events._checked_event, event)
+    if fast is not None:  # only what the checked path accepts, as it builds it
+        assert outcome(lambda _: fast, event) == checked
+    assert outcome(event_from_json, event) == checked
+    try:
+        data = orjson.dumps(event)
+    except orjson.JSONEncodeError:  # integers of more than 64 bits
+        return
+    assert bytes_outcome(decode_event, data) == bytes_outcome(decode_checked, data)
+
+
+BAD_FIELDS: list[Any] = [
+    None,
+    [],
+    "x",
+    {"a": {}},
+    {"a": [[]]},
+    {"a": ["x", {}]},
+    {"a": (1,)},
+    {"a": Text("x")},
+    {"a": [Text("x")]},
+    {"a": ["x", 1, 2.5, True, None], "b": []},
+]
+SPOILED_IDS: list[Any] = [
+    *["", "a\nb", "\x00", "a\x7f", "\t", "a\x85b", "a\u2028b", Text("e1")],
+    *[None, 1, -0.0, True, [], {}, DELETE],
+]
+SPOILED_TIMES: list[Any] = [
+    *["", "x", "2026-11-28T09:00:00", "2026-11-28T24:00:00Z", "2026-11-28T09:00:00+0100"],
+    *[Text("2026-11-28T09:00:00Z"), 1764320400000, None, DELETE],
+]
+ONE_SPOILED: list[tuple[str, Any]] = [
+    *[(key, value) for key in ("event_id", "org_id", "module") for value in SPOILED_IDS],
+    *[("record_id", value) for value in [*SPOILED_IDS, 0, -1, 2**64 - 1, -(2**63), 1.0, False]],
+    *[
+        ("operation", value)
+        for value in ["", "Create", "update", "create ", Text("edit"), None, 1, ["create"], DELETE]
+    ],
+    *[("occurred_at", value) for value in SPOILED_TIMES],
+    *[
+        (key, value)
+        for key in ("record", "previous", "user", "organization")
+        for value in [*BAD_FIELDS, DELETE]
+    ],
+    *[("related", {"A": value}) for value in BAD_FIELDS],
+    *[("related", value) for value in [None, [], "x", {}, DELETE]],
+]
+
+
+@pytest.mark.parametrize(("key", "value"), ONE_SPOILED)
+@pytest.mark.parametrize("base", [SPEC_EVENT, MINIMAL], ids=["spec", "minimal"])
+def test_with_one_field_spoiled_the_fast_path_decides_as_the_checked_one(
+    base: dict[str, Any], key: str, value: Any
+) -> None:
+    event = {k: v for k, v in base.items() if k != key}
+    if value is not DELETE:
+        event[key] = value
+    fast = events._plain_event(event)
+    checked = outcome(events._checked_event, event)
+    if fast is not None:
+        assert outcome(lambda _: fast, event) == checked
+    assert outcome(event_from_json, event) == checked
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        SPEC_EVENT,
+        MINIMAL,
+        MINIMAL | {"previous": None, "related": None, "user": None, "organization": None},
+        variant(record_id=4150868000000224005, record={"Tags": ["a", 1, None], "Empty": []}),
+        variant(occurred_at="2026-11-28T17:00:00.123456+08:00", related={}),
+    ],
+)
+def test_plain_events_take_the_fast_path(event: dict[str, Any]) -> None:
+    fast = events._plain_event(event)
+    assert fast is not None
+    assert fast == events._checked_event(event)

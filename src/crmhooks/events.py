@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
-from functools import lru_cache
 from typing import Any, Literal
 
 import orjson
@@ -82,7 +81,7 @@ class RecordEvent:
     """One CRM record event (SPEC §2). ``data`` is the JSON object as received.
 
     Frozen, like every value. ``event_from_json`` builds it with ``_new_record_event``
-    rather than ``__init__``, which costs three times as much (see there); both
+    rather than ``__init__``, which costs four times as much (see there); both
     ``RecordEvent(...)`` and ``dataclasses.replace`` work as for any dataclass.
     """
 
@@ -111,29 +110,31 @@ class RecordEvent:
         )
 
 
-def _slot_setter(name: str) -> Callable[[RecordEvent, Any], None]:
-    setter: Callable[[RecordEvent, Any], None] = RecordEvent.__dict__[name].__set__
-    return setter
+class _UnfrozenRecordEvent:
+    """RecordEvent's slots without its frozen ``__setattr__``: see ``_new_record_event``."""
+
+    __slots__ = RecordEvent.__slots__
+    event_id: str
+    org_id: str
+    module: str
+    operation: Operation
+    occurred_at_ms: int
+    record_id: str
+    record: Record
+    previous: Record | None
+    related: Mapping[str, Record]
+    user: Record | None
+    organization: Record | None
+    data: Mapping[str, Any]
 
 
 # Why not RecordEvent(...): a frozen dataclass's __init__ takes keywords and sets
 # each field through object.__setattr__, ~1.5 µs for these 12 (a tenth of an
-# event's processing). Its slots' own descriptors, called positionally, take a
-# third of that, and the class stays frozen. A test checks every field is set.
-_set_event_id = _slot_setter("event_id")
-_set_org_id = _slot_setter("org_id")
-_set_module = _slot_setter("module")
-_set_operation = _slot_setter("operation")
-_set_occurred_at_ms = _slot_setter("occurred_at_ms")
-_set_record_id = _slot_setter("record_id")
-_set_record = _slot_setter("record")
-_set_previous = _slot_setter("previous")
-_set_related = _slot_setter("related")
-_set_user = _slot_setter("user")
-_set_organization = _slot_setter("organization")
-_set_data = _slot_setter("data")
-
-
+# event's processing); calling each slot's descriptor still takes 0.6 µs. Instead
+# the fields are stored into an instance of a class with the same slots (plain
+# attribute stores, which the interpreter specialises) and the instance then
+# becomes a RecordEvent: CPython allows ``__class__`` assignment between classes of
+# the same layout, and checks it. 0.25 µs. A test checks every field is set.
 def _new_record_event(
     event_id: str,
     org_id: str,
@@ -149,20 +150,21 @@ def _new_record_event(
     data: Mapping[str, Any],
 ) -> RecordEvent:
     """``RecordEvent(...)``, the fields in their order, but faster (see above)."""
-    event: RecordEvent = object.__new__(RecordEvent)
-    _set_event_id(event, event_id)
-    _set_org_id(event, org_id)
-    _set_module(event, module)
-    _set_operation(event, operation)
-    _set_occurred_at_ms(event, occurred_at_ms)
-    _set_record_id(event, record_id)
-    _set_record(event, record)
-    _set_previous(event, previous)
-    _set_related(event, related)
-    _set_user(event, user)
-    _set_organization(event, organization)
-    _set_data(event, data)
-    return event
+    event = object.__new__(_UnfrozenRecordEvent)
+    event.event_id = event_id
+    event.org_id = org_id
+    event.module = module
+    event.operation = operation
+    event.occurred_at_ms = occurred_at_ms
+    event.record_id = record_id
+    event.record = record
+    event.previous = previous
+    event.related = related
+    event.user = user
+    event.organization = organization
+    event.data = data
+    event.__class__ = RecordEvent  # type: ignore[assignment]  # same slots, see above
+    return event  # type: ignore[return-value]  # now a RecordEvent
 
 
 def parse_rfc3339_ms(text: str) -> int:
@@ -171,24 +173,55 @@ def parse_rfc3339_ms(text: str) -> int:
     Fractions of a millisecond are truncated; a leap second (``:60``) is the first
     millisecond of the next minute.
     """
+    head_ms = _HEAD_MS.get(text[:19])
+    tail_ms = _TAIL_MS.get(text[19:])
+    if head_ms is not None and tail_ms is not None:
+        return head_ms + tail_ms
+    return _parse_rfc3339_ms(text)
+
+
+# Why cached: events arrive roughly in time order, so at any rate that matters most
+# share their second with one just before, and their fraction and offset with many.
+# The pattern is a 19-character head (date, time to the second) followed by a
+# tail (fraction, offset), each with its own share of the value: a text whose head
+# and tail have both been seen in valid texts is valid, and its value their sum.
+# Two dict lookups (~0.1 µs) replace the regex (~0.5 µs). Only tails of up to 3
+# fraction digits are kept: they repeat, finer ones rarely do. Why 4096
+# entries: over an hour of seconds, or every millisecond in a few offsets, for
+# producers lagging each other or a replayed backlog, in under 1 MB; when full, a
+# cache starts again empty (cheaper than an LRU on every hit).
+_CACHE_SIZE = 4096
+_HEAD_MS: dict[str, int] = {}  # yyyy-MM-ddTHH:mm:ss → ms since 1970-01-01T00:00:00 local
+_TAIL_MS: dict[str, int] = {}  # [.fff](Z|±HH:mm) → ms to add: the fraction, minus the offset
+
+
+def _parse_rfc3339_ms(text: str) -> int:
+    """``parse_rfc3339_ms`` for a text whose head or tail is not cached; caches them."""
     match = _RFC3339.fullmatch(text)
     if match is None:
         raise ValueError("expected yyyy-MM-ddTHH:mm:ss[.fff] followed by Z or ±HH:mm")
-    ms = _local_second_ms(text[:19])
+    head = text[:19]
+    ms = _HEAD_MS.get(head)
     if ms is None:
-        raise ValueError(f"time of day out of range: {text[11:19]}")
+        ms = _local_second_ms(head)
+        if ms is None:
+            raise ValueError(f"time of day out of range: {text[11:19]}")
+        if len(_HEAD_MS) >= _CACHE_SIZE:
+            _HEAD_MS.clear()
+        _HEAD_MS[head] = ms
     fraction, offset = match.groups()
     offset_ms = _OFFSET_MS.get(offset)
     if offset_ms is None:
         raise ValueError(f"offset out of range: {offset}")
-    return ms + _FRACTION_MS[fraction] + offset_ms
+    tail_ms = _FRACTION_MS[fraction] + offset_ms
+    tail = text[19:]
+    if fraction is None or len(tail) == 1 + len(fraction) + len(offset):  # none truncated
+        if len(_TAIL_MS) >= _CACHE_SIZE:
+            _TAIL_MS.clear()
+        _TAIL_MS[tail] = tail_ms
+    return ms + tail_ms
 
 
-# Why cached: events arrive roughly in time order, so at any rate that matters most
-# share their second with one just before; a hit saves ~0.7 µs, a miss costs ~0.3 µs
-# more than no cache. Why 4096: over an hour of seconds, for producers lagging each
-# other or a replayed backlog, in under 1 MB.
-@lru_cache(maxsize=4096)
 def _local_second_ms(head: str) -> int | None:
     """``yyyy-MM-ddTHH:mm:ss`` (as matched by _RFC3339) → ms since 1970-01-01T00:00:00
     in its own offset; None if the time of day is out of range, ValueError if the date."""
@@ -380,6 +413,102 @@ def _related(parsed: dict[str, Any]) -> Mapping[str, Record]:
 
 def event_from_json(parsed: dict[str, Any]) -> RecordEvent:
     """Validate a parsed JSON object as a record event (SPEC §2)."""
+    event = _plain_event(parsed)
+    if event is None:
+        return _checked_event(parsed)
+    return event
+
+
+def _plain_fields(fields: dict[str, Any]) -> bool:
+    """Whether every value is a scalar or an array of scalars (``_check_fields`` passes)."""
+    for value in fields.values():
+        if type(value) not in _SCALAR_TYPES:
+            if type(value) is not list:
+                return False
+            for item in value:
+                if type(item) not in _SCALAR_TYPES:
+                    return False
+    return True
+
+
+def _plain_event(parsed: dict[str, Any]) -> RecordEvent | None:
+    """The event, if ``parsed`` is plainly valid; else None, for ``_checked_event``.
+
+    The fast path of ``event_from_json``: the same checks, but as one condition that
+    names no problem, without a call per field (~0.5 µs less per event). It accepts a
+    subset of what ``_checked_event`` accepts (ids with non-printable characters
+    other than control characters are left to it) and builds the same event; a
+    property test compares the two. ``_checked_event`` decides whatever this
+    does not accept, naming the first problem in field order.
+    """
+    get = parsed.get
+    event_id = get("event_id")
+    org_id = get("org_id")
+    module = get("module")
+    operation = get("operation")
+    occurred_at = get("occurred_at")
+    record_id = get("record_id")
+    record = get("record")
+    previous = get("previous")
+    related = get("related")
+    user = get("user")
+    organization = get("organization")
+    if not (
+        type(event_id) is str
+        and type(org_id) is str
+        and type(module) is str
+        and event_id
+        and org_id
+        and module
+        and event_id.isprintable()
+        and org_id.isprintable()
+        and module.isprintable()
+        and type(operation) is str
+        and operation in OPERATIONS
+        and type(occurred_at) is str
+        and (
+            (type(record_id) is str and record_id and record_id.isprintable())
+            or type(record_id) is int
+        )
+        and type(record) is dict
+        and _plain_fields(record)
+        and (previous is None or (type(previous) is dict and _plain_fields(previous)))
+        and (user is None or (type(user) is dict and _plain_fields(user)))
+        and (organization is None or (type(organization) is dict and _plain_fields(organization)))
+    ):
+        return None
+    if related is None:
+        related = {}
+    elif type(related) is dict:
+        for fields in related.values():
+            if type(fields) is not dict or not _plain_fields(fields):
+                return None
+    else:
+        return None
+    try:
+        occurred_at_ms = parse_rfc3339_ms(occurred_at)
+    except ValueError:
+        return None
+    if type(record_id) is not str:  # an int; converted last, as by _checked_event
+        record_id = str(record_id)
+    return _new_record_event(
+        event_id,
+        org_id,
+        module,
+        operation,  # type: ignore[arg-type]  # checked against OPERATIONS
+        occurred_at_ms,
+        record_id,
+        record,
+        previous,
+        related,
+        user,
+        organization,
+        parsed,
+    )
+
+
+def _checked_event(parsed: dict[str, Any]) -> RecordEvent:
+    """``event_from_json`` checking each field in turn: InvalidEvent names the first problem."""
     event_id = _require_id(parsed, "event_id")
     org_id = _require_id(parsed, "org_id")
     module = _require_id(parsed, "module")
