@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crmhooks.config import AllOf, AnyOf, Condition, Criteria, Not, Rule, Trigger
 from crmhooks.events import RecordEvent, event_from_json
 from crmhooks.modules import ModuleCatalog
-from crmhooks.rules import RuleIndex, compile_criteria, evaluate, matches, trigger_fires
+from crmhooks.rules import (
+    RuleIndex,
+    as_text,
+    compile_criteria,
+    evaluate,
+    matches,
+    trigger_fires,
+)
 
 MISSING = object()
 
@@ -461,3 +468,232 @@ def test_compiled_criteria_equal_evaluate() -> None:
     for record in ({"F0": "v0", "F1": "V1", "F2": "v2"}, {"G": "a"}, {"G": "c"}, {}):
         event = make_event(record)
         assert matcher(event) is evaluate(criteria, event)
+
+
+# --- needs_planning: the value-keyed selector gives the answer of trying every rule -----
+
+
+def _tried_in_turn(index: RuleIndex, event: RecordEvent) -> bool:
+    """What the processor did before ``needs_planning``: any rule stateful or matching."""
+    for c in index.compiled(event.org_id, event.module):  # noqa: SIM110
+        if c.stateful or c.matches(event):
+            return True
+    return False
+
+
+def _stage_rules(n: int, org: str = "org-acme") -> list[Rule]:
+    return [
+        Rule(id=f"s{i}", module="Potentials", org=org, criteria=Condition("Stage", "is", f"St-{i}"))
+        for i in range(n)
+    ]
+
+
+def test_needs_planning_looks_rules_up_by_text() -> None:
+    extra = [
+        Rule(
+            id="two",
+            module="Deals",
+            org="org-acme",
+            trigger="edit",
+            criteria=AllOf((Condition("Amount", "gt", 10), Condition("Type", "is", "new"))),
+        ),
+        Rule(id="empty", module="Potentials", criteria=Condition("Region", "is", "")),
+        Rule(id="yes", module="Potentials", criteria=Condition("Flag", "is", True)),
+        Rule(id="seven", module="Potentials", criteria=Condition("Code", "is", "7")),
+        Rule(id="day", module="Potentials", criteria=Condition("Day", "is", "2026-11-30")),
+        # Not looked up: a related field, a prefix naming the module itself, an `any`.
+        Rule(id="acct", module="Potentials", criteria=Condition("Accounts.Name", "is", "acme")),
+        Rule(id="own", module="Potentials", criteria=Condition("Deals.Kind", "is", "big")),
+        Rule(
+            id="either",
+            module="Potentials",
+            criteria=AnyOf((Condition("Color", "is", "red"), Condition("Size", "is", "xl"))),
+        ),
+    ]
+    index = RuleIndex(_stage_rules(50) + extra)
+    cases: list[tuple[dict[str, Any], str, bool]] = [
+        ({"Stage": "Closed Won", "Region": "EU"}, "edit", False),
+        ({"Stage": "st-7", "Region": "EU"}, "edit", True),  # any case
+        ({"Stage": ["x", "ST-49"], "Region": "EU"}, "edit", True),  # any element
+        ({"Stage": [], "Region": "EU"}, "edit", False),
+        ({"Stage": "x"}, "edit", True),  # a missing field `is` ""
+        ({"Stage": "x", "Region": None}, "edit", True),
+        ({"Stage": "x", "Region": [None]}, "edit", True),
+        ({"Stage": "x", "Region": []}, "edit", False),
+        ({"Region": "EU", "Flag": "TRUE"}, "edit", True),
+        ({"Region": "EU", "Flag": False}, "edit", False),
+        ({"Region": "EU", "Code": 7.0}, "edit", True),  # a number compares as a number
+        ({"Region": "EU", "Code": "7.00"}, "edit", True),
+        ({"Region": "EU", "Day": "2026-11-30 10:00"}, "edit", True),  # a date as a date
+        ({"Region": "EU", "Type": "NEW", "Amount": 11}, "edit", True),
+        ({"Region": "EU", "Type": "NEW", "Amount": 9}, "edit", False),
+        ({"Region": "EU", "Type": "NEW", "Amount": 11}, "create", False),  # trigger
+        ({"Region": "EU", "Kind": "BIG"}, "edit", True),
+        ({"Region": "EU", "Deals.Kind": "big"}, "edit", False),
+        ({"Region": "EU", "Size": "XL"}, "edit", True),
+        ({"Region": "EU", "Color": "XL"}, "edit", False),
+    ]
+    related = {"Accounts": {"Name": "ACME"}}
+    assert index.needs_planning(make_event({"Region": "EU"}, related=related), "Potentials")
+    for record, operation, expected in cases:
+        event = make_event(record, operation=operation)
+        assert index.needs_planning(event, event.module) is expected, record
+        assert _tried_in_turn(index, event) is expected, record
+    # Other organisations only have the org-less rules; unknown modules none.
+    assert not index.needs_planning(make_event({"Stage": "st-1", "Region": "EU"}, org="o"), "Deals")
+    assert index.needs_planning(make_event({"Code": 7}, org="o"), "Potentials")
+    assert not index.needs_planning(make_event({"Code": 7}), "Nonsense")
+
+
+def test_needs_planning_is_true_with_a_stateful_rule() -> None:
+    once = Rule(
+        id="once",
+        module="Potentials",
+        org="org-acme",
+        repeat="once",
+        criteria=Condition("S", "is", "x"),
+    )
+    index = RuleIndex([*_stage_rules(5), once])
+    assert index.needs_planning(make_event({"Stage": "nothing"}), "Potentials")
+    assert not index.needs_planning(make_event({"Stage": "nothing"}, org="other"), "Potentials")
+    assert RuleIndex([once]).needs_planning(make_event({}), "Potentials")
+    assert not RuleIndex([]).needs_planning(make_event({}), "Potentials")
+
+
+_PLAN_FIELDS = ["Stage", "Stage", "Type", "Type", "Amount", "Accounts.Stage", "Deals.Stage"]
+_plan_texts = st.sampled_from(
+    ["won", "WON", "Won", "lost", "straße", "STRASSE", "", " won", "true"]
+)
+_plan_scalars = st.one_of(
+    _plan_texts,
+    st.sampled_from(["7", "7.0", "07", "1e3", "2026-11-30", "2026-11-30 09:30"]),
+    st.sampled_from([7, 7.0, 1000, 0, -1.5, True, False, None]),
+)
+_plan_values = st.one_of(_plan_scalars, st.lists(_plan_scalars, max_size=3))
+
+
+@st.composite
+def _plan_conditions(draw: st.DrawFn) -> Condition:
+    field = draw(st.sampled_from(_PLAN_FIELDS))
+    op = draw(st.sampled_from(["is"] * 6 + ["is_not", "contains", "gt", "in", "is_empty"]))
+    if op == "is_empty":
+        return Condition(field, op)
+    if op == "in":
+        return Condition(field, op, tuple(draw(st.lists(_plan_scalars, min_size=1, max_size=3))))
+    if op == "contains":
+        return Condition(field, op, draw(st.sampled_from(["o", "WO", "7"])))
+    if op == "is" and draw(st.booleans()):
+        return Condition(field, op, draw(_plan_texts))
+    return Condition(field, op, draw(_plan_scalars))
+
+
+_plan_criteria = st.one_of(
+    _plan_conditions(),
+    st.lists(_plan_conditions(), max_size=3).map(lambda items: AllOf(tuple(items))),
+    st.recursive(
+        _plan_conditions(),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3).map(lambda items: AllOf(tuple(items))),
+            st.lists(inner, max_size=3).map(lambda items: AnyOf(tuple(items))),
+            inner.map(Not),
+        ),
+        max_leaves=5,
+    ),
+)
+
+
+# Criteria that mostly can be looked up: an `is` alone or first in an `all`.
+_plan_keyed = st.builds(
+    lambda field, const, others: (
+        AllOf((Condition(field, "is", const), *others)) if others else Condition(field, "is", const)
+    ),
+    st.sampled_from(["Stage", "Type", "Amount"]),
+    st.one_of(_plan_texts, _plan_scalars),
+    st.lists(_plan_conditions(), max_size=2),
+)
+
+
+@st.composite
+def _plan_rules(draw: st.DrawFn) -> list[Rule]:
+    rules = []
+    # Mostly no stateful rule: a group with one always needs planning.
+    repeats = ["every"] * 7 + ["once"] if draw(st.integers(0, 3)) == 0 else ["every"]
+    # Often one group only, so that groups have enough rules for a selector.
+    modules = ["Potentials", "Deals", "Potentials", "Leads"] if draw(st.booleans()) else ["Deals"]
+    orgs = [None, None, "org-a", "org-b"] if draw(st.booleans()) else [None]
+    for i in range(draw(st.integers(0, 12) | st.integers(4, 12))):
+        rules.append(
+            Rule(
+                id=f"r{i}",
+                module=draw(st.sampled_from(modules)),
+                org=draw(st.sampled_from(orgs)),
+                trigger=draw(st.sampled_from(["create_or_edit", "edit", "field_update"])),
+                fields=("Stage",),
+                repeat=draw(st.sampled_from(repeats)),
+                criteria=draw(st.one_of(_plan_keyed, _plan_criteria)),
+            )
+        )
+    return rules
+
+
+def _constants(criteria: Criteria) -> list[Any]:
+    if isinstance(criteria, Condition):
+        value = criteria.value
+        return list(value) if isinstance(value, tuple) else [value]
+    if isinstance(criteria, Not):
+        return _constants(criteria.item)
+    return [v for item in criteria.items for v in _constants(item)]
+
+
+def _near(const: Any) -> list[Any]:
+    """Field values that are, or nearly are, ``const`` (so that lookups are put to the test)."""
+    text = as_text(const)
+    return [const, text, text.upper(), text.title(), f" {text}", f"{text}.0", f"{text} 10:00"]
+
+
+def _first_condition(criteria: Criteria) -> Condition | None:
+    if isinstance(criteria, Condition):
+        return criteria
+    if isinstance(criteria, AllOf | AnyOf) and criteria.items:
+        return _first_condition(criteria.items[0])
+    return None
+
+
+@st.composite
+def _plan_events(draw: st.DrawFn, rules: list[Rule]) -> RecordEvent:
+    near = sorted(
+        {repr(v): v for r in rules for c in _constants(r.criteria) for v in _near(c)}.items()
+    )
+    values = _plan_values
+    if near:
+        close = st.sampled_from([v for _, v in near])
+        values = st.one_of(_plan_values, close, st.lists(close, min_size=1, max_size=3))
+    fields = st.sampled_from(["Stage", "Type", "Amount", "Deals.Stage"])
+    org = draw(st.sampled_from(["org-a", "org-b", "org-c"]))
+    module = draw(st.sampled_from(["Potentials", "Deals", "Leads"]))
+    aimed: bool = draw(st.booleans())
+    if rules and aimed:  # mostly events some rule is for
+        rule = draw(st.sampled_from(rules))
+        org, module = rule.org or org, rule.module
+    record = draw(st.dictionaries(fields, values))
+    target = _first_condition(draw(st.sampled_from(rules)).criteria) if rules else None
+    if target is not None and not isinstance(target.value, tuple):  # give it a close value
+        like = st.sampled_from(_near(target.value))
+        value = draw(like | st.lists(like | _plan_scalars, min_size=1, max_size=3))
+        record[target.field.rpartition(".")[2]] = value
+    return make_event(
+        record,
+        operation=draw(st.sampled_from(["create", "edit", "edit", "delete"])),
+        org=org,
+        module=module,
+        previous=draw(st.sampled_from([{"Stage": "x"}, {"Stage": "x"}, None, {"Type": "y"}])),
+        related={"Accounts": draw(st.dictionaries(st.sampled_from(["Stage", "Type"]), values))},
+    )
+
+
+@settings(max_examples=300)
+@given(_plan_rules(), st.data())
+def test_needs_planning_equals_trying_every_rule(rules: list[Rule], data: st.DataObject) -> None:
+    index = RuleIndex(rules)
+    for event in data.draw(st.lists(_plan_events(rules), min_size=1, max_size=10)):
+        assert index.needs_planning(event, event.module) is _tried_in_turn(index, event)

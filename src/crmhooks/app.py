@@ -426,15 +426,10 @@ class Processor:
             module = self.catalog.canonical(event.module)
             if module is None or event.module in UNSUPPORTED_MODULES:
                 continue  # Calls, Notes and modules no rule can name: consumed, ignored
-            compiled = self.index.compiled(event.org_id, module)
-            if not compiled:
-                continue
             # Rules with scheduled actions or repeat="once" keep per-record state that a
             # non-matching event may change; instant-only rules can skip the store.
-            for c in compiled:
-                if c.stateful or c.matches(event):
-                    todo.append((rec, event, module))
-                    break
+            if self.index.needs_planning(event, module):
+                todo.append((rec, event, module))
         self.stats["events"] += len(records)
         batch = WriteBatch()
         heap_new: list[Action] = []

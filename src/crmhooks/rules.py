@@ -471,6 +471,77 @@ class CompiledRule:
         )
 
 
+# An (org, module) group gets a value-keyed selector only from this many indexable rules.
+_MIN_INDEXED = 2
+
+
+def _index_key(criteria: Criteria) -> tuple[str, str] | None:
+    """``(field, folded text)`` when the criteria can only hold if that record field ``is``
+    that plain text: an ``is`` on a field without ``.`` with a constant that is neither
+    a number nor a date, alone or (first such) at the top of an ``all``. Then ``_equals``
+    is ``as_text(v).casefold() == folded`` for the value, or any element of an array.
+    """
+    if isinstance(criteria, Condition):
+        if criteria.op != "is" or "." in criteria.field:
+            return None
+        const = _Const.of(criteria.value)
+        if const.number is not None or const.instant is not None:
+            return None
+        return criteria.field, const.folded
+    if isinstance(criteria, AllOf):
+        for item in criteria.items:
+            key = _index_key(item)
+            if key is not None:
+                return key
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Selector:
+    """The instant-only rules of one (org, module) group, most looked up by a field's value.
+
+    ``by_field``: per record field, the rules whose criteria need that field to be (as
+    folded text) the key. ``rest``: rules that are always evaluated.
+    """
+
+    by_field: tuple[tuple[str, Mapping[str, tuple[CompiledRule, ...]]], ...]
+    rest: tuple[CompiledRule, ...]
+
+
+# What decides whether an event of an (org, module) group needs planning: True (a
+# stateful rule), a tuple of instant-only rules to evaluate in turn, or a selector.
+_Plan = bool | tuple[CompiledRule, ...] | _Selector
+
+
+def _plan(compiled: Sequence[CompiledRule]) -> _Plan:
+    if not compiled:
+        return False
+    if any(c.stateful for c in compiled):
+        return True
+    keyed: dict[str, dict[str, list[CompiledRule]]] = {}
+    rest: list[CompiledRule] = []
+    keys = [_index_key(c.rule.criteria) for c in compiled]
+    if sum(k is not None for k in keys) < _MIN_INDEXED:
+        return tuple(compiled)
+    for c, key in zip(compiled, keys, strict=True):
+        if key is None:
+            rest.append(c)
+        else:
+            field, folded = key
+            keyed.setdefault(field, {}).setdefault(folded, []).append(c)
+    return _Selector(
+        tuple((f, {k: tuple(cs) for k, cs in table.items()}) for f, table in keyed.items()),
+        tuple(rest),
+    )
+
+
+def _any_matches(compiled: Iterable[CompiledRule], event: RecordEvent) -> bool:
+    for c in compiled:  # noqa: SIM110  (no generator per event)
+        if c.matches(event):
+            return True
+    return False
+
+
 class RuleIndex:
     """Rules by (organisation, canonical module), compiled once.
 
@@ -480,7 +551,15 @@ class RuleIndex:
     arriving in events cannot grow it.
     """
 
-    __slots__ = ("_by_id", "_catalog", "_orgless", "_rules", "_scoped")
+    __slots__ = (
+        "_by_id",
+        "_catalog",
+        "_orgless",
+        "_orgless_plans",
+        "_rules",
+        "_scoped",
+        "_scoped_plans",
+    )
 
     def __init__(self, rules: Iterable[Rule], catalog: ModuleCatalog | None = None) -> None:
         self._catalog = _DEFAULT_CATALOG if catalog is None else catalog
@@ -509,6 +588,8 @@ class RuleIndex:
             m: tuple(c.rule for c in cs) for m, cs in self._orgless.items()
         }
         self._rules.update({k: tuple(c.rule for c in cs) for k, cs in self._scoped.items()})
+        self._orgless_plans = {m: _plan(cs) for m, cs in self._orgless.items()}
+        self._scoped_plans = {k: _plan(cs) for k, cs in self._scoped.items()}
 
     def compiled(self, org_id: str, module: str) -> Sequence[CompiledRule]:
         """The compiled rules that apply to events of ``module`` (any of its names) in an org."""
@@ -517,6 +598,36 @@ class RuleIndex:
             return ()
         found = self._scoped.get((org_id, canonical))
         return found if found is not None else self._orgless.get(canonical, ())
+
+    def needs_planning(self, event: RecordEvent, module: str) -> bool:
+        """Whether any rule of ``compiled(event.org_id, module)`` is stateful or matches.
+
+        The same answer as trying them all, but a rule whose criteria need a record
+        field to be some text is only tried when the event's field is that text.
+        """
+        canonical = self._catalog.canonical(module)
+        if canonical is None:
+            return False
+        plan = self._scoped_plans.get((event.org_id, canonical))
+        if plan is None:
+            plan = self._orgless_plans.get(canonical, False)
+        if isinstance(plan, tuple):
+            return _any_matches(plan, event)
+        if isinstance(plan, bool):
+            return plan
+        record = event.record
+        for field, table in plan.by_field:
+            value = record.get(field)
+            if type(value) is list:
+                for element in value:
+                    found = table.get(as_text(element).casefold())
+                    if found is not None and _any_matches(found, event):
+                        return True
+            else:
+                found = table.get(as_text(value).casefold())
+                if found is not None and _any_matches(found, event):
+                    return True
+        return _any_matches(plan.rest, event)
 
     def candidates(self, org_id: str, module: str) -> Sequence[Rule]:
         """The rules of that organisation (and org-less ones) for that module, in config order."""
