@@ -343,10 +343,6 @@ class Processor:
             self._commit_soon(offsets)
         self._tickets_changed.set()
 
-    def _take_unstored(self, action_id: str) -> tuple[_Ticket, Action, bytes] | None:
-        """The entry of an instant action not stored yet, which the caller now stores."""
-        return self._unstored.pop(action_id, None)
-
     def _settled(self, action: Action, ticket: _Ticket) -> None:
         """An instant action is stored (finished or pending): its batch may commit."""
         ticket.waiting.discard(action.action_id)
@@ -898,7 +894,7 @@ class Processor:
                 "action %s failed on attempt %d: %s", action.action_id, attempt, outcome.error
             )
             self._count_failure(action, batch)
-        unstored = self._take_unstored(action.action_id)
+        unstored = self._unstored.pop(action.action_id, None)  # the caller now stores it
         if retry is not None and unstored is not None:
             batch.new_actions.append(retry)  # stored for the first time, for its retry
             batch.snapshots.append((action.record_key, action.partition, unstored[2]))
@@ -996,7 +992,7 @@ class Processor:
         ]
         await self.kio.produce_all([*out, *extra])
         batch = WriteBatch(finished=[(action.action_id, status, self.clock.now_ms())])
-        unstored = self._take_unstored(action.action_id)
+        unstored = self._unstored.pop(action.action_id, None)  # the caller now stores it
         if unstored is not None:
             batch.new_actions.append(action)  # stored for the first time, finished
         try:

@@ -203,9 +203,6 @@ class _Connection(asyncio.Protocol):
                 break
         self.abort()
 
-    def _expire(self, timeout: TimeoutError) -> None:
-        self._fail(timeout)
-
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -234,7 +231,7 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._cut = False
         self._keep_alive = False
-        timer = loop.call_at(deadline, self._expire, TimeoutError())
+        timer = loop.call_at(deadline, self._fail, TimeoutError())
         try:
             self.transport.writelines(data)
             await head
