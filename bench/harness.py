@@ -178,8 +178,11 @@ class FastProducer:
         await self.producer.flush()
 
 
-async def raw_consume_rate(bootstrap: str, topic: str, partitions: int, count: int) -> float:
-    """Records/s of a bare AIOKafkaConsumer reading ``count`` records, decoding nothing."""
+async def raw_consume_rate(
+    bootstrap: str, topic: str, partitions: int, count: int
+) -> tuple[float, float]:
+    """Records/s of a bare AIOKafkaConsumer reading ``count`` records, decoding nothing,
+    and its CPU µs per record (this process runs nothing else meanwhile)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
@@ -197,10 +200,12 @@ async def raw_consume_rate(bootstrap: str, topic: str, partitions: int, count: i
         await consumer.seek_to_beginning(*tps)
         seen = 0
         start = time.monotonic()
+        cpu = time.process_time()
         while seen < count:
             batches = await consumer.getmany(timeout_ms=500, max_records=2000)
             seen += sum(len(v) for v in batches.values())
-        return seen / (time.monotonic() - start)
+        cpu_us = (time.process_time() - cpu) * 1e6 / seen
+        return seen / (time.monotonic() - start), cpu_us
     finally:
         await consumer.stop()
 
@@ -420,6 +425,47 @@ def base_config(bootstrap: str, topics: Topics, store: Path) -> dict[str, Any]:
         # No quota in the way: the bench sends far more than a day's 2500.
         "quota": {"daily_limit": 1_000_000_000, "per_user": 1_000_000_000},
     }
+
+
+class CpuSampler:
+    """A process's CPU seconds (user + system, /proc/PID/stat), sampled every 50 ms in
+    the background, so that a scenario can tell the CPU its processor spent between
+    two moments it only knows afterwards (the sink's first and last request)."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []  # (epoch ms, CPU s)
+        self.task: asyncio.Task[None] | None = None
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / self.TICK  # utime, stime
+
+    async def _run(self) -> None:
+        with contextlib.suppress(OSError):  # the process ended
+            while True:
+                self.samples.append((now_ms(), self.cpu_s()))
+                await asyncio.sleep(0.05)
+
+    async def __aenter__(self) -> CpuSampler:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+    def usage(self, start_ms: float, end_ms: float) -> tuple[float, float]:
+        """(CPU seconds, wall seconds) between the first and last sample taken from
+        ``start_ms`` to ``end_ms``; (0, 0) with fewer than two."""
+        inside = [(t, cpu) for t, cpu in self.samples if start_ms <= t <= end_ms]
+        if len(inside) < 2:
+            return 0.0, 0.0
+        return inside[-1][1] - inside[0][1], (inside[-1][0] - inside[0][0]) / 1000.0
 
 
 class Processor:

@@ -26,6 +26,7 @@ import aiohttp
 from bench.harness import (
     PYTHON,
     REPO,
+    CpuSampler,
     FastProducer,
     GroupOffsets,
     Processor,
@@ -181,12 +182,34 @@ class Bench:
         self.filter_topics: Topics | None = None
         self.bare_client_rate: float | None = None
         self.consume_rate: float | None = None
+        # CPU µs per request / per record of the ceilings (the bench process's own).
+        self.bare_client_cpu_us: float | None = None
+        self.consume_cpu_us: float | None = None
         self.instant_rate: float | None = None
 
     def add(self, figure: Figure) -> None:
         self.figures.append(figure)
         ratio = "" if figure.ratio is None else f" (ratio {figure.ratio:.2f})"
         say(f"  {figure.name}: {figure.value} {figure.unit}{ratio} {figure.note}")
+
+    def add_cpu(
+        self,
+        cpu: CpuSampler,
+        start_ms: float,
+        end_ms: float,
+        count: float,
+        what: str,
+        ceiling_us: float | None,
+    ) -> None:
+        """Two informational figures: the processor's CPU per ``what`` (against the
+        ceiling's own CPU per request or record) and its share of a core, over the
+        scenario's measured window. CPU counts stay comparable when the shared
+        machine's speed moves; the share tells whether the processor was busy."""
+        cpu_s, wall_s = cpu.usage(start_ms, end_ms)
+        if not cpu_s or not count:
+            return
+        self.add(Figure(f"processor's CPU per {what}", cpu_s * 1e6 / count, "µs", ceiling_us))
+        self.add(Figure(f"processor's CPU use ({what}s)", 100.0 * cpu_s / wall_s, "% of a core"))
 
     def instant_config(self, topics: Topics, store: str) -> dict[str, Any]:
         config = base_config(self.bootstrap, topics, self.workdir / f"{store}.db")
@@ -238,10 +261,11 @@ class Bench:
         topics = self.filter_topics = new_topics("filter", PARTITIONS)
         await create_topics(self.bootstrap, topics)
         produced = await self.produce(topics, spread(self.sizes.filtering, "Closed Won", "f"))
-        self.consume_rate = await raw_consume_rate(
+        self.consume_rate, self.consume_cpu_us = await raw_consume_rate(
             self.bootstrap, topics.events, topics.partitions, produced
         )
         self.add(Figure("raw aiokafka consume (decode nothing)", self.consume_rate, "events/s"))
+        self.add(Figure("raw consumer's CPU per event", self.consume_cpu_us, "µs"))
 
     async def bare_client(self) -> None:
         """A bare aiohttp client POSTing the processor's bodies, 64 in flight."""
@@ -266,11 +290,14 @@ class Bench:
         connector = aiohttp.TCPConnector(limit=CONCURRENCY)
         async with aiohttp.ClientSession(connector=connector) as session:
             start = time.monotonic()
+            cpu = time.process_time()
             await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
+            self.bare_client_cpu_us = (time.process_time() - cpu) * 1e6 / total
             self.bare_client_rate = total / (time.monotonic() - start)
         self.add(
             Figure(f"bare aiohttp client ({CONCURRENCY} in flight)", self.bare_client_rate, "req/s")
         )
+        self.add(Figure("bare client's CPU per request", self.bare_client_cpu_us, "µs"))
 
     # -- 2. instant delivery ---------------------------------------------------------
 
@@ -281,7 +308,10 @@ class Bench:
         await create_topics(self.bootstrap, topics)
         await self.produce(topics, spread(n, "Closed Won", "i"))
         await self.sink.reset()
-        async with processors(self.instant_config(topics, "instant"), self.workdir, "instant"):
+        async with (
+            processors(self.instant_config(topics, "instant"), self.workdir, "instant") as procs,
+            CpuSampler(procs[0].pid) as cpu,
+        ):
             count, first_ms, last_ms = await self.sink.wait_count(n, timeout_s=n / 200 + 60)
             say(f"  sink: {count:,} requests in {(last_ms - first_ms) / 1000:.1f} s")
             delivered, last_result_ms = await count_results(
@@ -290,6 +320,7 @@ class Bench:
         end_ms = max(last_result_ms, last_ms)
         rate = delivered / ((end_ms - first_ms) / 1000) if delivered and end_ms > first_ms else 0.0
         self.instant_rate = rate
+        self.add_cpu(cpu, first_ms, last_ms, count, "delivery", self.bare_client_cpu_us)
         note = "" if delivered >= n else f"{delivered} of {n} delivered"
         self.add(
             Figure(
@@ -345,10 +376,14 @@ class Bench:
         say(f"3. filtering: {n:,} events against {self.sizes.rules} rules, none matching")
         await self.sink.reset()
         async with (
-            processors(self.filter_config(topics), self.workdir, "filter"),
+            processors(self.filter_config(topics), self.workdir, "filter") as procs,
             GroupOffsets(self.bootstrap, topics.group, topics.events) as offsets,
+            CpuSampler(procs[0].pid) as cpu,
         ):
-            rate, done, _ = await offsets.rate_to(n, timeout_s=n / 2000 + 60)
+            rate, done, elapsed = await offsets.rate_to(n, timeout_s=n / 2000 + 60)
+            end_ms = now_ms()
+        start_ms = end_ms - elapsed * 1000
+        self.add_cpu(cpu, start_ms, end_ms, rate * elapsed, "event", self.consume_cpu_us)
         sent = (await self.sink.stats())[0]
         note = "" if done >= n else f"{done} of {n} committed"
         if sent:
