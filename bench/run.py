@@ -200,6 +200,7 @@ class Bench:
         count: float,
         what: str,
         ceiling_us: float | None,
+        scenario: str,
     ) -> None:
         """Two informational figures: the processor's CPU per ``what`` (against the
         ceiling's own CPU per request or record) and its share of a core, over the
@@ -209,7 +210,8 @@ class Bench:
         if not cpu_s or not count:
             return
         self.add(Figure(f"processor's CPU per {what}", cpu_s * 1e6 / count, "µs", ceiling_us))
-        self.add(Figure(f"processor's CPU use ({what}s)", 100.0 * cpu_s / wall_s, "% of a core"))
+        share = 100.0 * cpu_s / wall_s
+        self.add(Figure(f"processor's CPU use ({scenario})", share, "% of a core"))
 
     def instant_config(self, topics: Topics, store: str) -> dict[str, Any]:
         config = base_config(self.bootstrap, topics, self.workdir / f"{store}.db")
@@ -320,7 +322,9 @@ class Bench:
         end_ms = max(last_result_ms, last_ms)
         rate = delivered / ((end_ms - first_ms) / 1000) if delivered and end_ms > first_ms else 0.0
         self.instant_rate = rate
-        self.add_cpu(cpu, first_ms, last_ms, count, "delivery", self.bare_client_cpu_us)
+        self.add_cpu(
+            cpu, first_ms, last_ms, count, "delivery", self.bare_client_cpu_us, "instant delivery"
+        )
         note = "" if delivered >= n else f"{delivered} of {n} delivered"
         self.add(
             Figure(
@@ -383,7 +387,9 @@ class Bench:
             rate, done, elapsed = await offsets.rate_to(n, timeout_s=n / 2000 + 60)
             end_ms = now_ms()
         start_ms = end_ms - elapsed * 1000
-        self.add_cpu(cpu, start_ms, end_ms, rate * elapsed, "event", self.consume_cpu_us)
+        self.add_cpu(
+            cpu, start_ms, end_ms, rate * elapsed, "event", self.consume_cpu_us, "filtering"
+        )
         sent = (await self.sink.stats())[0]
         note = "" if done >= n else f"{done} of {n} committed"
         if sent:

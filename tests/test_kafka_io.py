@@ -1,4 +1,5 @@
-"""KafkaIO.produce_all against a fake producer: unacknowledged records are sent again."""
+"""KafkaIO.produce_all against a fake producer: unacknowledged records are sent again;
+the producer's partitioner."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
+from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import ProduceError
-from crmhooks.kafka_io import KafkaIO
+from crmhooks.kafka_io import KafkaIO, keyed_partitioner
 
 
 class FlakyProducer:
@@ -63,3 +67,29 @@ async def test_giving_up_after_five_tries_raises_so_nothing_is_committed() -> No
 async def test_a_producer_that_cannot_queue_raises_produce_error() -> None:
     with pytest.raises(ProduceError, match=r"produce to crm\.webhook-dlq failed"):
         await kafka_io(FlakyProducer({}, raise_on_send=True)).produce_all(RECORDS)
+
+
+async def test_one_record_not_acknowledged_is_sent_again_until_it_is() -> None:
+    producer = FlakyProducer({b"r-1": 2})
+    await kafka_io(producer).produce_all([("crm.webhook-results", b"org", b"r-1")])
+    assert [v for _, _, v in producer.sent] == [b"r-1"] * 3
+
+
+async def test_one_record_never_acknowledged_gives_up_after_five_tries() -> None:
+    producer = FlakyProducer({b"r-1": 99})
+    with pytest.raises(ProduceError, match="1 records not acknowledged after 5 tries"):
+        await kafka_io(producer).produce_all([("crm.webhook-results", b"org", b"r-1")])
+    assert len(producer.sent) == 5
+
+
+@given(key=st.binary(max_size=64), count=st.integers(min_value=1, max_value=64))
+def test_keyed_partitioner_places_every_key_as_kafkas_default_does(key: bytes, count: int) -> None:
+    partitions = list(range(count))
+    expected = DefaultPartitioner()(key, partitions, partitions)
+    assert keyed_partitioner(key, partitions, partitions) == expected
+    assert keyed_partitioner(key, partitions, partitions) == expected  # remembered: the same
+
+
+def test_keyed_partitioner_spreads_records_without_key_over_available_partitions() -> None:
+    chosen = {keyed_partitioner(None, [0, 1, 2, 3], [1, 3]) for _ in range(200)}
+    assert chosen == {1, 3}

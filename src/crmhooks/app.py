@@ -128,6 +128,8 @@ class Processor:
         self._owned: set[int] = set()
         self._loaded_until_ms = 0
         self._quota: dict[tuple[str, str], int] = {}
+        # org id -> (epoch second, its quota day there, the daily limit): _quota_day.
+        self._quota_days: dict[str, tuple[int, str, int]] = {}
         self._quota_warned: set[tuple[str, str]] = set()
         # (org, day, partition) → units counted in the store ahead of use (QUOTA_BLOCK)
         self._reserved: dict[tuple[str, str, int], _Reservation] = {}
@@ -770,7 +772,10 @@ class Processor:
         ahead = held.remaining  # units stored (or being stored) and not yet taken
         if held.next is None and ahead <= QUOTA_BLOCK // 2 and left > ahead:
             held.next = self._reserve_block(key, min(QUOTA_BLOCK, left - ahead))
-        await asyncio.shield(held.stored)
+        if held.stored.done():  # most requests: their unit is stored already
+            held.stored.result()  # raises the store's error, if it failed
+        else:
+            await asyncio.shield(held.stored)
 
     def _reserve_block(self, key: tuple[str, str, int], units: int) -> _Reservation:
         """Count ``units`` in the store, in the background; the reservation's ``stored``
@@ -816,10 +821,21 @@ class Processor:
         await self.store.write(give_back)
 
     def _quota_day(self, org_id: str, now_ms: int) -> tuple[str, int]:
+        """The organisation's calendar day at ``now_ms`` and its daily limit (SPEC §9).
+
+        Remembered for the second (zones change offsets on whole seconds), as most
+        requests of a busy organisation fall in the same second as the one before.
+        """
+        second = now_ms // 1000
+        found = self._quota_days.get(org_id)
+        if found is not None and found[0] == second:
+            return found[1], found[2]
         org = self.config.org(org_id)
-        day = datetime.fromtimestamp(now_ms / 1000, ZoneInfo(org.time_zone)).date().isoformat()
+        day = datetime.fromtimestamp(second, ZoneInfo(org.time_zone)).date().isoformat()
         quota = self.config.quota
-        return day, min(quota.daily_limit, quota.per_user * org.users)
+        limit = min(quota.daily_limit, quota.per_user * org.users)
+        self._quota_days[org_id] = (second, day, limit)
+        return day, limit
 
     async def _fire(self, action: Action, release_host: Callable[[], None]) -> None:
         cfg = self.config

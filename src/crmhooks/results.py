@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,15 +22,19 @@ def rfc3339_ms(epoch_ms: int | None) -> str | None:
 
     Integer arithmetic, so exact for any epoch ms of years 1..9999 (a float
     division can be off by one ms); formatted by hand, because ``strftime("%Y")``
-    does not pad years below 1000 on glibc.
+    does not pad years below 1000 on glibc. The part up to the second is
+    remembered: the records of one moment share it (three stamps per result).
     """
     if epoch_ms is None:
         return None
-    t = _EPOCH + timedelta(milliseconds=epoch_ms)
-    return (
-        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
-        f".{t.microsecond // 1000:03d}Z"
-    )
+    second, ms = divmod(epoch_ms, 1000)
+    return f"{_rfc3339_second(second)}.{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _rfc3339_second(epoch_s: int) -> str:
+    t = _EPOCH + timedelta(seconds=epoch_s)
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
 
 
 def result_record(
