@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 
+import pytest
+
+from crmhooks import store as store_module
 from crmhooks.actions import Action
 from crmhooks.store import ChangelogRecord, Store, WriteBatch
 
@@ -160,3 +166,68 @@ async def test_purged_actions_leave_tombstones(tmp_path: Path) -> None:
     async with Store(tmp_path / "b.db") as b:
         await b.restore([0], changelog.read)
         assert await b.action_statuses(["e1:rule:Hook"]) == {}
+
+
+async def test_checkpoints_bring_the_writers_commits_into_the_database_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's connection never checkpoints (it runs on the event loop's thread);
+    every CHECKPOINT_EVERY commits a checkpoint on aiosqlite's thread does."""
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 3)
+    path = tmp_path / "s.db"
+
+    def in_database_file() -> int:
+        """Actions in a copy of the database file alone, without its WAL."""
+        copy = tmp_path / "copy.db"
+        shutil.copyfile(path, copy)
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            tables = conn.execute("SELECT name FROM sqlite_master WHERE name = 'actions'")
+            if tables.fetchone() is None:  # not even the schema left the WAL yet
+                return 0
+            return int(conn.execute("SELECT count(*) FROM actions").fetchone()[0])
+
+    def checkpoint() -> asyncio.Task[None] | None:
+        return store._checkpoint
+
+    async with Store(path) as store:
+        assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        for n in range(2):
+            await store.write(WriteBatch(new_actions=[action(n)]))
+        assert checkpoint() is None
+        assert in_database_file() == 0  # still only in the WAL
+        await store.write(WriteBatch(new_actions=[action(2)]))
+        started = checkpoint()
+        assert started is not None
+        await started
+        assert in_database_file() == 3
+
+
+async def test_a_write_waits_for_another_processs_lock_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.db"
+    async with Store(path) as store:
+        await store.write(WriteBatch(new_actions=[action(1)]))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # as `crmhooks resume` or a second process might
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        ticker = asyncio.create_task(tick())
+        write = asyncio.create_task(store.write(WriteBatch(new_actions=[action(2)])))
+        await asyncio.sleep(0.5)  # the lock is held this long
+        assert not write.done()
+        held_ticks = ticks
+        other.execute("COMMIT")
+        other.close()
+        await asyncio.wait_for(write, 10)
+        ticker.cancel()
+        assert len(await store.load_pending([0], before_ms=10_000)) == 2
+        # SQLite's own wait (WRITER_BUSY_MS at a time) would have stopped the loop
+        # for all 0.5 s if it were unbounded; with asynchronous pauses it ran on.
+        assert held_ticks >= 20, held_ticks
