@@ -251,3 +251,46 @@ async def test_revoking_stores_what_is_unfinished_and_commits(tmp_path: Path) ->
         await until(lambda: not p._fire_tasks, "the fire is over")
         await asyncio.sleep(0.02)
         assert await rows(p.store, "actions") == [("evt-1:won:Hook", "delivered")]
+
+
+async def test_past_the_deadline_an_action_being_finished_is_waited_for_not_spun_on(
+    tmp_path: Path,
+) -> None:
+    """Its result is being produced (no longer unstored, not yet stored) when its
+    batch's deadline passes: the ticket loop must wait for it, not run in circles
+    (which starved the event loop: nothing else ran, the result never came)."""
+    transport = GatedTransport()
+    async with processor(tmp_path, transport) as (p, kafka, clock):
+        gate = asyncio.Event()
+        produce_all = kafka.produce_all
+
+        async def slow_produce_all(records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+            if records:  # a result (a batch without any produces nothing)
+                await gate.wait()
+            await produce_all(records)
+
+        kafka.produce_all = slow_produce_all  # type: ignore[method-assign]
+        calls = 0
+        store_unstored = p._store_unstored
+
+        async def counted(before_ms: int | None = None) -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 50:  # spinning: break out (the loop logs it and sleeps 1 s)
+                raise RuntimeError("the ticket loop spins")
+            await store_unstored(before_ms)
+
+        p._store_unstored = counted  # type: ignore[method-assign]
+        try:
+            await p._process_batch([rec(1, 10)])
+            await until(lambda: "evt-1:won:Hook" not in p._unstored, "the result is being produced")
+            clock.advance(INSTANT_COMMIT_WAIT_MS)
+            for _ in range(20):
+                await asyncio.sleep(0.005)  # the event loop runs on
+            assert 1 <= calls <= 2
+            assert kafka.committed == {}
+        finally:
+            gate.set()  # else a failure above would hang the teardown
+        await until(lambda: kafka.committed == {0: 11}, "committed once stored")
+        assert await rows(p.store, "actions") == [("evt-1:won:Hook", "delivered")]
+        assert calls <= 3

@@ -86,6 +86,9 @@ QUOTA_BLOCK = 16
 # long after its event was read is stored as pending, so that a slow or hung
 # endpoint holds commits back by at most this much.
 INSTANT_COMMIT_WAIT_MS = 2_000
+# Past that deadline, a batch whose last actions are being finished (result being
+# produced, row being stored) is looked at again after this long, or at any change.
+SETTLING_RECHECK_MS = 100
 # Reading pauses while this many instant actions are unfinished and unstored, and
 # resumes below half of it: memory stays bounded while a backlog is drained, and
 # actions are sent soon after they are read (well within INSTANT_COMMIT_WAIT_MS).
@@ -390,21 +393,28 @@ class Processor:
             if not self._tickets:
                 await self._tickets_changed.wait()
                 continue
-            deadline_ms = self._tickets[0].deadline_ms
-            if self.clock.now_ms() < deadline_ms:
-                sleeper = asyncio.create_task(self.clock.sleep_until(deadline_ms))
-                changed = asyncio.create_task(self._tickets_changed.wait())
+            now_ms = self.clock.now_ms()
+            head = self._tickets[0]
+            wake_ms = head.deadline_ms
+            if now_ms >= head.deadline_ms:
                 try:
-                    await asyncio.wait([sleeper, changed], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    sleeper.cancel()
-                    changed.cancel()
-                continue
+                    await self._store_unstored(before_ms=now_ms)
+                except Exception:
+                    log.exception("storing unfinished instant actions failed; trying again")
+                    await asyncio.sleep(1.0)
+                    continue
+                if not self._tickets or self._tickets[0] is not head or not head.waiting:
+                    continue
+                # The head still waits for actions being finished right now (their
+                # _settle or _final stores them): wait for that, not spin.
+                wake_ms = now_ms + SETTLING_RECHECK_MS
+            sleeper = asyncio.create_task(self.clock.sleep_until(wake_ms))
+            changed = asyncio.create_task(self._tickets_changed.wait())
             try:
-                await self._store_unstored(before_ms=self.clock.now_ms())
-            except Exception:
-                log.exception("storing unfinished instant actions failed; trying again")
-                await asyncio.sleep(1.0)
+                await asyncio.wait([sleeper, changed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                changed.cancel()
 
     async def _process_batch(self, records: Sequence[InRecord]) -> None:
         now_ms = self.clock.now_ms()
@@ -936,6 +946,7 @@ class Processor:
         except BaseException:
             if unstored is not None:  # stored later (deadline, stop) as pending
                 self._unstored.setdefault(action.action_id, unstored)
+                self._tickets_changed.set()
             raise
         if unstored is not None:
             self._settled(action, unstored[0])
@@ -1016,6 +1027,7 @@ class Processor:
         except BaseException:
             if unstored is not None:
                 self._unstored.setdefault(action.action_id, unstored)
+                self._tickets_changed.set()
             raise
         if unstored is not None:
             self._settled(action, unstored[0])
