@@ -154,6 +154,11 @@ class KafkaIO:
             # flight and go out together anyway.
             linger_ms=0,
             max_request_size=4 << 20,
+            # Records per partition wait for the one batch in flight; with aiokafka's
+            # 16 KB (~27 results) a burst waits in wait_drain, costly in CPU. 256 KB:
+            # 35 -> 21 µs of CPU per record (bursts of 256), instant bench -5 % CPU.
+            # (Below the broker's default message.max.bytes, 1 MB.)
+            max_batch_size=256 << 10,
             partitioner=keyed_partitioner,
         )
         self._consumer = AIOKafkaConsumer(
