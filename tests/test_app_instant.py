@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from crmhooks import app as app_module
 from crmhooks.app import INSTANT_COMMIT_WAIT_MS, Processor
@@ -28,10 +29,11 @@ from tests.support import event
 NOW_MS = 1_764_320_400_000
 
 
-def config() -> Config:
+def config(quota: dict[str, int] | None = None) -> Config:
     return config_from_mapping(
         {
-            "orgs": [{"id": "org-acme"}],
+            **({"quota": quota} if quota is not None else {}),
+            "orgs": [{"id": "org-acme", "users": 100}],
             "webhooks": [
                 {
                     "name": "Hook",
@@ -114,13 +116,13 @@ class GatedTransport:
 
 @contextlib.asynccontextmanager
 async def processor(
-    tmp_path: Path, transport: GatedTransport
+    tmp_path: Path, transport: GatedTransport, quota: dict[str, int] | None = None
 ) -> AsyncIterator[tuple[Processor, FakeKafka, FakeClock]]:
     kafka = FakeKafka()
     clock = FakeClock(NOW_MS)
     async with Store(tmp_path / "s.db") as store:
         store.changelog = kafka.produce_changelog
-        p = Processor(config(), store, transport, clock)
+        p = Processor(config(quota), store, transport, clock)
         p._kio = kafka  # type: ignore[assignment]
         p._owned = {0, 1}
         p._loaded_until_ms = NOW_MS + app_module.HORIZON_MS
@@ -294,3 +296,22 @@ async def test_past_the_deadline_an_action_being_finished_is_waited_for_not_spun
         await until(lambda: kafka.committed == {0: 11}, "committed once stored")
         assert await rows(p.store, "actions") == [("evt-1:won:Hook", "delivered")]
         assert calls <= 3
+
+
+@pytest.mark.parametrize(
+    ("quota", "block"),
+    [
+        ({"daily_limit": 50, "per_user": 50}, 16),  # the smallest block
+        ({"daily_limit": 2500, "per_user": 50}, 25),  # a hundredth of the limit
+        ({"daily_limit": 10_000_000, "per_user": 1_000_000}, 1024),  # the largest
+        ({"daily_limit": 10, "per_user": 50}, 10),  # never beyond the limit
+    ],
+)
+async def test_quota_is_counted_a_hundredth_of_the_daily_limit_at_a_time(
+    tmp_path: Path, quota: dict[str, int], block: int
+) -> None:
+    async with processor(tmp_path, GatedTransport(), quota) as (p, kafka, _):
+        await p._process_batch([rec(1, 10)])
+        await until(lambda: kafka.committed == {0: 11}, "delivered and committed")
+        assert [r["status"] for r in kafka.results] == ["delivered"]
+        assert await p.store.quota_used("org-acme", "2025-11-28") == block
