@@ -428,18 +428,23 @@ def base_config(bootstrap: str, topics: Topics, store: Path) -> dict[str, Any]:
 
 
 class CpuSampler:
-    """A process's CPU seconds (user + system, /proc/PID/stat), sampled every 50 ms in
-    the background, so that a scenario can tell the CPU its processor spent between
-    two moments it only knows afterwards (the sink's first and last request)."""
+    """CPU seconds of a process (user + system, /proc/PID/stat) or of the whole machine
+    (every core, /proc/stat), sampled every 50 ms in the background, so that a
+    scenario can tell the CPU spent between two moments it only knows afterwards
+    (the sink's first and last request)."""
 
     TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid  # None: the whole machine
         self.samples: list[tuple[float, float]] = []  # (epoch ms, CPU s)
         self.task: asyncio.Task[None] | None = None
 
     def cpu_s(self) -> float:
+        if self.pid is None:
+            # cpu user nice system idle iowait irq softirq steal ...: all but idle, iowait
+            ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+            return (sum(ticks[:8]) - ticks[3] - ticks[4]) / self.TICK
         fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / self.TICK  # utime, stime
 

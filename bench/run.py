@@ -622,6 +622,7 @@ class Bench:
         async with (
             processors(config, self.workdir, name, count, own_stores=own_stores) as procs,
             FastProducer(self.bootstrap) as producer,
+            CpuSampler(None) as machine,
         ):
             await wait_assigned(procs, 30)
             if not await self.warm_up(topics, producer, 60):
@@ -630,6 +631,16 @@ class Bench:
             await producer.send_many(topics.events, records)
             got, first_ms, last_ms = await self.sink.wait_count(n, n / 200 + 60)
         rate = got / ((last_ms - first_ms) / 1000) if last_ms > first_ms else 0.0
+        cpu_s, wall_s = machine.usage(first_ms, last_ms)
+        if wall_s:
+            # Processors, broker, sink and the bench share the machine: at 100 % of
+            # every core, the ratio is bound by the machine, not by the processors.
+            cores = os.cpu_count() or 1
+            busy = 100.0 * cpu_s / wall_s / cores
+            what = f"{count} processor{'s' if count > 1 else ''}" + (
+                "" if own_stores else ", one SQLite file"
+            )
+            self.add(Figure(f"machine's CPU use, all {cores} cores ({what})", busy, "%"))
         return rate, "" if got >= n else f"{got} of {n} delivered"
 
     async def scale_out(self) -> None:
