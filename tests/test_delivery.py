@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -12,8 +14,11 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 import crmhooks
+from crmhooks import delivery as delivery_module
 from crmhooks.clock import FakeClock
 from crmhooks.config import DeliverySettings
 from crmhooks.delivery import (
@@ -23,7 +28,9 @@ from crmhooks.delivery import (
     Outcome,
     classify_status,
     parse_retry_after,
+    split_url,
 )
+from crmhooks.signing import sign
 from crmhooks.templates import RenderedRequest
 
 NOW_MS = 1_764_320_400_000  # 2025-11-28T09:00:00Z
@@ -432,3 +439,105 @@ def test_classify_status(status: int, expected: str | None) -> None:
 )
 def test_parse_retry_after(value: str, expected: float | None) -> None:
     assert parse_retry_after(value, NOW_MS) == expected
+
+
+def reference_head(
+    user_agent: str,
+    host_header: str,
+    target: str,
+    auth: str | None,
+    action_id: str,
+    request: RenderedRequest,
+    secret: str | None,
+    timestamp_s: int,
+) -> bytes:
+    """The request head as HttpTransport built it before its parts were remembered:
+    every header checked and written out on every request."""
+    headers: list[tuple[str, str]] = []
+    given: set[str] = set()
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower.startswith("webhook-") or lower in delivery_module._OWN_HEADERS:
+            continue
+        given.add(lower)
+        headers.append((name, value))
+    headers += [("User-Agent", user_agent), ("Accept-Encoding", "identity")]
+    headers += [("webhook-id", action_id), ("webhook-timestamp", str(timestamp_s))]
+    if secret is not None:
+        headers.append(("webhook-signature", sign(secret, action_id, timestamp_s, request.body)))
+    if auth is not None and "authorization" not in given:
+        headers.append(("Authorization", auth))
+    if "accept" not in given:
+        headers.append(("Accept", "*/*"))
+    if request.body and "content-type" not in given:
+        headers.append(("Content-Type", "application/octet-stream"))
+    if request.body or request.method not in ("GET", "HEAD"):
+        headers.append(("Content-Length", str(len(request.body))))
+    lines = [f"{request.method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
+    for name, value in headers:
+        if set("\r\n\0") & (set(name) | set(value)):
+            raise ValueError(f"CR/LF/NUL in header {name}")
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ValueError(f"invalid header name {name!r}")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
+
+HEADER_NAMES = st.sampled_from(
+    [
+        "Content-Type",
+        "accept",
+        "Authorization",
+        "X-Api-Key",
+        "webhook-id",
+        "Webhook-Foo",
+        "Host",
+        "user-agent",
+        "content-length",
+        "Bad Name",
+        "X-Ü",
+        "X-A",
+    ]
+)
+HEADER_VALUES = st.sampled_from(["application/json", "*/*", "k3y", "", "a\r\nX: 1", "ü", "x\0"])
+
+
+@given(
+    headers=st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=5),
+    method=st.sampled_from(["POST", "GET", "PUT", "HEAD"]),
+    body=st.sampled_from([b"", b"<a/>", "é".encode()]),
+    auth=st.sampled_from([None, "Basic dTpw"]),
+    secret=st.sampled_from([None, "whsec_" + base64.b64encode(b"k" * 24).decode()]),
+    action_id=st.sampled_from(["evt-1:r:W", "e:r:W#2"]),
+    timestamp_s=st.integers(0, 2**33),
+)
+def test_request_heads_are_those_built_header_by_header(
+    headers: dict[str, str],
+    method: str,
+    body: bytes,
+    auth: str | None,
+    secret: str | None,
+    action_id: str,
+    timestamp_s: int,
+) -> None:
+    """The remembered parts of a head give the same bytes, or the same error, as
+    building and checking every header each time."""
+    transport = HttpTransport(settings(), FakeClock(NOW_MS))
+    origin, target, _ = split_url("http://receiver.test:8080/hook?a=1")
+    request = RenderedRequest(method, "http://receiver.test:8080/hook?a=1", headers, body, "")
+    ua = f"crmhooks/{crmhooks.__version__}"
+    try:
+        expected: bytes | str = reference_head(
+            ua, origin.host_header, target, auth, action_id, request, secret, timestamp_s
+        )
+    except ValueError as exc:
+        expected = str(exc)
+    for _ in range(2):  # built, then remembered
+        try:
+            got: bytes | str = transport._head(
+                origin, target, auth, action_id, request, secret, timestamp_s
+            )
+        except ValueError as exc:
+            got = str(exc)
+        assert got == expected

@@ -330,44 +330,35 @@ class HttpTransport:
         """The request line and headers, encoded; ValueError naming a header we cannot send.
 
         Ours replace any template header of the same name, and a template's own
-        webhook-* headers are dropped: it must not forge an id or a signature.
+        webhook-* headers are dropped: it must not forge an id or a signature. The
+        parts that are the same for every request of a webhook are built and checked
+        once (``_static_head``); only the id, time stamp, signature and length vary.
         """
-        headers: list[tuple[str, str]] = []
-        given: set[str] = set()
-        for name, value in request.headers.items():
-            lower = name.lower()
-            if lower.startswith("webhook-") or lower in _OWN_HEADERS:
-                continue
-            given.add(lower)
-            headers.append((name, value))
-        headers.append(("User-Agent", self._user_agent))
-        headers.append(("Accept-Encoding", "identity"))
-        headers.append(("webhook-id", action_id))
-        headers.append(("webhook-timestamp", str(timestamp_s)))
-        if secret is not None:
-            headers.append(
-                ("webhook-signature", sign(secret, action_id, timestamp_s, request.body))
-            )
-        if auth is not None and "authorization" not in given:
-            headers.append(("Authorization", auth))
-        if "accept" not in given:
-            headers.append(("Accept", "*/*"))
         body = request.body
-        if body and "content-type" not in given:
-            headers.append(("Content-Type", "application/octet-stream"))
-        if body or request.method not in _NO_BODY_METHODS:
-            headers.append(("Content-Length", str(len(body))))
-        lines = [f"{request.method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
-        for name, value in headers:
-            if FORBIDDEN_HEADER_CHARS.intersection(name) or FORBIDDEN_HEADER_CHARS.intersection(
-                value
-            ):
-                raise ValueError(f"CR/LF/NUL in header {name}")
-            if not _TOKEN.fullmatch(name):
-                raise ValueError(f"invalid header name {name!r}")
-            lines.append(f"{name}: {value}\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8")
+        prefix, suffix = _static_head(
+            request.method,
+            origin.host_header,
+            auth,
+            bool(body),
+            tuple(request.headers.items()),
+            self._user_agent,
+        )
+        if "\r" in action_id or "\n" in action_id or "\0" in action_id:
+            raise ValueError("CR/LF/NUL in header webhook-id")
+        signature = (
+            f"webhook-signature: {sign(secret, action_id, timestamp_s, body)}\r\n"
+            if secret is not None
+            else ""
+        )
+        length = (
+            f"Content-Length: {len(body)}\r\n"
+            if body or request.method not in _NO_BODY_METHODS
+            else ""
+        )
+        return (
+            f"{request.method} {target} HTTP/1.1\r\n{prefix}webhook-id: {action_id}\r\n"
+            f"webhook-timestamp: {timestamp_s}\r\n{signature}{suffix}{length}\r\n"
+        ).encode()
 
     def _from_response(self, response: Response, latency_ms: float, sent_at_ms: int) -> Outcome:
         status = response.status
@@ -445,6 +436,52 @@ _OWN_HEADERS = frozenset(
 _NO_BODY_METHODS = frozenset({"GET", "HEAD"})
 # RFC 9110 §5.6.2: a header name is a token.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+@functools.lru_cache(maxsize=1024)
+def _static_head(
+    method: str,
+    host_header: str,
+    auth: str | None,
+    has_body: bool,
+    template_headers: tuple[tuple[str, str], ...],
+    user_agent: str,
+) -> tuple[str, str]:
+    """The header lines before ``webhook-id`` (Host, the template's, ours) and those
+    after ``webhook-signature`` (Authorization, Accept, Content-Type), checked.
+
+    The same for every request of a webhook to one origin, so remembered; the
+    arguments are what they depend on. ValueError names a header we cannot send.
+    """
+    before: list[tuple[str, str]] = []
+    given: set[str] = set()
+    for name, value in template_headers:
+        lower = name.lower()
+        if lower.startswith("webhook-") or lower in _OWN_HEADERS:
+            continue
+        given.add(lower)
+        before.append((name, value))
+    before.append(("User-Agent", user_agent))
+    before.append(("Accept-Encoding", "identity"))
+    after: list[tuple[str, str]] = []
+    if auth is not None and "authorization" not in given:
+        after.append(("Authorization", auth))
+    if "accept" not in given:
+        after.append(("Accept", "*/*"))
+    if has_body and "content-type" not in given:
+        after.append(("Content-Type", "application/octet-stream"))
+    return f"Host: {host_header}\r\n{_header_lines(before)}", _header_lines(after)
+
+
+def _header_lines(headers: list[tuple[str, str]]) -> str:
+    lines: list[str] = []
+    for name, value in headers:
+        if FORBIDDEN_HEADER_CHARS.intersection(name) or FORBIDDEN_HEADER_CHARS.intersection(value):
+            raise ValueError(f"CR/LF/NUL in header {name}")
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r}")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
 
 
 def split_url(url: str) -> tuple[Origin, str, str | None]:
