@@ -231,3 +231,21 @@ async def test_a_write_waits_for_another_processs_lock_without_blocking_the_loop
         # SQLite's own wait (WRITER_BUSY_MS at a time) would have stopped the loop
         # for all 0.5 s if it were unbounded; with asynchronous pauses it ran on.
         assert held_ticks >= 20, held_ticks
+
+
+async def test_a_large_transaction_is_checkpointed_without_waiting_for_more_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY", 1000)
+    monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 50)
+    async with Store(tmp_path / "s.db") as store:
+
+        def checkpoint() -> asyncio.Task[None] | None:
+            return store._checkpoint
+
+        await store.write(WriteBatch(new_actions=[action(n) for n in range(10)]))
+        assert checkpoint() is None  # 10 rows
+        await store.write(WriteBatch(new_actions=[action(n) for n in range(10, 60)]))
+        started = checkpoint()  # 60 rows changed since the start: over 50
+        assert started is not None
+        await started

@@ -259,8 +259,11 @@ class WriteBatch:
 LOCKED_RETRIES = 50
 WRITER_BUSY_MS = 50
 LOCKED_PAUSE_S = 0.15
-# A WAL checkpoint (on aiosqlite's thread) after this many commits.
+# A WAL checkpoint (on aiosqlite's thread) after this many commits, or sooner once
+# this many rows changed (large transactions: a million timers scheduled), so the
+# WAL stays small (SQLite's own automatic checkpoint is at ~1,000 pages).
 CHECKPOINT_EVERY = 200
+CHECKPOINT_ROWS = 20_000
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -289,6 +292,7 @@ class Store:
         self._db: sqlite3.Connection | None = None  # the writer's, on the loop's thread
         self._checkpoint: asyncio.Task[None] | None = None
         self._commits_since_checkpoint = 0
+        self._changes_at_checkpoint = 0  # the writer's total_changes then
         self._queue: list[tuple[WriteBatch, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -435,14 +439,20 @@ class Store:
         raise AssertionError("not reached: the last try returns or raises")
 
     def _checkpoint_soon(self) -> None:
-        """Every CHECKPOINT_EVERY commits, a passive WAL checkpoint on aiosqlite's thread
-        (the writer's connection never checkpoints: that fsyncs)."""
+        """Every CHECKPOINT_EVERY commits or CHECKPOINT_ROWS changed rows, a passive WAL
+        checkpoint on aiosqlite's thread (the writer's connection never checkpoints:
+        that fsyncs)."""
         self._commits_since_checkpoint += 1
-        if self._commits_since_checkpoint < CHECKPOINT_EVERY:
+        changes = self.db.total_changes
+        if (
+            self._commits_since_checkpoint < CHECKPOINT_EVERY
+            and changes - self._changes_at_checkpoint < CHECKPOINT_ROWS
+        ):
             return
         if self._checkpoint is not None and not self._checkpoint.done():
             return
         self._commits_since_checkpoint = 0
+        self._changes_at_checkpoint = changes
         self._checkpoint = asyncio.create_task(self._run_checkpoint(), name="store-checkpoint")
 
     async def _run_checkpoint(self) -> None:
