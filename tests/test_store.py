@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from crmhooks import store as store_module
 from crmhooks.actions import Action
+from crmhooks.errors import StoreError
 from crmhooks.store import ChangelogRecord, Store, WriteBatch
 
 
@@ -249,3 +251,14 @@ async def test_a_large_transaction_is_checkpointed_without_waiting_for_more_comm
         started = checkpoint()  # 60 rows changed since the start: over 50
         assert started is not None
         await started
+
+
+async def test_a_file_that_is_no_database_is_refused_and_nothing_left_open(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    path.write_bytes(b"not a database, " * 512)
+    threads = threading.active_count()
+    with pytest.raises(StoreError, match=r"cannot open store .*s\.db: file is not a database"):
+        async with Store(path):
+            pass
+    await asyncio.sleep(0.05)  # aiosqlite's thread ends once its connection is closed
+    assert threading.active_count() == threads

@@ -313,6 +313,8 @@ class Store:
 
     async def __aenter__(self) -> Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn: aiosqlite.Connection | None = None
+        db: sqlite3.Connection | None = None
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
             await conn.execute("PRAGMA journal_mode=WAL")
@@ -325,6 +327,10 @@ class Store:
             db.execute(f"PRAGMA busy_timeout={WRITER_BUSY_MS}")
             db.execute("PRAGMA wal_autocheckpoint=0")
         except Exception as exc:
+            if db is not None:
+                db.close()
+            if conn is not None:
+                await conn.close()
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._conn = conn
         self._db = db
