@@ -154,6 +154,72 @@ async def test_a_partition_state_moves_to_another_store_through_the_changelog(
         assert await b.restore([0], changelog.read) == 0
 
 
+async def test_a_finished_first_write_matches_insert_then_finish_row_and_changelog(
+    tmp_path: Path,
+) -> None:
+    """``WriteBatch.done`` (one INSERT, the changelog value built in memory) leaves the
+    same rows and sends the same changelog records as storing the action pending and
+    finishing it in one transaction, the way it was done before."""
+    actions = [action(n, partition=n % 2) for n in range(1, 6)]
+    ended = [(a, "delivered" if n % 3 else "failed", 100 + n) for n, a in enumerate(actions)]
+    old_log, new_log = FakeChangelog(), FakeChangelog()
+    rows = {}
+    for name, changelog, batch in (
+        (
+            "old",
+            old_log,
+            WriteBatch(
+                new_actions=[a for a, _, _ in ended],
+                finished=[(a.action_id, status, at) for a, status, at in ended],
+            ),
+        ),
+        ("new", new_log, WriteBatch(done=list(ended))),
+    ):
+        async with Store(tmp_path / f"{name}.db") as store:
+            store.changelog = changelog
+            await store.write(batch)
+        with contextlib.closing(sqlite3.connect(tmp_path / f"{name}.db")) as db:
+            rows[name] = db.execute("SELECT * FROM actions ORDER BY action_id").fetchall()
+    assert rows["new"] == rows["old"]
+    assert len(rows["new"]) == 5
+    assert {p: sorted(log) for p, log in new_log.partitions.items()} == {
+        p: sorted(log) for p, log in old_log.partitions.items()
+    }
+    assert sum(len(log) for log in new_log.partitions.values()) == 5
+
+
+async def test_a_finished_first_write_of_a_known_action_keeps_the_rows_truth(
+    tmp_path: Path,
+) -> None:
+    """A row that exists already: a pending one is ended, a finished one keeps its
+    status, and the changelog carries each row as it is, not as the batch said."""
+    changelog = FakeChangelog()
+    async with Store(tmp_path / "s.db") as store:
+        store.changelog = changelog
+        await store.write(WriteBatch(new_actions=[action(1), action(2)]))
+        await store.write(WriteBatch(finished=[("e2:rule:Hook", "failed", 7)]))
+        await store.write(
+            WriteBatch(done=[(action(1), "delivered", 9), (action(2), "delivered", 9)])
+        )
+        # The same action twice in one (merged) transaction: stored once.
+        await asyncio.gather(
+            store.write(WriteBatch(done=[(action(3), "delivered", 11)])),
+            store.write(WriteBatch(done=[(action(3), "failed", 12)])),
+        )
+        assert await store.action_statuses(["e1:rule:Hook", "e2:rule:Hook", "e3:rule:Hook"]) == {
+            "e1:rule:Hook": "delivered",
+            "e2:rule:Hook": "failed",
+            "e3:rule:Hook": "delivered",
+        }
+    latest = {key: value for key, value in changelog.partitions[0]}
+    assert latest[b"a\x1fe1:rule:Hook"] is not None
+    assert b'"status":"delivered","finished_ms":9' in latest[b"a\x1fe1:rule:Hook"]
+    assert latest[b"a\x1fe2:rule:Hook"] is not None
+    assert b'"status":"failed","finished_ms":7' in latest[b"a\x1fe2:rule:Hook"]
+    assert latest[b"a\x1fe3:rule:Hook"] is not None
+    assert b'"status":"delivered","finished_ms":11' in latest[b"a\x1fe3:rule:Hook"]
+
+
 async def test_purged_actions_leave_tombstones(tmp_path: Path) -> None:
     changelog = FakeChangelog()
     async with Store(tmp_path / "a.db") as a:

@@ -943,9 +943,9 @@ class Processor:
             batch.snapshots.append((action.record_key, action.partition, unstored[2]))
         elif retry is not None:
             batch.moved.append((action.action_id, retry.due_ms, retry.attempt))
+        elif unstored is not None:  # stored for the first time, finished
+            batch.done.append((action, status, self.clock.now_ms()))
         else:
-            if unstored is not None:
-                batch.new_actions.append(action)  # stored for the first time, finished
             batch.finished.append((action.action_id, status, self.clock.now_ms()))
         rec = result_record(
             action,
@@ -1035,10 +1035,13 @@ class Processor:
             (self.config.kafka.results_topic, action.org_id.encode(), encode(rec))
         ]
         await self.kio.produce_all([*out, *extra])
-        batch = WriteBatch(finished=[(action.action_id, status, self.clock.now_ms())])
         unstored = self._unstored.pop(action.action_id, None)  # the caller now stores it
-        if unstored is not None:
-            batch.new_actions.append(action)  # stored for the first time, finished
+        ended = (action.action_id, status, self.clock.now_ms())
+        batch = (  # stored for the first time, finished; or ended if still pending
+            WriteBatch(done=[(action, status, ended[2])])
+            if unstored is not None
+            else WriteBatch(finished=[ended])
+        )
         try:
             await self.store.write(batch)
         except BaseException:

@@ -157,6 +157,29 @@ def _action_row(a: Action) -> tuple[Any, ...]:
     )
 
 
+def _final_row(a: Action, status: str, finished_ms: int) -> tuple[Any, ...]:
+    """A finished action's row, every column in ``_ROW_FIELDS`` order."""
+    return (
+        a.action_id,
+        a.partition,
+        a.org_id,
+        a.module,
+        a.record_id,
+        a.record_key,
+        a.rule_id,
+        a.webhook,
+        a.kind,
+        a.slot,
+        a.due_ms,
+        a.attempt,
+        a.relative_to,
+        a.event_id,
+        a.source_offset,
+        status,
+        finished_ms,
+    )
+
+
 def _action_from_row(row: Sequence[Any]) -> Action:
     return Action(
         action_id=row[0],
@@ -209,6 +232,9 @@ class WriteBatch:
     rearmed: list[Action] = field(default_factory=list)
     # (action_id, final status, finished_ms)
     finished: list[tuple[str, str, int]] = field(default_factory=list)
+    # (action, final status, finished_ms): stored for the first time, already finished
+    # (an instant action sent before it was stored). One row written as it is final.
+    done: list[tuple[Action, str, int]] = field(default_factory=list)
     snapshots: list[tuple[str, int, bytes]] = field(default_factory=list)
     # (state key of workflow.once_key, partition, matched)
     once_state: list[tuple[str, int, bool]] = field(default_factory=list)
@@ -228,6 +254,7 @@ class WriteBatch:
         self.moved += other.moved
         self.rearmed += other.rearmed
         self.finished += other.finished
+        self.done += other.done
         self.snapshots += other.snapshots
         self.once_state += other.once_state
         self.quota += other.quota
@@ -242,6 +269,7 @@ class WriteBatch:
             or self.moved
             or self.rearmed
             or self.finished
+            or self.done
             or self.snapshots
             or self.once_state
             or self.quota
@@ -481,6 +509,10 @@ class Store:
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')",
                     [(*_action_row(a), a.record_key) for a in b.new_actions],
                 )
+            finished = b.finished
+            done_rows = self._insert_done(b) if b.done else []
+            if done_rows is None:  # ended below, read back like the rest
+                finished = finished + [(a.action_id, status, at) for a, status, at in b.done]
             if b.rearmed:
                 conn.executemany(
                     "UPDATE actions SET status = 'pending', finished_ms = NULL, attempt = 0, "
@@ -494,11 +526,11 @@ class Store:
                     "WHERE action_id = ? AND status = 'pending'",
                     [(due, attempt, aid) for aid, due, attempt in b.moved],
                 )
-            if b.finished:
+            if finished:
                 conn.executemany(
                     "UPDATE actions SET status = ?, finished_ms = ? "
                     "WHERE action_id = ? AND status = 'pending'",
-                    [(status, at, aid) for aid, status, at in b.finished],
+                    [(status, at, aid) for aid, status, at in finished],
                 )
             if b.snapshots:
                 conn.executemany(
@@ -537,7 +569,9 @@ class Store:
                     (before_ms, *partitions),
                 )
                 b.tombstones += [(int(p), f"a{SEP}{aid}".encode(), None) for p, aid in cur]
-            records = self._changelog_of(b) if self.changelog is not None else []
+            records = (
+                self._changelog_of(b, finished, done_rows) if self.changelog is not None else []
+            )
             conn.execute("COMMIT")
             self.commits += 1
         except BaseException:
@@ -556,19 +590,53 @@ class Store:
             list(offsets.items()),
         )
 
-    def _changelog_of(self, b: WriteBatch) -> list[ChangelogRecord]:
-        """The rows ``b`` touched, as they are now (read inside its transaction)."""
+    def _insert_done(self, b: WriteBatch) -> list[ChangelogRecord] | None:
+        """Insert ``b.done`` as final rows; their changelog records, or None when a row
+        existed already (or the batch touches it otherwise): then the caller ends it
+        if still pending, and the changelog reads the rows back as for the rest.
+
+        Most instant actions take this path: one INSERT and a changelog value built
+        from the action in memory (the row as inserted), instead of an INSERT as
+        pending, an UPDATE and a SELECT (~15 -> ~6 µs an action).
+        """
+        conn = self.db
+        rows = [_final_row(a, status, at) for a, status, at in b.done]
+        before = conn.total_changes
+        conn.executemany(
+            f"INSERT OR IGNORE INTO actions ({_ROW_COLUMNS}) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        others = {a.action_id for a in b.new_actions}
+        others.update(a.action_id for a in b.rearmed)
+        others.update(m[0] for m in b.moved)
+        others.update(f[0] for f in b.finished)
+        if conn.total_changes - before == len(rows) and not any(r[0] in others for r in rows):
+            return [_action_change(r) for r in rows]  # the rows as inserted
+        return None
+
+    def _changelog_of(
+        self,
+        b: WriteBatch,
+        finished: list[tuple[str, str, int]],
+        done_rows: list[ChangelogRecord] | None,
+    ) -> list[ChangelogRecord]:
+        """The rows ``b`` touched, as they are now (read inside its transaction);
+        ``done_rows``: those of ``b.done``, known without reading them (None: they
+        are in ``finished``, read back)."""
         out: list[ChangelogRecord] = []
         ids = list(
             dict.fromkeys(
                 [a.action_id for a in b.new_actions]
                 + [a.action_id for a in b.rearmed]
                 + [m[0] for m in b.moved]
-                + [f[0] for f in b.finished]
+                + [f[0] for f in finished]
             )
         )
         sql = f"SELECT {_ROW_COLUMNS} FROM actions WHERE action_id IN ({{marks}})"
         out += [_action_change(row) for row in self._select_in_writer(sql, ids)]
+        if done_rows:
+            out += done_rows
         for record_key, partition, data in {k: (k, p, d) for k, p, d in b.snapshots}.values():
             out.append((partition, f"r{SEP}{record_key}".encode(), data))
         for state_key, partition, matched in {k: (k, p, m) for k, p, m in b.once_state}.values():
