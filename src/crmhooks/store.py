@@ -250,18 +250,31 @@ class WriteBatch:
     tombstones: list[ChangelogRecord] = field(default_factory=list)  # filled by the store
 
     def extend(self, other: WriteBatch) -> None:
-        self.new_actions += other.new_actions
-        self.moved += other.moved
-        self.rearmed += other.rearmed
-        self.finished += other.finished
-        self.done += other.done
-        self.snapshots += other.snapshots
-        self.once_state += other.once_state
-        self.quota += other.quota
-        self.suspensions += other.suspensions
-        self.restored += other.restored
-        self.restored_offsets.update(other.restored_offsets)
-        self.purge += other.purge
+        # Most batches carry one or two kinds of change: test before concatenating.
+        if other.new_actions:
+            self.new_actions += other.new_actions
+        if other.moved:
+            self.moved += other.moved
+        if other.rearmed:
+            self.rearmed += other.rearmed
+        if other.finished:
+            self.finished += other.finished
+        if other.done:
+            self.done += other.done
+        if other.snapshots:
+            self.snapshots += other.snapshots
+        if other.once_state:
+            self.once_state += other.once_state
+        if other.quota:
+            self.quota += other.quota
+        if other.suspensions:
+            self.suspensions += other.suspensions
+        if other.restored:
+            self.restored += other.restored
+        if other.restored_offsets:
+            self.restored_offsets.update(other.restored_offsets)
+        if other.purge:
+            self.purge += other.purge
 
     def __bool__(self) -> bool:
         return bool(
