@@ -4,6 +4,7 @@ the producer's partitioner."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,27 +15,59 @@ from hypothesis import strategies as st
 
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import ProduceError
-from crmhooks.kafka_io import KafkaIO, keyed_partitioner
+from crmhooks.kafka_io import ALONE_BYTES, KafkaIO, keyed_partitioner
+
+
+class FakeBatch:
+    """aiokafka's BatchBuilder, as KafkaIO uses it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+        self._closed = False
+
+    def append(self, *, timestamp: int | None, key: bytes | None, value: bytes) -> object | None:
+        if self._closed:
+            return None
+        self.records.append((key, value))
+        return object()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def closed(self) -> bool:
+        return self._closed
 
 
 class FlakyProducer:
-    """Acknowledges a record only after it failed ``failures[value]`` times."""
+    """Acknowledges a batch only once each of its records failed ``failures[value]`` times."""
 
     def __init__(self, failures: dict[bytes, int], raise_on_send: bool = False) -> None:
         self.failures = dict(failures)
         self.raise_on_send = raise_on_send
         self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self.offsets: dict[tuple[str, int], int] = {}
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[Any]:
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
         if self.raise_on_send:
             raise KafkaTimeoutError()
-        self.sent.append((topic, key, value))
+        assert batch.closed(), "a batch is handed over closed"
+        self.sent += [(topic, k, v) for k, v in batch.records]
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self.failures.get(value, 0) > 0:
+        failing = [v for _, v in batch.records if self.failures.get(v, 0) > 0]
+        for value in failing:
             self.failures[value] -= 1
+        if failing:
             fut.set_exception(NotLeaderForPartitionError())
         else:
-            fut.set_result(None)
+            base = self.offsets.get((topic, partition), 0)
+            self.offsets[(topic, partition)] = base + len(batch.records)
+            fut.set_result(SimpleNamespace(offset=base))
         return fut
 
 
@@ -80,6 +113,66 @@ async def test_one_record_never_acknowledged_gives_up_after_five_tries() -> None
     with pytest.raises(ProduceError, match="1 records not acknowledged after 5 tries"):
         await kafka_io(producer).produce_all([("crm.webhook-results", b"org", b"r-1")])
     assert len(producer.sent) == 5
+
+
+class BatchLog(FlakyProducer):
+    """Remembers each batch handed over: (topic, partition, values)."""
+
+    def __init__(self, failures: dict[bytes, int] | None = None) -> None:
+        super().__init__(failures or {})
+        self.batches: list[tuple[str, int, list[bytes]]] = []
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        self.batches.append((topic, partition, [v for _, v in batch.records]))
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+async def test_concurrent_records_go_out_as_one_batch_per_partition_in_their_order() -> None:
+    producer = BatchLog()
+    kio = kafka_io(producer)
+    keys = [f"org-{n % 7}".encode() for n in range(60)]
+    await asyncio.gather(
+        *(kio.produce_all([("crm.webhook-results", key, b"%d" % n)]) for n, key in enumerate(keys))
+    )
+    assert len(producer.batches) <= 2 * 3, "records of a tick share their partition's batch"
+    for topic, partition, values in producer.batches:
+        assert topic == "crm.webhook-results"
+        assert values == sorted(values, key=int), "in the order given"
+        for value in values:
+            assert keyed_partitioner(keys[int(value)], [0, 1, 2], [0, 1, 2]) == partition
+    assert sorted(int(v) for _, _, vs in producer.batches for v in vs) == list(range(60))
+
+
+async def test_changelog_acknowledgement_gives_each_partitions_next_offset() -> None:
+    producer = BatchLog()
+    kio = kafka_io(producer)
+    records = [(n % 2, b"k%d" % n, b"v%d" % n) for n in range(5)]
+    assert await (await kio.produce_changelog(records)) == {0: 3, 1: 2}
+    assert await (await kio.produce_changelog(records[:1])) == {0: 4}
+
+
+async def test_a_changelog_batch_not_acknowledged_fails_the_store_commit() -> None:
+    kio = kafka_io(BatchLog({b"v1": 1}))
+    acked = await kio.produce_changelog([(0, b"k0", b"v0"), (1, b"k1", b"v1")])
+    with pytest.raises(ProduceError, match=r"changelog produce to .* failed"):
+        await acked
+
+
+async def test_a_large_record_goes_alone_so_its_refusal_fails_no_other() -> None:
+    big = b"x" * ALONE_BYTES
+    producer = BatchLog({big: 99})
+    kio = kafka_io(producer)
+    small = [("crm.webhook-dlq", b"org", b"s%d" % n) for n in range(3)]
+    results = await asyncio.gather(
+        kio.produce_all(small[:2]),
+        kio.produce_all([("crm.webhook-dlq", b"org", big)]),
+        kio.produce_all(small[2:]),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], ProduceError)
+    assert [vs for _, _, vs in producer.batches][:3] == [[b"s0", b"s1"], [big], [b"s2"]]
 
 
 @given(key=st.binary(max_size=64), count=st.integers(min_value=1, max_value=64))
