@@ -22,6 +22,7 @@ from crmhooks.app import INSTANT_COMMIT_WAIT_MS, Processor
 from crmhooks.clock import FakeClock
 from crmhooks.config import Config, config_from_mapping
 from crmhooks.delivery import Outcome
+from crmhooks.errors import ProduceError
 from crmhooks.store import Store
 from crmhooks.templates import RenderedRequest
 from tests.support import event
@@ -79,7 +80,14 @@ class FakeKafka:
     async def commit(self, next_offsets: dict[int, int]) -> None:
         self.committed.update(next_offsets)
 
+    produce_calls: int = 0
+    produce_failures: int = 0  # the next ones fail
+
     async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        self.produce_calls += 1
+        if self.produce_failures:
+            self.produce_failures -= 1
+            raise ProduceError("broker away")
         self.results += [orjson.loads(v) for _, _, v in records]
 
     async def produce_changelog(
@@ -134,6 +142,7 @@ async def processor(
             yield p, kafka, clock
         finally:
             p._stopping = True
+            transport.gate.set()  # requests still held are answered, so their tasks end
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, *p._fire_tasks, return_exceptions=True)
@@ -222,6 +231,43 @@ async def test_an_action_unfinished_past_the_deadline_is_stored_as_pending(
             ("evt-2:won:Hook", "delivered"),
         ]
         assert transport.sent == ["evt-1:won:Hook", "evt-2:won:Hook"]  # each sent once
+
+
+async def test_attempts_answered_together_are_reported_and_stored_together(
+    tmp_path: Path,
+) -> None:
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        await p._process_batch([rec(n, 10 + n) for n in range(1, 13)])
+        await until(lambda: len(transport.sent) == 12, "every request is sent")
+        calls_before = kafka.produce_calls
+        commits_before = p.store.commits
+        transport.gate.set()  # all answered in the same turn of the loop
+        await until(lambda: kafka.committed == {0: 23}, "committed once all are stored")
+        assert len(kafka.results) == 12
+        assert {r["status"] for r in kafka.results} == {"delivered"}
+        assert kafka.produce_calls - calls_before < 5, "one produce for many reports"
+        assert p.store.commits - commits_before < 5, "one store write for many reports"
+        assert len(await rows(p.store, "actions")) == 12
+
+
+async def test_a_report_that_cannot_be_produced_leaves_its_group_to_the_deadline(
+    tmp_path: Path,
+) -> None:
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, clock):
+        await p._process_batch([rec(1, 10), rec(2, 11)])
+        await until(lambda: len(transport.sent) == 2, "both requests are sent")
+        kafka.produce_failures = 1
+        transport.gate.set()
+        await until(lambda: not p._fire_tasks, "both attempts end (in error)")
+        assert kafka.results == []
+        assert sorted(p._unstored) == ["evt-1:won:Hook", "evt-2:won:Hook"]  # not lost
+        assert kafka.committed == {}
+        clock.advance(INSTANT_COMMIT_WAIT_MS)
+        await until(lambda: kafka.committed == {0: 12}, "stored as pending, then committed")
+        statuses = dict(await rows(p.store, "actions"))
+        assert set(statuses) == {"evt-1:won:Hook", "evt-2:won:Hook"}
 
 
 async def test_reading_pauses_over_the_budget_and_resumes_below_half(

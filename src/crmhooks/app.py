@@ -52,6 +52,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from crmhooks.actions import Action
+from crmhooks.aio import wait_all
 from crmhooks.clock import Clock
 from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
@@ -132,6 +133,8 @@ class Processor:
         self._snapshot_refs: dict[str, int] = {}
         self._inflight: set[str] = set()
         self._fire_tasks: set[asyncio.Task[None]] = set()
+        self._reporting: _ReportGroup | None = None  # attempts reported this turn (_report)
+        self._report_tasks: set[asyncio.Task[None]] = set()
         self._owned: set[int] = set()
         self._loaded_until_ms = 0
         self._quota: dict[tuple[str, str], int] = {}
@@ -235,9 +238,9 @@ class Processor:
                 log.warning("unused quota units not given back: %s", exc)
 
     async def _drain_fires(self, grace_s: float) -> None:
-        if not self._fire_tasks:
-            return
-        _, pending = await asyncio.wait(self._fire_tasks, timeout=grace_s)
+        pending: set[asyncio.Task[None]] = set()
+        if self._fire_tasks:
+            _, pending = await asyncio.wait(self._fire_tasks, timeout=grace_s)
         if pending:
             log.warning(
                 "%d requests still in flight after %.1f s: left for restart", len(pending), grace_s
@@ -245,6 +248,8 @@ class Processor:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._report_tasks:  # reports of cancelled ones: finished, not cut off
+            await asyncio.gather(*self._report_tasks, return_exceptions=True)
 
     # -- partitions -----------------------------------------------------------
 
@@ -956,10 +961,9 @@ class Processor:
             request=shown,
         )
         try:
-            await self.kio.produce_all(
-                [(self.config.kafka.results_topic, action.org_id.encode(), encode(rec))]
+            await self._report(
+                (self.config.kafka.results_topic, action.org_id.encode(), encode(rec)), batch
             )
-            await self.store.write(batch)
         except BaseException:
             if unstored is not None:  # stored later (deadline, stop) as pending
                 self._unstored.setdefault(action.action_id, unstored)
@@ -970,6 +974,36 @@ class Processor:
         if retry is not None:
             self._inflight.discard(action.action_id)
             self._push(retry)
+
+    async def _report(self, result: Produced, batch: WriteBatch) -> None:
+        """Produce ``result``, then store ``batch``: together with every other attempt
+        reported in this turn of the event loop (one produce, one store write and one
+        wait for them all; -8 µs of CPU an instant delivery). Raises what either raised."""
+        group = self._reporting
+        if group is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            group = self._reporting = _ReportGroup(done)
+            task = asyncio.create_task(self._write_reports(group), name="report")
+            self._report_tasks.add(task)
+            task.add_done_callback(self._report_tasks.discard)
+        group.results.append(result)
+        group.batch.extend(batch)
+        await wait_all((group.done,))
+        group.done.result()
+
+    async def _write_reports(self, group: _ReportGroup) -> None:
+        self._reporting = None  # reports from now on go to the next group
+        try:
+            await self.kio.produce_all(group.results)
+            await self.store.write(group.batch)
+        except Exception as exc:
+            group.done.set_exception(exc)
+            group.done.exception()  # retrieved: each reporter raises it
+            return
+        except BaseException:
+            group.done.cancel()  # stopping: each reporter sees it cancelled
+            raise
+        group.done.set_result(None)
 
     def _render(self, action: Action, event: RecordEvent) -> RenderedRequest:
         tz = ZoneInfo(self.config.org(action.org_id).time_zone)
@@ -1099,6 +1133,15 @@ class _Ticket:
     offsets: dict[int, int]  # partition → next offset, committed once settled
     deadline_ms: int  # its unsettled instant actions are stored as pending then
     waiting: set[str] = field(default_factory=set)  # ids of those not stored yet
+
+
+@dataclass(slots=True)
+class _ReportGroup:
+    """Attempts reported in one turn of the event loop (``Processor._report``)."""
+
+    done: asyncio.Future[None]  # their results acknowledged and their changes stored
+    results: list[Produced] = field(default_factory=list)
+    batch: WriteBatch = field(default_factory=WriteBatch)
 
 
 @dataclass(slots=True)

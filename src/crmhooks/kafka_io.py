@@ -19,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from crmhooks.aio import wait_all
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import KafkaIOError, ProduceError
 
@@ -381,7 +382,7 @@ class KafkaIO:
                 partitions = self._partitions.get(topic) or await self._partitions_of(topic)
                 partition = keyed_partitioner(key, partitions, partitions)
                 futures.append(self._outbox(topic, partition).add(key, value))
-            await _all_done(futures)
+            await wait_all(futures)
             failed = [
                 r
                 for r, f in zip(remaining, futures, strict=True)
@@ -521,36 +522,6 @@ async def produce_records(
         await producer.stop()
 
 
-async def _all_done(futures: Sequence[asyncio.Future[int]]) -> None:
-    """Until every future is done, successfully or not.
-
-    The futures are shared by every record of a batch: awaiting one directly would
-    cancel it for all of them when this caller is cancelled. And asyncio.wait, which
-    does not, costs ~3 % of the CPU of an instant delivery; one waiter of our own
-    and a callback per batch cost less.
-    """
-    pending = [f for f in dict.fromkeys(futures) if not f.done()]
-    if not pending:
-        return
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    left = len(pending)
-
-    def one_done(_: object) -> None:
-        nonlocal left
-        left -= 1
-        if left == 0 and not waiter.done():
-            waiter.set_result(None)
-
-    for fut in pending:
-        fut.add_done_callback(one_done)
-    try:
-        await waiter
-    finally:
-        if left:  # cancelled: the callbacks are not needed any more
-            for fut in pending:
-                fut.remove_done_callback(one_done)
-
-
 def _first_error(futures: Sequence[asyncio.Future[int]]) -> str:
     for f in futures:
         if f.cancelled():
@@ -564,7 +535,7 @@ async def _changelog_acked(
     topic: str, batches: Sequence[tuple[int, asyncio.Future[int]]]
 ) -> dict[int, int]:
     """Partition → next offset, once every batch is acknowledged."""
-    await _all_done([fut for _, fut in batches])
+    await wait_all([fut for _, fut in batches])
     offsets: dict[int, int] = {}
     for partition, fut in batches:
         try:
