@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import functools
 import math
 import os
 import re
@@ -115,6 +116,12 @@ class OrgSettings:
     time_zone: str = "UTC"
 
 
+@functools.lru_cache(maxsize=4096)
+def _default_org(org_id: str) -> OrgSettings:
+    """An organisation not in the config (asked for up to three times an action)."""
+    return OrgSettings(id=org_id)
+
+
 @dataclass(frozen=True, slots=True)
 class BodySpec:
     """The user-defined parameter: an XML or JSON document with placeholders."""
@@ -212,7 +219,7 @@ class Config:
     def org(self, org_id: str) -> OrgSettings:
         """Settings of an organisation; one not in the config gets the defaults."""
         found = self.orgs.get(org_id)
-        return found if found is not None else OrgSettings(id=org_id)
+        return found if found is not None else _default_org(org_id)
 
     @property
     def catalog(self) -> ModuleCatalog:
