@@ -916,7 +916,10 @@ class Processor:
         attempt = action.attempt + 1
         shown = {"method": request.method, "url": request.redacted_url}
         delays = self.config.delivery.retry_delays_s
-        batch = WriteBatch()
+        # Written straight into the changes of this turn's reports (no await until
+        # _report): a WriteBatch of its own and its merge cost ~2 µs a delivery.
+        group = self._report_group()
+        batch = group.batch
         retry: Action | None = None
         if outcome.delivered:
             status = "delivered"
@@ -960,10 +963,10 @@ class Processor:
             next_attempt_ms=retry.due_ms if retry else None,
             request=shown,
         )
+        group.results.append((self.config.kafka.results_topic, action.org_id.encode(), encode(rec)))
         try:
-            await self._report(
-                (self.config.kafka.results_topic, action.org_id.encode(), encode(rec)), batch
-            )
+            await wait_all((group.done,))
+            group.done.result()
         except BaseException:
             if unstored is not None:  # stored later (deadline, stop) as pending
                 self._unstored.setdefault(action.action_id, unstored)
@@ -975,10 +978,11 @@ class Processor:
             self._inflight.discard(action.action_id)
             self._push(retry)
 
-    async def _report(self, result: Produced, batch: WriteBatch) -> None:
-        """Produce ``result``, then store ``batch``: together with every other attempt
-        reported in this turn of the event loop (one produce, one store write and one
-        wait for them all; -8 µs of CPU an instant delivery). Raises what either raised."""
+    def _report_group(self) -> _ReportGroup:
+        """The attempts reported in this turn of the event loop: their results are
+        produced, then their changes stored, together (one produce, one store write and
+        one wait for them all; -3 µs of CPU an instant delivery). ``done`` holds what
+        either raised. Fill it without awaiting in between: it is written next turn."""
         group = self._reporting
         if group is None:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -986,10 +990,7 @@ class Processor:
             task = asyncio.create_task(self._write_reports(group), name="report")
             self._report_tasks.add(task)
             task.add_done_callback(self._report_tasks.discard)
-        group.results.append(result)
-        group.batch.extend(batch)
-        await wait_all((group.done,))
-        group.done.result()
+        return group
 
     async def _write_reports(self, group: _ReportGroup) -> None:
         self._reporting = None  # reports from now on go to the next group
