@@ -52,7 +52,6 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from crmhooks.actions import Action
-from crmhooks.aio import wait_all
 from crmhooks.clock import Clock
 from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
@@ -133,7 +132,7 @@ class Processor:
         self._snapshot_refs: dict[str, int] = {}
         self._inflight: set[str] = set()
         self._fire_tasks: set[asyncio.Task[None]] = set()
-        self._reporting: _ReportGroup | None = None  # attempts reported this turn (_report)
+        self._reporting: _ReportGroup | None = None  # attempts reported this turn
         self._report_tasks: set[asyncio.Task[None]] = set()
         self._owned: set[int] = set()
         self._loaded_until_ms = 0
@@ -964,9 +963,10 @@ class Processor:
             request=shown,
         )
         group.results.append((self.config.kafka.results_topic, action.org_id.encode(), encode(rec)))
+        reported: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        group.reporters.append(reported)
         try:
-            await wait_all((group.done,))
-            group.done.result()
+            await reported
         except BaseException:
             if unstored is not None:  # stored later (deadline, stop) as pending
                 self._unstored.setdefault(action.action_id, unstored)
@@ -981,12 +981,12 @@ class Processor:
     def _report_group(self) -> _ReportGroup:
         """The attempts reported in this turn of the event loop: their results are
         produced, then their changes stored, together (one produce, one store write and
-        one wait for them all; -3 µs of CPU an instant delivery). ``done`` holds what
-        either raised. Fill it without awaiting in between: it is written next turn."""
+        one wait for them all; -3 µs of CPU an instant delivery). Each reporter adds a
+        future to ``reporters``, which gets what either raised. Fill it without
+        awaiting in between: it is written next turn."""
         group = self._reporting
         if group is None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            group = self._reporting = _ReportGroup(done)
+            group = self._reporting = _ReportGroup()
             task = asyncio.create_task(self._write_reports(group), name="report")
             self._report_tasks.add(task)
             task.add_done_callback(self._report_tasks.discard)
@@ -998,13 +998,17 @@ class Processor:
             await self.kio.produce_all(group.results)
             await self.store.write(group.batch)
         except Exception as exc:
-            group.done.set_exception(exc)
-            group.done.exception()  # retrieved: each reporter raises it
+            for reported in group.reporters:
+                if not reported.done():  # (not a reporter cancelled meanwhile)
+                    reported.set_exception(exc)
             return
         except BaseException:
-            group.done.cancel()  # stopping: each reporter sees it cancelled
+            for reported in group.reporters:
+                reported.cancel()  # stopping: each reporter sees it cancelled
             raise
-        group.done.set_result(None)
+        for reported in group.reporters:
+            if not reported.done():
+                reported.set_result(None)
 
     def _render(self, action: Action, event: RecordEvent) -> RenderedRequest:
         tz = ZoneInfo(self.config.org(action.org_id).time_zone)
@@ -1138,9 +1142,11 @@ class _Ticket:
 
 @dataclass(slots=True)
 class _ReportGroup:
-    """Attempts reported in one turn of the event loop (``Processor._report``)."""
+    """Attempts reported in one turn of the event loop (``Processor._report_group``)."""
 
-    done: asyncio.Future[None]  # their results acknowledged and their changes stored
+    # One future per reporter (its own: one cancelled cancels no other), done once
+    # their results are acknowledged and their changes stored.
+    reporters: list[asyncio.Future[None]] = field(default_factory=list)
     results: list[Produced] = field(default_factory=list)
     batch: WriteBatch = field(default_factory=WriteBatch)
 
