@@ -156,6 +156,12 @@ async def until(check: Any, what: str) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
+async def send_two(p: Processor, transport: GatedTransport) -> None:
+    """Events 1 and 2 (offsets 10, 11) read; their requests sent, not yet answered."""
+    await p._process_batch([rec(1, 10), rec(2, 11)])
+    await until(lambda: len(transport.sent) == 2, "both requests are sent")
+
+
 async def rows(store: Store, table: str) -> list[tuple[Any, ...]]:
     column = "status" if table == "actions" else "record_key"
     async with store.conn.execute(f"SELECT action_id, {column} FROM {table}") as cur:
@@ -203,8 +209,7 @@ async def test_an_action_unfinished_past_the_deadline_is_stored_as_pending(
 ) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, clock):
-        await p._process_batch([rec(1, 10), rec(2, 11)])
-        await until(lambda: len(transport.sent) == 2, "both requests are sent")
+        await send_two(p, transport)
         clock.advance(INSTANT_COMMIT_WAIT_MS - 1)
         await asyncio.sleep(0.02)
         assert kafka.committed == {}
@@ -256,8 +261,7 @@ async def test_a_report_that_cannot_be_produced_leaves_its_group_to_the_deadline
 ) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, clock):
-        await p._process_batch([rec(1, 10), rec(2, 11)])
-        await until(lambda: len(transport.sent) == 2, "both requests are sent")
+        await send_two(p, transport)
         kafka.produce_failures = 1
         transport.gate.set()
         await until(lambda: not p._fire_tasks, "both attempts end (in error)")

@@ -159,25 +159,8 @@ def _action_row(a: Action) -> tuple[Any, ...]:
 
 def _final_row(a: Action, status: str, finished_ms: int) -> tuple[Any, ...]:
     """A finished action's row, every column in ``_ROW_FIELDS`` order."""
-    return (
-        a.action_id,
-        a.partition,
-        a.org_id,
-        a.module,
-        a.record_id,
-        a.record_key,
-        a.rule_id,
-        a.webhook,
-        a.kind,
-        a.slot,
-        a.due_ms,
-        a.attempt,
-        a.relative_to,
-        a.event_id,
-        a.source_offset,
-        status,
-        finished_ms,
-    )
+    row = _action_row(a)
+    return (*row[:5], a.record_key, *row[5:], status, finished_ms)
 
 
 def _action_from_row(row: Sequence[Any]) -> Action:
@@ -251,46 +234,31 @@ class WriteBatch:
 
     def extend(self, other: WriteBatch) -> None:
         # Most batches carry one or two kinds of change: test before concatenating.
-        if other.new_actions:
-            self.new_actions += other.new_actions
-        if other.moved:
-            self.moved += other.moved
-        if other.rearmed:
-            self.rearmed += other.rearmed
-        if other.finished:
-            self.finished += other.finished
-        if other.done:
-            self.done += other.done
-        if other.snapshots:
-            self.snapshots += other.snapshots
-        if other.once_state:
-            self.once_state += other.once_state
-        if other.quota:
-            self.quota += other.quota
-        if other.suspensions:
-            self.suspensions += other.suspensions
-        if other.restored:
-            self.restored += other.restored
+        for name in _CHANGE_LISTS:
+            more = getattr(other, name)
+            if more:
+                getattr(self, name).extend(more)
         if other.restored_offsets:
             self.restored_offsets.update(other.restored_offsets)
-        if other.purge:
-            self.purge += other.purge
 
     def __bool__(self) -> bool:
-        return bool(
-            self.new_actions
-            or self.moved
-            or self.rearmed
-            or self.finished
-            or self.done
-            or self.snapshots
-            or self.once_state
-            or self.quota
-            or self.suspensions
-            or self.restored
-            or self.restored_offsets
-            or self.purge
-        )
+        return bool(self.restored_offsets) or any(getattr(self, n) for n in _CHANGE_LISTS)
+
+
+# The lists of changes of a WriteBatch (``tombstones`` is the store's own output).
+_CHANGE_LISTS = (
+    "new_actions",
+    "moved",
+    "rearmed",
+    "finished",
+    "done",
+    "snapshots",
+    "once_state",
+    "quota",
+    "suspensions",
+    "restored",
+    "purge",
+)
 
 
 # Tries of one group commit when SQLite says the file is locked or busy (another
