@@ -1,5 +1,5 @@
 """KafkaIO.produce_all against a fake producer: unacknowledged records are sent again;
-the producer's partitioner."""
+the producer's partitioner; waiting for new topics to be seen in the metadata."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crmhooks.config import KafkaSettings
-from crmhooks.errors import ProduceError
-from crmhooks.kafka_io import ALONE_BYTES, KafkaIO, keyed_partitioner
+from crmhooks.errors import KafkaIOError, ProduceError
+from crmhooks.kafka_io import ALONE_BYTES, KafkaIO, keyed_partitioner, wait_visible
 
 
 class FakeBatch:
@@ -186,3 +186,40 @@ def test_keyed_partitioner_places_every_key_as_kafkas_default_does(key: bytes, c
 def test_keyed_partitioner_spreads_records_without_key_over_available_partitions() -> None:
     chosen = {keyed_partitioner(None, [0, 1, 2, 3], [1, 3]) for _ in range(200)}
     assert chosen == {1, 3}
+
+
+class SlowMetadata:
+    """An admin client whose metadata shows a topic only from its ``seen_from``-th
+    description on (a topic just created, a broker just started)."""
+
+    def __init__(self, seen_from: dict[str, int]) -> None:
+        self.seen_from = seen_from
+        self.asked: list[list[str]] = []
+
+    async def describe_topics(self, topics: list[str] | None = None) -> list[Any]:
+        assert topics is not None
+        self.asked.append(list(topics))
+        n = len(self.asked)
+        described = []
+        for name in topics:
+            if n < self.seen_from[name]:
+                described.append({"topic": name, "error_code": 3, "partitions": []})
+            else:
+                leader = -1 if n == self.seen_from[name] else 1  # no leader yet, then one
+                partitions = [{"partition": 0, "error_code": 0, "leader": leader}]
+                described.append({"topic": name, "error_code": 0, "partitions": partitions})
+        return described
+
+
+async def test_topics_are_waited_for_until_each_has_a_leader_for_every_partition() -> None:
+    admin = SlowMetadata({"events": 1, "results": 3})
+    await wait_visible(admin, ["events", "results"], tries=10, pause_s=0)
+    # events: seen at once, its leader on the second look; results: on the fourth.
+    assert admin.asked == [["events", "results"], ["events", "results"], ["results"], ["results"]]
+
+
+async def test_topics_never_seen_are_named_in_the_error() -> None:
+    admin = SlowMetadata({"events": 1, "results": 99})
+    with pytest.raises(KafkaIOError, match=r"\['results'\] are not in the cluster's metadata"):
+        await wait_visible(admin, ["events", "results"], tries=5, pause_s=0)
+    assert len(admin.asked) == 5

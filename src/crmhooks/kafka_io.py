@@ -82,10 +82,49 @@ async def ensure_topics(
                 ]
             )
             log.info("created changelog topic %s with %d partitions", changelog, count)
+        await wait_visible(admin, names + ([changelog] if changelog is not None else []))
     except KafkaError as exc:
         raise KafkaIOError(f"cannot create topics on {bootstrap_servers}: {exc}") from exc
     finally:
         await admin.close()
+
+
+class DescribesTopics(Protocol):
+    """What ``wait_visible`` needs of aiokafka's admin client."""
+
+    async def describe_topics(self, topics: list[str] | None = None) -> list[Any]: ...
+
+
+async def wait_visible(
+    admin: DescribesTopics, names: list[str], tries: int = 600, pause_s: float = 0.05
+) -> None:
+    """Until the cluster's metadata shows every topic of ``names`` with a leader for
+    each partition (KafkaIOError naming those still missing after ``tries``).
+
+    A topic just created is not in every broker's metadata at once (a broker just
+    started applies it later still). A consumer that subscribes before it is seen
+    gets no partitions, and aiokafka looks again only after ``metadata_max_age_ms``
+    (5 minutes): the processor would sit idle.
+    """
+    missing = list(names)
+    for attempt in range(tries):
+        if attempt:
+            await asyncio.sleep(pause_s)
+        described = await admin.describe_topics(missing)
+        visible = {
+            t["topic"]
+            for t in described
+            if not t["error_code"]
+            and t["partitions"]
+            and all(not p["error_code"] and p["leader"] >= 0 for p in t["partitions"])
+        }
+        missing = [n for n in missing if n not in visible]
+        if not missing:
+            return
+    raise KafkaIOError(
+        f"topics {missing} are not in the cluster's metadata with a leader for every "
+        f"partition after {tries * pause_s:.0f} s"
+    )
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
