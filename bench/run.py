@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -623,7 +624,10 @@ class Bench:
             processors(config, self.workdir, name, count, own_stores=own_stores) as procs,
             FastProducer(self.bootstrap) as producer,
             CpuSampler(None) as machine,
+            CpuSampler(self.sink.pid) as sink_cpu,
+            contextlib.AsyncExitStack() as stack,
         ):
+            each = [await stack.enter_async_context(CpuSampler(p.pid)) for p in procs]
             await wait_assigned(procs, 30)
             if not await self.warm_up(topics, producer, 60):
                 return 0.0, "warm-up not delivered"
@@ -632,15 +636,27 @@ class Bench:
             got, first_ms, last_ms = await self.sink.wait_count(n, n / 200 + 60)
         rate = got / ((last_ms - first_ms) / 1000) if last_ms > first_ms else 0.0
         cpu_s, wall_s = machine.usage(first_ms, last_ms)
+        what = f"{count} processor{'s' if count > 1 else ''}" + (
+            "" if own_stores else ", one SQLite file"
+        )
         if wall_s:
             # Processors, broker, sink and the bench share the machine: at 100 % of
             # every core, the ratio is bound by the machine, not by the processors.
             cores = os.cpu_count() or 1
             busy = 100.0 * cpu_s / wall_s / cores
-            what = f"{count} processor{'s' if count > 1 else ''}" + (
-                "" if own_stores else ", one SQLite file"
-            )
             self.add(Figure(f"machine's CPU use, all {cores} cores ({what})", busy, "%"))
+        # Where the machine's CPU went, per delivery: the processors' own (more with two
+        # than with one would mean each works less efficiently), the sink's, and the
+        # rest (the broker, the bench's producer): the ratio's bound on this machine.
+        procs_cpu_s = sum(sampler.usage(first_ms, last_ms)[0] for sampler in each)
+        sink_cpu_s = sink_cpu.usage(first_ms, last_ms)[0]
+        if procs_cpu_s and got:
+            for part, part_s in (
+                ("processors'", procs_cpu_s),
+                ("sink's", sink_cpu_s),
+                ("broker's and bench's", cpu_s - procs_cpu_s - sink_cpu_s),
+            ):
+                self.add(Figure(f"{part} CPU per delivery ({what})", part_s * 1e6 / got, "µs"))
         return rate, "" if got >= n else f"{got} of {n} delivered"
 
     async def scale_out(self) -> None:
