@@ -73,8 +73,12 @@ log = logging.getLogger(__name__)
 # memory flat with a million pending timers while a refill query stays cheap.
 HORIZON_MS = 60_000
 # Events read per fetch: large enough to amortise one store commit and one
-# producer flush over many events, small enough to keep a batch under ~100 ms.
-FETCH_MAX_RECORDS = 2000
+# producer flush over many events, small enough that planning them (~15 µs an
+# instant one, on the loop, without a pause) does not hold up the answers of the
+# requests in flight: with 2,000 the receivers sat idle while a batch was planned,
+# the processor's core was 82-89 % busy; with 500, 95-99 % (instant bench, 3 A/B
+# pairs: 8,434-9,321 -> 9,473-10,128 deliveries/s; filtering unchanged).
+FETCH_MAX_RECORDS = 500
 FETCH_TIMEOUT_MS = 200
 # Quota units stored per write: one commit (and changelog round trip) per block of
 # requests of an organisation instead of one each. The next block is written once
