@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Kind = Literal["instant", "scheduled"]
@@ -32,10 +32,12 @@ class Action:
     attempt: int = 0  # attempts already made
     # The field the due time hangs on ("trigger" for instant ones), to reschedule.
     relative_to: str = "trigger"
+    # ``org/module/record_id``, as RecordEvent.record_key: made once, read ~6 times
+    # an action (snapshots, their reference counts, the store's row).
+    record_key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def record_key(self) -> str:
-        return f"{self.org_id}/{self.module}/{self.record_id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "record_key", f"{self.org_id}/{self.module}/{self.record_id}")
 
     @property
     def slot_key(self) -> str:
@@ -47,6 +49,67 @@ class Action:
 
     def __repr__(self) -> str:
         return f"Action({self.action_id!r}, due_ms={self.due_ms}, attempt={self.attempt})"
+
+
+class _UnfrozenAction:
+    """Action's slots without its frozen ``__setattr__``: see ``new_action``."""
+
+    __slots__ = Action.__slots__
+    action_id: str
+    event_id: str
+    org_id: str
+    module: str
+    record_id: str
+    rule_id: str
+    webhook: str
+    kind: Kind
+    slot: int
+    due_ms: int
+    partition: int
+    source_offset: int
+    attempt: int
+    relative_to: str
+    record_key: str
+
+
+def new_action(
+    action_id: str,
+    event_id: str,
+    org_id: str,
+    module: str,
+    record_id: str,
+    rule_id: str,
+    webhook: str,
+    kind: Kind,
+    slot: int,
+    due_ms: int,
+    partition: int,
+    source_offset: int,
+    attempt: int,
+    relative_to: str,
+) -> Action:
+    """``Action(...)``, every field given in order, in 0.4 µs instead of 1.7: one made
+    for each action planned and each row loaded. As ``events._new_record_event``:
+    plain stores into an instance of a class with the same slots, which then becomes
+    an Action (CPython checks the layouts match). A test compares it with Action()."""
+    a = object.__new__(_UnfrozenAction)
+    a.action_id = action_id
+    a.event_id = event_id
+    a.org_id = org_id
+    a.module = module
+    a.record_id = record_id
+    a.rule_id = rule_id
+    a.webhook = webhook
+    a.kind = kind
+    a.slot = slot
+    a.due_ms = due_ms
+    a.partition = partition
+    a.source_offset = source_offset
+    a.attempt = attempt
+    a.relative_to = relative_to
+    a.record_key = f"{org_id}/{module}/{record_id}"
+    a.__class__ = Action  # type: ignore[assignment]  # same slots, see above
+    return a  # type: ignore[return-value]  # now an Action
 
 
 def action_ids(event_id: str, rule_id: str, webhooks: list[str]) -> list[str]:

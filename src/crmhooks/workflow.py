@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
-from crmhooks.actions import Action, action_ids
+from crmhooks.actions import Action, action_ids, new_action
 from crmhooks.config import Config, Rule
 from crmhooks.events import RecordEvent
 from crmhooks.rules import evaluate, trigger_fires
@@ -167,7 +167,7 @@ def _create(
         due: int | None = now_ms
         if spec is not None:
             due = compute_due_ms(spec, dict(event.record), event.occurred_at_ms, tz)
-        action = Action(
+        action = new_action(
             action_id=action_id,
             event_id=event.event_id,
             org_id=event.org_id,
@@ -180,6 +180,7 @@ def _create(
             due_ms=now_ms if due is None else due,
             partition=partition,
             source_offset=offset,
+            attempt=0,
             relative_to=spec.relative_to if spec else "trigger",
         )
         if spec is not None:
