@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 Kind = Literal["instant", "scheduled"]
 
@@ -55,21 +55,6 @@ class _UnfrozenAction:
     """Action's slots without its frozen ``__setattr__``: see ``new_action``."""
 
     __slots__ = Action.__slots__
-    action_id: str
-    event_id: str
-    org_id: str
-    module: str
-    record_id: str
-    rule_id: str
-    webhook: str
-    kind: Kind
-    slot: int
-    due_ms: int
-    partition: int
-    source_offset: int
-    attempt: int
-    relative_to: str
-    record_key: str
 
 
 def new_action(
@@ -92,7 +77,7 @@ def new_action(
     for each action planned and each row loaded. As ``events._new_record_event``:
     plain stores into an instance of a class with the same slots, which then becomes
     an Action (CPython checks the layouts match). A test compares it with Action()."""
-    a = object.__new__(_UnfrozenAction)
+    a: Any = object.__new__(_UnfrozenAction)  # typed by the Action it becomes
     a.action_id = action_id
     a.event_id = event_id
     a.org_id = org_id
@@ -108,8 +93,9 @@ def new_action(
     a.attempt = attempt
     a.relative_to = relative_to
     a.record_key = f"{org_id}/{module}/{record_id}"
-    a.__class__ = Action  # type: ignore[assignment]  # same slots, see above
-    return a  # type: ignore[return-value]  # now an Action
+    a.__class__ = Action  # same slots, see above
+    action: Action = a
+    return action
 
 
 def action_ids(event_id: str, rule_id: str, webhooks: list[str]) -> list[str]:
