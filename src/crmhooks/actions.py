@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from crmhooks.events import record_key_of
+
 Kind = Literal["instant", "scheduled"]
 
 # Final statuses (SPEC §7): every action ends in exactly one of these.
@@ -37,7 +39,8 @@ class Action:
     record_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "record_key", f"{self.org_id}/{self.module}/{self.record_id}")
+        key = record_key_of(self.org_id, self.module, self.record_id)
+        object.__setattr__(self, "record_key", key)
 
     @property
     def slot_key(self) -> str:
@@ -92,7 +95,7 @@ def new_action(
     a.source_offset = source_offset
     a.attempt = attempt
     a.relative_to = relative_to
-    a.record_key = f"{org_id}/{module}/{record_id}"
+    a.record_key = record_key_of(org_id, module, record_id)
     a.__class__ = Action  # same slots, see above
     action: Action = a
     return action

@@ -12,9 +12,8 @@ async def wait_all(futures: Sequence[asyncio.Future[Any]]) -> None:
 
     Each future is shared by several callers (the records of one produced batch):
     awaiting it directly would cancel it for all of them when this caller is
-    cancelled. ``asyncio.wait``, which does not, costs
-    ~3 % of the CPU of an instant delivery; one waiter of our own and a callback
-    per future cost less.
+    cancelled. ``asyncio.wait``, which does not, cost ~3 % of the CPU of an
+    instant delivery; one waiter of our own and a callback per future cost less.
     """
     pending = [f for f in dict.fromkeys(futures) if not f.done()]
     if not pending:

@@ -920,7 +920,8 @@ class Processor:
         shown = {"method": request.method, "url": request.redacted_url}
         delays = self.config.delivery.retry_delays_s
         # Written straight into the changes of this turn's reports (no await until
-        # _report): a WriteBatch of its own and its merge cost ~2 µs a delivery.
+        # the wait for ``reported`` below): a WriteBatch of its own and its merge
+        # cost ~2 µs a delivery.
         group = self._report_group()
         batch = group.batch
         retry: Action | None = None

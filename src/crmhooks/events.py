@@ -76,6 +76,11 @@ _BACKSLASH = ord("\\")
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:,]', re.DOTALL)
 
 
+def record_key_of(org_id: str, module: str, record_id: str) -> str:
+    """The key of a record across events and actions: ``org/module/record_id``."""
+    return f"{org_id}/{module}/{record_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class RecordEvent:
     """One CRM record event (SPEC §2). ``data`` is the JSON object as received.
@@ -101,7 +106,7 @@ class RecordEvent:
     @property
     def record_key(self) -> str:
         """Identifies the record across events: ``org/module/record_id``."""
-        return f"{self.org_id}/{self.module}/{self.record_id}"
+        return record_key_of(self.org_id, self.module, self.record_id)
 
     def __repr__(self) -> str:
         return (
