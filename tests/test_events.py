@@ -1058,6 +1058,82 @@ def test_the_fast_path_decides_as_the_checked_one(event: dict[str, Any]) -> None
     assert bytes_outcome(decode_event, data) == bytes_outcome(decode_checked, data)
 
 
+# The msgspec fast path of decode_event (_typed_event) against the checked path,
+# on the bytes producers write: compact or spaced, ASCII-escaped or not, with a
+# key repeated or unknown, big integers, colons escaped in strings.
+
+
+@st.composite
+def event_texts(draw: st.DrawFn) -> bytes:
+    event = draw(spoiled_events())
+    style = draw(st.sampled_from(["orjson", "spaced", "ascii", "repeat", "escaped colon"]))
+    if style == "orjson":
+        try:
+            return orjson.dumps(event)
+        except orjson.JSONEncodeError:  # integers of more than 64 bits
+            return json.dumps(event, separators=(",", ":")).encode()
+    if style == "spaced":
+        return json.dumps(event, ensure_ascii=False).encode()
+    if style == "ascii":
+        return json.dumps(event).encode()
+    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    if style == "escaped colon" and type(event.get("record")) is dict:
+        # A key of the record repeated, its kept value a colon written as an escape:
+        # the colon counts of the text and of its re-encoding agree.
+        return text.replace('"record":{', '"record":{"x":0,"x":"\\u003a",', 1).encode()
+    # "repeat": one key of the top level or of the record written twice, the first
+    # value different (a JSON parser keeps the last).
+    key = draw(st.sampled_from([*event, "record.x"]))
+    if key == "record.x" and type(event.get("record")) is dict:
+        return text.replace('"record":{', '"record":{"x":0,', 1).encode()
+    return ("{" + json.dumps(key) + ":" + json.dumps(draw(JSON_VALUES)) + "," + text[1:]).encode()
+
+
+def strict(outcome: Any) -> Any:
+    """An outcome, its values told apart by type (1 == 1.0 == True in Python)."""
+    if isinstance(outcome, list):
+        return [(name, orjson.dumps(value, default=repr)) for name, value in outcome]
+    return outcome
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(data=event_texts())
+def test_the_typed_fast_path_decides_as_the_checked_one(data: bytes) -> None:
+    fast = events._typed_event(data)
+    checked = bytes_outcome(decode_checked, data)
+    if fast is not None:  # only what the checked path accepts, as it builds it
+        assert strict(bytes_outcome(lambda _: fast, data)) == strict(checked)
+    assert strict(bytes_outcome(decode_event, data)) == strict(checked)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        orjson.dumps(SPEC_EVENT),
+        json.dumps(SPEC_EVENT).encode(),  # spaced, non-ASCII escaped
+        orjson.dumps({**SPEC_EVENT, "record_id": 4150868000000224005}),
+    ],
+)
+def test_valid_events_take_the_typed_fast_path(data: bytes) -> None:
+    fast = events._typed_event(data)
+    assert fast is not None
+    assert bytes_outcome(lambda _: fast, data) == bytes_outcome(decode_checked, data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        orjson.dumps({**SPEC_EVENT, "trace": "t-1"}),  # unknown: kept by the checked path
+        b'{"event_id":"x",' + orjson.dumps(SPEC_EVENT)[1:],  # repeated: refused there
+        orjson.dumps(SPEC_EVENT).replace(b'"Amount":25000', b'"Amount":123456789012345678901'),
+        orjson.dumps({**SPEC_EVENT, "event_id": "e\x85"}),  # non-printable, not control
+    ],
+)
+def test_what_the_typed_fast_path_leaves_to_the_checked_one(data: bytes) -> None:
+    assert events._typed_event(data) is None
+    decode_or_error(data)  # decided there, event or error
+
+
 BAD_FIELDS: list[Any] = [
     None,
     [],

@@ -6,8 +6,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
+import msgspec
 import orjson
 
 from crmhooks.errors import InvalidEvent
@@ -346,8 +347,98 @@ def decode_event(data: bytes | None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -
     """The one place where events-topic bytes become a RecordEvent (SPEC §2)."""
     if data is None:
         raise InvalidEvent("empty record value (tombstone)")
+    if len(data) <= max_bytes:
+        event = _typed_event(data)
+        if event is not None:
+            return event
     parsed = decode_json_object(data, max_bytes)
     return event_from_json(parsed)
+
+
+# The shape of a valid event (SPEC §2), for msgspec to check while it parses: in C,
+# the types of every field and field value cost nothing beyond the parse itself,
+# where checking them in Python (``_plain_event``) costs as much as the parse.
+# What a type cannot say (non-empty printable ids, RFC 3339, no repeated or
+# unknown keys) ``_typed_event`` checks after.
+_Scalar = str | int | float | bool | None
+_Fields = dict[str, _Scalar | list[_Scalar]]
+
+
+class _EventShape(TypedDict):
+    event_id: str
+    org_id: str
+    module: str
+    operation: Operation
+    occurred_at: str
+    record_id: str | int
+    record: _Fields
+    previous: NotRequired[_Fields | None]
+    related: NotRequired[dict[str, _Fields] | None]
+    user: NotRequired[_Fields | None]
+    organization: NotRequired[_Fields | None]
+
+
+_EVENT_SHAPE = msgspec.json.Decoder(_EventShape)
+
+
+def _typed_event(data: bytes) -> RecordEvent | None:
+    """The event, if ``data`` is plainly valid; else None, for the checked path.
+
+    The fast path of ``decode_event``: one parse that checks the shape, ~1.3 µs less
+    per event than orjson's parse and the checks of ``_plain_event``. It accepts a
+    subset of what the checked path accepts and builds the same event (a property
+    test compares them); that path decides, and names the problem, for the rest.
+    msgspec keeps the last of repeated keys and drops keys the shape does not name,
+    and reads integers beyond 64 bits as such where orjson makes them floats: the
+    re-encoding below (as in ``decode_json_object``) sends all of these there.
+    """
+    try:
+        parsed = _EVENT_SHAPE.decode(data)
+    except (msgspec.DecodeError, ValueError, RecursionError):
+        return None  # not JSON (or not UTF-8), not the shape, nested too deep
+    try:
+        encoded = orjson.dumps([parsed])
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits
+        return None
+    # A dropped key (repeated or unknown) takes its colon out of the re-encoding;
+    # see decode_json_object for why equal counts prove none was.
+    if encoded[1:-1] != data and (
+        data.count(b":") != encoded.count(b":") or (_BACKSLASH in data and b"\\u003" in data)
+    ):
+        return None
+    event_id = parsed["event_id"]
+    org_id = parsed["org_id"]
+    module = parsed["module"]
+    record_id: str | int = parsed["record_id"]
+    if not (
+        event_id
+        and org_id
+        and module
+        and event_id.isprintable()
+        and org_id.isprintable()
+        and module.isprintable()
+        and (isinstance(record_id, int) or (record_id and record_id.isprintable()))
+    ):
+        return None
+    try:
+        occurred_at_ms = parse_rfc3339_ms(parsed["occurred_at"])
+    except ValueError:
+        return None
+    related = parsed.get("related")
+    return _new_record_event(
+        event_id,
+        org_id,
+        module,
+        parsed["operation"],
+        occurred_at_ms,
+        record_id if type(record_id) is str else str(record_id),
+        parsed["record"],
+        parsed.get("previous"),
+        {} if related is None else related,
+        parsed.get("user"),
+        parsed.get("organization"),
+        parsed,
+    )
 
 
 def _require_str(parsed: dict[str, Any], key: str) -> str:
