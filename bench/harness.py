@@ -487,7 +487,16 @@ class Processor:
     async def start(self) -> None:
         with self.log.open("ab") as log:
             self.started = time.monotonic()
+            # BENCH_CPROFILE=dir: the processor runs under cProfile (call counts per
+            # delivery; its overhead distorts times), a .pstats file per run.
+            cprofile = os.environ.get("BENCH_CPROFILE")
+            wrap = (
+                [str(PYTHON), "-m", "cProfile", "-o", f"{cprofile}/{self.log.stem}.pstats"]
+                if cprofile
+                else []
+            )
             self.proc = await asyncio.create_subprocess_exec(
+                *wrap,
                 str(CRMHOOKS),
                 "run",
                 "--config",
@@ -518,6 +527,7 @@ class Processor:
                 str(out),
                 "--pid",
                 str(self.proc.pid),
+                *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else []),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )
