@@ -207,6 +207,76 @@ async def test_idle_connections_expire(server: RawServer, monkeypatch: pytest.Mo
     await pool.close()
 
 
+async def test_one_timer_serves_all_requests_of_a_connection(server: RawServer) -> None:
+    """Armed by the first request; later deadlines and keep-alives do not move it."""
+    pool = Http1Pool(connect_timeout_s=1.0)
+    await fetch(pool, server, "/a")
+    (conn,) = pool._all
+    timer = conn._timer
+    assert timer is not None
+    for _ in range(5):
+        await fetch(pool, server, "/a")
+    assert pool._all == {conn}
+    assert conn._timer is timer
+    assert server.connections == 1
+    await pool.close()
+
+
+async def wait_heads(server: RawServer, count: int) -> None:
+    for _ in range(200):
+        if len(server.heads) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{len(server.heads)} requests arrived, not {count}")
+
+
+async def test_a_timer_going_off_before_the_deadline_arms_itself_for_it(server: RawServer) -> None:
+    gate = asyncio.Event()
+
+    async def held(writer: asyncio.StreamWriter) -> None:
+        await gate.wait()
+        writer.write(OK)
+
+    server.replies["/held"] = held
+    pool = Http1Pool(connect_timeout_s=1.0)
+    await fetch(pool, server, "/a")
+    (conn,) = pool._all
+    first = asyncio.create_task(fetch(pool, server, "/held", timeout_s=30))
+    await wait_heads(server, 2)
+    conn._on_timer()  # as when armed for the deadline of the first request
+    assert not first.done()
+    assert not conn.closed
+    assert conn._timer is not None
+    assert conn._timer_at == conn._deadline
+    gate.set()
+    assert (await first).body == b"ok"
+    gate.clear()
+    second = asyncio.create_task(fetch(pool, server, "/held", timeout_s=30))
+    await wait_heads(server, 3)
+    conn._deadline = asyncio.get_running_loop().time()  # its deadline now passed
+    conn._on_timer()
+    with pytest.raises(TimeoutError):
+        await second
+    gate.set()
+    await pool.close()
+
+
+async def test_an_idle_connection_is_kept_until_its_keepalive_ends(server: RawServer) -> None:
+    pool = Http1Pool(connect_timeout_s=1.0)
+    await fetch(pool, server, "/a")
+    (conn,) = pool._all
+    conn._on_timer()  # armed for an earlier deadline: the keep-alive is not over
+    kept = not conn.closed  # (a local: mypy would keep conn.closed narrowed to False)
+    assert kept
+    assert conn._timer_at == conn._idle_until
+    conn._idle_until = asyncio.get_running_loop().time()
+    conn._on_timer()
+    assert conn.closed
+    for _ in range(10):  # connection_lost runs within a few loop turns
+        await asyncio.sleep(0)
+    assert repr(pool) == "Http1Pool(connections=0, idle=0)"
+
+
 @pytest.mark.parametrize(
     ("reply", "error", "message"),
     [
