@@ -30,10 +30,11 @@ from tests.support import event
 NOW_MS = 1_764_320_400_000
 
 
-def config(quota: dict[str, int] | None = None) -> Config:
+def config(quota: dict[str, int] | None = None, per_host: int | None = None) -> Config:
     return config_from_mapping(
         {
             **({"quota": quota} if quota is not None else {}),
+            **({"delivery": {"max_in_flight_per_host": per_host}} if per_host else {}),
             "orgs": [{"id": "org-acme", "users": 100}],
             "webhooks": [
                 {
@@ -124,13 +125,16 @@ class GatedTransport:
 
 @contextlib.asynccontextmanager
 async def processor(
-    tmp_path: Path, transport: GatedTransport, quota: dict[str, int] | None = None
+    tmp_path: Path,
+    transport: GatedTransport,
+    quota: dict[str, int] | None = None,
+    per_host: int | None = None,
 ) -> AsyncIterator[tuple[Processor, FakeKafka, FakeClock]]:
     kafka = FakeKafka()
     clock = FakeClock(NOW_MS)
     async with Store(tmp_path / "s.db") as store:
         store.changelog = kafka.produce_changelog
-        p = Processor(config(quota), store, transport, clock)
+        p = Processor(config(quota, per_host), store, transport, clock)
         p._kio = kafka  # type: ignore[assignment]
         p._owned = {0, 1}
         p._loaded_until_ms = NOW_MS + app_module.HORIZON_MS
@@ -145,7 +149,12 @@ async def processor(
             transport.gate.set()  # requests still held are answered, so their tasks end
             for task in loops:
                 task.cancel()
-            await asyncio.gather(*loops, *p._fire_tasks, return_exceptions=True)
+            await asyncio.gather(*loops, *p._fire_tasks, *p._report_tasks, return_exceptions=True)
+
+
+def fires_over(p: Processor) -> bool:
+    """No action being fired, nor an attempt's report being written."""
+    return not p._fire_tasks and not p._report_tasks
 
 
 async def until(check: Any, what: str) -> None:
@@ -226,9 +235,7 @@ async def test_an_action_unfinished_past_the_deadline_is_stored_as_pending(
                 "org-acme/Potentials/rec-2",
             ]
         transport.gate.set()
-        await until(
-            lambda: len(kafka.results) == 2 and not p._fire_tasks, "both reported delivered"
-        )
+        await until(lambda: len(kafka.results) == 2 and fires_over(p), "both reported delivered")
         await until(lambda: not p.store._queue, "the store is idle")
         await asyncio.sleep(0.02)
         assert sorted(await rows(p.store, "actions")) == [
@@ -256,6 +263,53 @@ async def test_attempts_answered_together_are_reported_and_stored_together(
         assert len(await rows(p.store, "actions")) == 12
 
 
+async def test_a_busy_host_is_served_by_as_many_tasks_as_it_has_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its waiting actions are fired one after the other by the tasks serving it, as
+    answers come in, not by a task each."""
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport, per_host=2) as (p, kafka, _):
+        started: list[str] = []
+        start_fire = p._start_fire
+
+        def counted(host: str, action: Any) -> None:
+            started.append(action.action_id)
+            start_fire(host, action)
+
+        monkeypatch.setattr(p, "_start_fire", counted)
+        await p._process_batch([rec(n, 10 + n) for n in range(1, 7)])
+        await until(lambda: len(transport.sent) == 2, "two requests out: the host's limit")
+        await asyncio.sleep(0.02)
+        assert len(transport.sent) == 2
+        transport.gate.set()
+        await until(lambda: kafka.committed == {0: 17}, "all six delivered, then committed")
+        assert [r["status"] for r in kafka.results] == ["delivered"] * 6
+        assert len(started) == 2
+
+
+async def test_the_next_request_of_a_host_does_not_wait_for_a_report(tmp_path: Path) -> None:
+    transport = GatedTransport()
+    async with processor(tmp_path, transport, per_host=1) as (p, kafka, _):
+        held = asyncio.Event()
+        produce_all = kafka.produce_all
+
+        async def held_produce_all(records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+            if records:  # results (a batch of instant actions produces nothing)
+                await held.wait()
+            await produce_all(records)
+
+        kafka.produce_all = held_produce_all  # type: ignore[method-assign]
+        try:
+            await p._process_batch([rec(n, 10 + n) for n in range(1, 4)])
+            await until(lambda: len(transport.sent) == 3, "each sent after the one before")
+            assert kafka.results == []  # while no report was written
+        finally:
+            held.set()
+        await until(lambda: kafka.committed == {0: 14}, "all reported, then committed")
+        assert len(kafka.results) == 3
+
+
 async def test_a_report_that_cannot_be_produced_leaves_its_group_to_the_deadline(
     tmp_path: Path,
 ) -> None:
@@ -264,7 +318,7 @@ async def test_a_report_that_cannot_be_produced_leaves_its_group_to_the_deadline
         await send_two(p, transport)
         kafka.produce_failures = 1
         transport.gate.set()
-        await until(lambda: not p._fire_tasks, "both attempts end (in error)")
+        await until(lambda: fires_over(p), "both attempts end (in error)")
         assert kafka.results == []
         assert sorted(p._unstored) == ["evt-1:won:Hook", "evt-2:won:Hook"]  # not lost
         assert kafka.committed == {}
@@ -300,7 +354,7 @@ async def test_revoking_stores_what_is_unfinished_and_commits(tmp_path: Path) ->
         assert await rows(p.store, "actions") == [("evt-1:won:Hook", "pending")]
         transport.gate.set()
         await until(lambda: kafka.results, "the request in flight is reported")
-        await until(lambda: not p._fire_tasks, "the fire is over")
+        await until(lambda: fires_over(p), "the fire is over")
         await asyncio.sleep(0.02)
         assert await rows(p.store, "actions") == [("evt-1:won:Hook", "delivered")]
 

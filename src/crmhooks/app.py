@@ -698,9 +698,13 @@ class Processor:
                     continue
                 self._inflight.add(action_id)
                 host = self._host_of[action.webhook]
-                if self._host_active.get(host, 0) < self.config.delivery.max_in_flight_per_host:
+                if self._host_active.get(
+                    host, 0
+                ) < self.config.delivery.max_in_flight_per_host and not self._host_waiting.get(
+                    host
+                ):
                     self._start_fire(host, action)
-                else:
+                else:  # a task of the host takes it when a slot is free
                     self._host_waiting.setdefault(host, deque()).append(action)
             next_due = self.heap.next_due_ms()
             waits: list[asyncio.Task[Any]] = [asyncio.create_task(self._changed.wait())]
@@ -715,13 +719,27 @@ class Processor:
 
     def _start_fire(self, host: str, action: Action) -> None:
         self._host_active[host] = self._host_active.get(host, 0) + 1
-        task = asyncio.create_task(
-            self._fire_guarded(host, action), name=f"fire {action.action_id}"
-        )
+        task = asyncio.create_task(self._fire_host(host, action), name=f"fire {host}")
         self._fire_tasks.add(task)
         task.add_done_callback(self._fire_tasks.discard)
 
     # -- firing -----------------------------------------------------------------
+
+    async def _fire_host(self, host: str, action: Action) -> None:
+        """Fire ``action`` (it holds a slot of its host), then the host's waiting actions
+        while a slot is free: a busy host's queue is served by as many tasks as it has
+        slots, not by a task an action (~2 µs each). An attempt's report is written
+        after it (``_settle``), so the next request goes as soon as an answer is in."""
+        limit = self.config.delivery.max_in_flight_per_host
+        while True:
+            await self._fire_guarded(host, action)
+            waiting = self._host_waiting.get(host)
+            if not waiting or self._stopping or self._host_active[host] >= limit:
+                break
+            self._host_active[host] += 1
+            action = waiting.popleft()
+        if waiting is not None and not waiting:
+            del self._host_waiting[host]
 
     async def _fire_guarded(self, host: str, action: Action) -> None:
         released = False
@@ -729,19 +747,14 @@ class Processor:
         def release_host() -> None:
             """The host's slot is free once its answer is in: reporting needs no slot."""
             nonlocal released
-            if released:
-                return
-            released = True
-            self._host_active[host] -= 1
-            waiting = self._host_waiting.get(host)
-            if waiting and not self._stopping:
-                self._start_fire(host, waiting.popleft())
-            elif waiting is not None and not waiting:
-                del self._host_waiting[host]
+            if not released:
+                released = True
+                self._host_active[host] -= 1
 
         retry: Action | None = None
+        settled = False
         try:
-            await self._fire(action, release_host)
+            settled = await self._fire(action, release_host)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -753,12 +766,18 @@ class Processor:
             )
             retry = replace(action, due_ms=self.clock.now_ms() + FIRE_ERROR_RETRY_MS)
         finally:
-            self._inflight.discard(action.action_id)
-            if retry is not None and not self._stopping and action.partition in self._owned:
-                self._push(retry)
-            elif action.action_id not in self.heap:
-                self._forget(action.action_id)
+            if not settled:  # else once reported (_reported)
+                self._fire_over(action, retry)
             release_host()
+
+    def _fire_over(self, action: Action, retry: Action | None) -> None:
+        """An attempt is over (and reported, if it was sent): the action is no longer
+        in flight; ``retry`` is pushed, else the action is forgotten unless pending."""
+        self._inflight.discard(action.action_id)
+        if retry is not None and not self._stopping and action.partition in self._owned:
+            self._push(retry)
+        elif action.action_id not in self.heap:
+            self._forget(action.action_id)
 
     async def _load_suspensions(self) -> None:
         """Read suspensions; one recorded under another config of its rule or webhook is lifted."""
@@ -871,20 +890,22 @@ class Processor:
         self._quota_days[org_id] = (second, day, limit)
         return day, limit
 
-    async def _fire(self, action: Action, release_host: Callable[[], None]) -> None:
+    async def _fire(self, action: Action, release_host: Callable[[], None]) -> bool:
+        """One attempt of ``action``; True when it was handed to ``_settle`` (whose
+        report ends it), False when it ended here."""
         cfg = self.config
         if action.partition not in self._owned:
-            return  # revoked while it waited for its host: the new owner fires it
+            return False  # revoked while it waited for its host: the new owner fires it
         event = self._snapshots.get(action.record_key)
         if event is None:
             data = (await self.store.snapshots([action.record_key])).get(action.record_key)
             event = _event_or_none(data)
         if self._is_suspended(action.org_id, action.rule_id, action.webhook):
             await self._final(action, "suspended", reason="webhook_suspended")
-            return
+            return False
         if event is None:
             await self._internal_error(action, None, "no stored snapshot of the record")
-            return
+            return False
         now_ms = self.clock.now_ms()
         day, limit = self._quota_day(action.org_id, now_ms)
         qkey = (action.org_id, day)
@@ -893,12 +914,12 @@ class Processor:
             self._quota.setdefault(qkey, used)
         if self._quota[qkey] >= limit:
             await self._over_quota(action, event, day, limit)
-            return
+            return False
         try:
             request = self._render(action, event)
         except TemplateError as exc:
             await self._internal_error(action, event, f"template failed: {exc}")
-            return
+            return False
         self._quota[qkey] += 1
         left = limit - self._quota[qkey]
         await self._count_quota(action.org_id, day, action.partition, left, limit)
@@ -911,17 +932,21 @@ class Processor:
             await self.store.write(WriteBatch(quota=[(action.org_id, day, action.partition, -1)]))
             if outcome.error_class != "ssrf_blocked":  # a header or URL we could not send
                 await self._internal_error(action, event, f"request not sent: {outcome.error}")
-                return
-        await self._settle(action, request, outcome)
+                return False
+        self._settle(action, request, outcome)
+        return True
 
-    async def _settle(self, action: Action, request: RenderedRequest, outcome: Outcome) -> None:
-        """Report an attempt's outcome, then store what follows: done, or a retry."""
+    def _settle(self, action: Action, request: RenderedRequest, outcome: Outcome) -> None:
+        """Report an attempt's outcome, then store what follows: done, or a retry.
+
+        Both go into this turn's report group; ``_reported`` ends the attempt once
+        the group is written. Nothing here awaits: the task that fired the action
+        goes on with the next one of its host meanwhile."""
         attempt = action.attempt + 1
         shown = {"method": request.method, "url": request.redacted_url}
         delays = self.config.delivery.retry_delays_s
-        # Written straight into the changes of this turn's reports (no await until
-        # the wait for ``reported`` below): a WriteBatch of its own and its merge
-        # cost ~2 µs a delivery.
+        # Written straight into the changes of this turn's reports: a WriteBatch of
+        # its own and its merge cost ~2 µs a delivery.
         group = self._report_group()
         batch = group.batch
         retry: Action | None = None
@@ -968,27 +993,44 @@ class Processor:
             request=shown,
         )
         group.results.append((self.config.kafka.results_topic, action.org_id.encode(), encode(rec)))
-        reported: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        group.reporters.append(reported)
-        try:
-            await reported
-        except BaseException:
-            if unstored is not None:  # stored later (deadline, stop) as pending
-                self._unstored.setdefault(action.action_id, unstored)
-                self._tickets_changed.set()
-            raise
-        if unstored is not None:
-            self._settled(action, unstored[0])
-        if retry is not None:
-            self._inflight.discard(action.action_id)
-            self._push(retry)
+        group.reporters.append((action, unstored, retry))
+
+    def _reported(
+        self,
+        action: Action,
+        unstored: tuple[_Ticket, Action, bytes] | None,
+        retry: Action | None,
+        error: BaseException | None,
+    ) -> None:
+        """An attempt's report is written (``error`` None), or failed to be: its end."""
+        if error is None:
+            if unstored is not None:
+                self._settled(action, unstored[0])
+            if retry is not None:
+                self._inflight.discard(action.action_id)
+                self._push(retry)
+            self._fire_over(action, None)
+            return
+        if unstored is not None:  # stored later (deadline, stop) as pending
+            self._unstored.setdefault(action.action_id, unstored)
+            self._tickets_changed.set()
+        again: Action | None = None
+        if isinstance(error, Exception):  # not a stop: fired again shortly
+            log.error(
+                "action %s: its result was not reported (%s); again in %d ms",
+                action.action_id,
+                error,
+                FIRE_ERROR_RETRY_MS,
+            )
+            again = replace(action, due_ms=self.clock.now_ms() + FIRE_ERROR_RETRY_MS)
+        self._fire_over(action, again)
 
     def _report_group(self) -> _ReportGroup:
         """The attempts reported in this turn of the event loop: their results are
         produced, then their changes stored, together (one produce, one store write and
-        one wait for them all; -3 µs of CPU an instant delivery). Each reporter adds a
-        future to ``reporters``, which gets what either raised. Fill it without
-        awaiting in between: it is written next turn."""
+        one wait for them all; -3 µs of CPU an instant delivery). Each attempt adds
+        itself to ``reporters``; ``_reported`` ends it with what either raised. Fill
+        it without awaiting in between: it is written next turn."""
         group = self._reporting
         if group is None:
             group = self._reporting = _ReportGroup()
@@ -999,21 +1041,19 @@ class Processor:
 
     async def _write_reports(self, group: _ReportGroup) -> None:
         self._reporting = None  # reports from now on go to the next group
+        error: BaseException | None = None
         try:
             await self.kio.produce_all(group.results)
             await self.store.write(group.batch)
-        except Exception as exc:
-            for reported in group.reporters:
-                if not reported.done():  # (not a reporter cancelled meanwhile)
-                    reported.set_exception(exc)
-            return
-        except BaseException:
-            for reported in group.reporters:
-                reported.cancel()  # stopping: each reporter sees it cancelled
-            raise
-        for reported in group.reporters:
-            if not reported.done():
-                reported.set_result(None)
+        except BaseException as exc:  # a stop too: each attempt is ended, then it goes on
+            error = exc
+        for action, unstored, retry in group.reporters:
+            try:
+                self._reported(action, unstored, retry, error)
+            except Exception:
+                log.exception("action %s: ending its attempt failed", action.action_id)
+        if error is not None and not isinstance(error, Exception):
+            raise error
 
     def _render(self, action: Action, event: RecordEvent) -> RenderedRequest:
         tz = ZoneInfo(self.config.org(action.org_id).time_zone)
@@ -1149,9 +1189,11 @@ class _Ticket:
 class _ReportGroup:
     """Attempts reported in one turn of the event loop (``Processor._report_group``)."""
 
-    # One future per reporter (its own: one cancelled cancels no other), done once
-    # their results are acknowledged and their changes stored.
-    reporters: list[asyncio.Future[None]] = field(default_factory=list)
+    # (action, its unstored entry, its retry) of each attempt: ``_reported`` ends
+    # each once their results are acknowledged and their changes stored.
+    reporters: list[tuple[Action, tuple[_Ticket, Action, bytes] | None, Action | None]] = field(
+        default_factory=list
+    )
     results: list[Produced] = field(default_factory=list)
     batch: WriteBatch = field(default_factory=WriteBatch)
 
