@@ -310,6 +310,24 @@ async def test_the_next_request_of_a_host_does_not_wait_for_a_report(tmp_path: P
         assert len(kafka.results) == 3
 
 
+async def test_events_of_instant_rules_only_read_no_pending_actions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = GatedTransport()
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        read: list[Sequence[str]] = []
+        pending_for_records = p.store.pending_for_records
+
+        async def counted(keys: Sequence[str]) -> Any:
+            read.append(keys)
+            return await pending_for_records(keys)
+
+        monkeypatch.setattr(p.store, "pending_for_records", counted)
+        await p._process_batch([rec(n, 10 + n) for n in range(1, 4)])
+        await until(lambda: kafka.committed == {0: 14}, "delivered and committed")
+        assert read == []
+
+
 async def test_a_report_that_cannot_be_produced_leaves_its_group_to_the_deadline(
     tmp_path: Path,
 ) -> None:

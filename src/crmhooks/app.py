@@ -509,10 +509,19 @@ class Processor:
         same webhook-id), never loses it; and most instant actions cost one row and one
         changelog record instead of three of each.
         """
-        keys = list(dict.fromkeys(ev.record_key for _, ev, _ in todo))
-        states = {k: RecordState() for k in keys}
-        for action in await self.store.pending_for_records(keys):
-            states[action.record_key].pending[action.action_id] = action
+        states = {ev.record_key: RecordState() for _, ev, _ in todo}
+        # Pending actions matter to rules with scheduled actions only (~0.7 µs an
+        # event to read): the records of events that only instant rules see go without.
+        keys = list(
+            dict.fromkeys(
+                ev.record_key
+                for _, ev, module in todo
+                if any(r.scheduled for r in self.index.candidates(ev.org_id, module))
+            )
+        )
+        if keys:
+            for action in await self.store.pending_for_records(keys):
+                states[action.record_key].pending[action.action_id] = action
         once_keys = [
             once_key(r.id, ev.record_key)
             for _, ev, module in todo
