@@ -62,7 +62,7 @@ from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.rules import RuleIndex
 from crmhooks.store import Store, WriteBatch
-from crmhooks.templates import CompiledWebhook, RenderContext, RenderedRequest
+from crmhooks.templates import CompiledWebhook, RenderedRequest, new_render_context
 from crmhooks.timers import DelayHeap
 from crmhooks.workflow import EventPlan, RecordState, once_key, plan_event
 
@@ -1066,7 +1066,7 @@ class Processor:
 
     def _render(self, action: Action, event: RecordEvent) -> RenderedRequest:
         tz = ZoneInfo(self.config.org(action.org_id).time_zone)
-        ctx = RenderContext(
+        ctx = new_render_context(
             module=action.module,
             record=event.record,
             related=event.related,

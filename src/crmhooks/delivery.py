@@ -39,6 +39,7 @@ from crmhooks.http1 import (
 from crmhooks.netguard import Resolver, SystemResolver, check_url
 from crmhooks.signing import sign
 from crmhooks.templates import RenderedRequest
+from crmhooks.values import builder
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class Outcome:
     @property
     def delivered(self) -> bool:
         return self.error_class is None
+
+
+_new_outcome = builder(Outcome)  # one per attempt
 
 
 class Transport(Protocol):
@@ -375,7 +379,7 @@ class HttpTransport:
             if status in RETRY_AFTER_STATUSES and retry_after is not None:
                 retry_after_s = parse_retry_after(retry_after, self._clock.now_ms())
         body = response.body
-        return Outcome(
+        return _new_outcome(
             error_class=error_class,
             http_status=status,
             error=error,

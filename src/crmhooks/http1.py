@@ -29,6 +29,8 @@ from typing import cast
 
 import httptools
 
+from crmhooks.values import builder
+
 # How long an idle connection is kept for the next request to its origin (as
 # aiohttp's default keepalive_timeout). A receiver that closes sooner just makes
 # the next request connect again.
@@ -86,6 +88,9 @@ class Response:
     headers: dict[str, str]  # lower-case name → first value
     body: bytes
     complete: bool
+
+
+_new_response = builder(Response)  # one per request
 
 
 class _Connection(asyncio.Protocol):
@@ -294,12 +299,12 @@ class _Connection(asyncio.Protocol):
             await waiter
         finally:
             self._waiter = None
-        return Response(
-            self._status,
-            self._reason.decode("latin-1"),
-            self._headers,
-            bytes(self._body),
-            self._complete,
+        return _new_response(
+            status=self._status,
+            reason=self._reason.decode("latin-1"),
+            headers=self._headers,
+            body=bytes(self._body),
+            complete=self._complete,
         )
 
     @property
