@@ -310,6 +310,24 @@ async def test_the_next_request_of_a_host_does_not_wait_for_a_report(tmp_path: P
         assert len(kafka.results) == 3
 
 
+async def test_stopping_finishes_what_is_in_flight_and_sends_no_more(tmp_path: Path) -> None:
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport, per_host=1) as (p, kafka, _):
+        await p._process_batch([rec(n, 10 + n) for n in range(1, 4)])
+        await until(lambda: len(transport.sent) == 1, "the first request is out")
+        p._stopping = True
+        transport.gate.set()
+        await p._drain_fires(5.0)
+        await p._store_unstored()
+        assert transport.sent == ["evt-1:won:Hook"]  # the host's waiting ones: not sent
+        assert [r["status"] for r in kafka.results] == ["delivered"]
+        assert sorted(await rows(p.store, "actions")) == [
+            ("evt-1:won:Hook", "delivered"),
+            ("evt-2:won:Hook", "pending"),  # fired by the next start
+            ("evt-3:won:Hook", "pending"),
+        ]
+
+
 async def test_events_of_instant_rules_only_read_no_pending_actions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
