@@ -7,7 +7,7 @@ actions, the ``repeat = "once"`` flags, suspensions) before, and stores the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
@@ -159,10 +159,15 @@ def _create(
     now_ms: int,
     is_suspended: IsSuspended,
 ) -> None:
-    names = ([rule.instant] if rule.instant else []) + [s.webhook for s in rule.scheduled]
-    ids = action_ids(event.event_id, rule.id, names)
-    slots = ([0] if rule.instant else []) + list(range(1, len(rule.scheduled) + 1))
-    for action_id, name, slot in zip(ids, names, slots, strict=True):
+    items: Iterable[tuple[str, str, int]]
+    if rule.instant and not rule.scheduled:  # most rules: no lists to build (~0.5 µs)
+        items = ((action_ids(event.event_id, rule.id, [rule.instant])[0], rule.instant, 0),)
+    else:
+        names = ([rule.instant] if rule.instant else []) + [s.webhook for s in rule.scheduled]
+        ids = action_ids(event.event_id, rule.id, names)
+        slots = ([0] if rule.instant else []) + list(range(1, len(rule.scheduled) + 1))
+        items = zip(ids, names, slots, strict=True)
+    for action_id, name, slot in items:
         spec = rule.scheduled[slot - 1] if slot else None
         due: int | None = now_ms
         if spec is not None:
