@@ -98,7 +98,7 @@ class _Connection(asyncio.Protocol):
 
     Its one timer is for the deadline of the exchange under way, or for the end of
     its keep-alive while idle. It is not set and cancelled per request (two timers
-    a request cost ~3 µs, a few % of a delivery's CPU): it stays armed and, when it
+    and a second future a request cost ~2 µs of CPU): it stays armed and, when it
     goes off, does what is due or arms itself again for what is next. Deadlines
     only move later on a busy connection, so it goes off about once per
     ``total_timeout_s`` or ``KEEPALIVE_S``; it is moved earlier only when an
