@@ -563,7 +563,7 @@ class Processor:
                 batch.once_state.append(
                     (once_key(rule_id, event.record_key), rec.partition, matched)
                 )
-            replayed = any(name == REPLAY_HEADER for name, _ in rec.headers)
+            replayed = bool(rec.headers) and any(name == REPLAY_HEADER for name, _ in rec.headers)
             for action in plan.new_actions:
                 status = known.get(action.action_id)
                 if status is not None and status != "pending":
