@@ -510,13 +510,14 @@ class Processor:
         changelog record instead of three of each.
         """
         states = {ev.record_key: RecordState() for _, ev, _ in todo}
+        rules = [self.index.candidates(ev.org_id, module) for _, ev, module in todo]
         # Pending actions matter to rules with scheduled actions only (~0.7 µs an
         # event to read): the records of events that only instant rules see go without.
         keys = list(
             dict.fromkeys(
                 ev.record_key
-                for _, ev, module in todo
-                if any(r.scheduled for r in self.index.candidates(ev.org_id, module))
+                for (_, ev, _), candidates in zip(todo, rules, strict=True)
+                if any(r.scheduled for r in candidates)
             )
         )
         if keys:
@@ -524,8 +525,8 @@ class Processor:
                 states[action.record_key].pending[action.action_id] = action
         once_keys = [
             once_key(r.id, ev.record_key)
-            for _, ev, module in todo
-            for r in self.index.candidates(ev.org_id, module)
+            for (_, ev, _), candidates in zip(todo, rules, strict=True)
+            for r in candidates
             if r.repeat == "once"
         ]
         if once_keys:
@@ -534,11 +535,11 @@ class Processor:
                 rule_id, record_key = k.split("\x1f", 1)
                 states[record_key].once[rule_id] = matched
         plans: list[tuple[InRecord, RecordEvent, EventPlan]] = []
-        for rec, event, module in todo:
+        for (rec, event, module), candidates in zip(todo, rules, strict=True):
             plan = plan_event(
                 event,
                 module,
-                self.index.candidates(event.org_id, module),
+                candidates,
                 states[event.record_key],
                 config=self.config,
                 partition=rec.partition,
