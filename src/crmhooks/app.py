@@ -812,10 +812,11 @@ class Processor:
         entry = self._suspensions.get((org_id, rule_id, webhook))
         return entry is not None and entry[1]
 
-    async def _count_quota(
+    def _count_quota(
         self, org_id: str, day: str, partition: int, left: int, limit: int
-    ) -> None:
-        """Make one request's count durable before it is sent.
+    ) -> asyncio.Future[None] | None:
+        """Count one request; what to await before it is sent (its unit being stored),
+        or None when the unit is stored already (most requests: no coroutine for them).
 
         Counts are stored a block at a time (never more than ``left``, the units of
         the limit not yet taken, beyond this one), so most requests find theirs
@@ -837,8 +838,8 @@ class Processor:
             held.next = self._reserve_block(key, min(block, left - ahead))
         if held.stored.done():  # most requests: their unit is stored already
             held.stored.result()  # raises the store's error, if it failed
-        else:
-            await asyncio.shield(held.stored)
+            return None
+        return held.stored
 
     def _reserve_block(self, key: tuple[str, str, int], units: int) -> _Reservation:
         """Count ``units`` in the store, in the background; the reservation's ``stored``
@@ -932,7 +933,9 @@ class Processor:
             return False
         self._quota[qkey] += 1
         left = limit - self._quota[qkey]
-        await self._count_quota(action.org_id, day, action.partition, left, limit)
+        storing = self._count_quota(action.org_id, day, action.partition, left, limit)
+        if storing is not None:
+            await asyncio.shield(storing)
         webhook = cfg.webhooks[action.webhook]
         outcome = await self.transport.send(action.action_id, request, webhook.secret)
         release_host()
