@@ -75,8 +75,7 @@ class FakeKafka:
     committed: dict[int, int] = field(default_factory=dict)
     results: list[dict[str, Any]] = field(default_factory=list)
     changelog_keys: list[bytes] = field(default_factory=list)
-    paused: list[set[int]] = field(default_factory=list)
-    resumed: list[set[int]] = field(default_factory=list)
+    fetches: int = 0
 
     async def commit(self, next_offsets: dict[int, int]) -> None:
         self.committed.update(next_offsets)
@@ -101,11 +100,10 @@ class FakeKafka:
 
         return acked()
 
-    def pause(self, partitions: set[int]) -> None:
-        self.paused.append(set(partitions))
-
-    def resume(self, partitions: set[int]) -> None:
-        self.resumed.append(set(partitions))
+    async def fetch(self, timeout_ms: int, max_records: int) -> list[Rec]:
+        self.fetches += 1
+        await asyncio.sleep(0.001)  # nothing more to read
+        return []
 
 
 class GatedTransport:
@@ -371,13 +369,19 @@ async def test_reading_pauses_over_the_budget_and_resumes_below_half(
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
         await p._process_batch([rec(n, n) for n in range(3)])
-        assert kafka.paused == []
+        assert p._reading.is_set()
         await p._process_batch([rec(n, n) for n in range(3, 5)])
-        assert kafka.paused == [{0, 1}]  # 5 read and unsettled: over 4
+        assert not p._reading.is_set()  # 5 read and unsettled: over 4
+        stop = asyncio.Event()
+        consume = asyncio.create_task(p._consume_loop(stop))
+        await asyncio.sleep(0.02)
+        assert kafka.fetches == 0  # nothing fetched over the budget
         transport.gate.set()
-        await until(lambda: kafka.resumed, "reading resumes")
-        assert kafka.resumed == [{0, 1}]
+        await until(lambda: kafka.fetches > 0, "reading goes on below half the budget")
+        assert p._reading.is_set()
         await until(lambda: kafka.committed == {0: 5}, "all committed")
+        stop.set()
+        await asyncio.wait_for(consume, 5)
 
 
 async def test_revoking_stores_what_is_unfinished_and_commits(tmp_path: Path) -> None:

@@ -373,19 +373,6 @@ class KafkaIO:
             raise KafkaIOError(f"fetch failed: {exc}") from exc
         return [m for messages in batches.values() for m in messages]
 
-    def pause(self, partitions: set[int]) -> None:
-        """Stop fetching these events partitions (positions kept) until ``resume``."""
-        topic = self.settings.events_topic
-        assigned = self.consumer.assignment()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self.consumer.pause(*(tp for tp in tps if tp in assigned))
-
-    def resume(self, partitions: set[int]) -> None:
-        topic = self.settings.events_topic
-        assigned = self.consumer.assignment()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self.consumer.resume(*(tp for tp in tps if tp in assigned))
-
     def assigned_partitions(self) -> set[int]:
         return {tp.partition for tp in self.consumer.assignment()}
 
