@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crmhooks import delivery, http1, templates
+from crmhooks import delivery, events, http1, templates
 from crmhooks.delivery import Outcome
+from crmhooks.events import RecordEvent
 from crmhooks.http1 import Response
 from crmhooks.templates import RenderContext, RenderedRequest
 from crmhooks.values import builder
@@ -25,6 +26,7 @@ IN_USE: list[tuple[Any, type[Any]]] = [
     (templates._new_rendered_request, RenderedRequest),
     (delivery._new_outcome, Outcome),
     (http1._new_response, Response),
+    (events._new_record_event, RecordEvent),
 ]
 
 
@@ -36,16 +38,19 @@ def test_a_builder_makes_what_the_class_makes(build: Any, cls: type[Any], data: 
     assert type(built) is cls
     assert built == cls(**kwargs)
     assert [getattr(built, name) for name in kwargs] == list(kwargs.values())
+    assert build(*kwargs.values()) == built  # the fields in their order
     name = next(iter(kwargs))
     with pytest.raises(FrozenInstanceError):
         setattr(built, name, 1)
 
 
-def test_a_builder_takes_every_field_by_name() -> None:
+def test_a_builder_takes_every_field() -> None:
     with pytest.raises(TypeError):
-        templates.new_render_context("Potentials")  # positional
+        templates.new_render_context("Potentials")  # fields missing
     with pytest.raises(TypeError):
-        templates.new_render_context(module="Potentials")  # fields missing
+        templates.new_render_context(module="Potentials")
+    with pytest.raises(TypeError):
+        templates.new_render_context(modul="Potentials")  # not a field
     ctx = templates.new_render_context(
         module="Potentials",
         record={},

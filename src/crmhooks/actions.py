@@ -77,9 +77,10 @@ def new_action(
     relative_to: str,
 ) -> Action:
     """``Action(...)``, every field given in order, in 0.4 µs instead of 1.7: one made
-    for each action planned and each row loaded. As ``events._new_record_event``:
+    for each action planned and each row loaded. As ``values.builder`` does:
     plain stores into an instance of a class with the same slots, which then becomes
-    an Action (CPython checks the layouts match). A test compares it with Action()."""
+    an Action (CPython checks the layouts match). Written out, as ``builder`` refuses
+    a class with a derived field (``record_key``). A test compares it with Action()."""
     a: Any = object.__new__(_UnfrozenAction)  # typed by the Action it becomes
     a.action_id = action_id
     a.event_id = event_id

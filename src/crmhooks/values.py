@@ -10,8 +10,8 @@ T = TypeVar("T")
 
 
 def builder(cls: type[T]) -> Callable[..., T]:
-    """A function taking every field of ``cls`` as a keyword and returning the same
-    instance as ``cls(...)``, in about a third of the time.
+    """A function taking every field of ``cls`` (in field order, or by name) and
+    returning the same instance as ``cls(...)``, in about a quarter of the time.
 
     ``cls`` is a frozen dataclass with slots, whose ``__init__`` sets each field
     through ``object.__setattr__`` (~0.12 µs a field in CPython 3.11). The function
@@ -32,7 +32,7 @@ def builder(cls: type[T]) -> Callable[..., T]:
     twin = type(f"_Unfrozen{cls.__name__}", (), {"__slots__": cls.__dict__["__slots__"]})
     stores = "".join(f"    o.{name} = {name}\n" for name in names)
     source = (
-        f"def build(*, {', '.join(names)}):\n"
+        f"def build({', '.join(names)}):\n"
         f"    o = new(twin)\n{stores}    o.__class__ = cls\n    return o\n"
     )
     namespace: dict[str, Any] = {"new": object.__new__, "twin": twin, "cls": cls}
