@@ -718,11 +718,8 @@ class Processor:
                     continue
                 self._inflight.add(action_id)
                 host = self._host_of[action.webhook]
-                if self._host_active.get(
-                    host, 0
-                ) < self.config.delivery.max_in_flight_per_host and not self._host_waiting.get(
-                    host
-                ):
+                free = self._host_active.get(host, 0) < self.config.delivery.max_in_flight_per_host
+                if free and not self._host_waiting.get(host):
                     self._start_fire(host, action)
                 else:  # a task of the host takes it when a slot is free
                     self._host_waiting.setdefault(host, deque()).append(action)
