@@ -1,4 +1,5 @@
-"""values.builder: the same frozen instances as the classes' own __init__, faster."""
+"""values.builder: the same frozen instances as the classes' own __init__, faster;
+values.keyed: the same dicts as a strict zip, faster."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ from crmhooks.delivery import Outcome
 from crmhooks.events import RecordEvent
 from crmhooks.http1 import Response
 from crmhooks.templates import RenderContext, RenderedRequest
-from crmhooks.values import builder
+from crmhooks.values import builder, keyed
 
 ANY = st.none() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5) | st.booleans()
 
@@ -86,3 +88,41 @@ class Checked:
 def test_classes_a_builder_would_get_wrong_are_refused(cls: type[Any]) -> None:
     with pytest.raises(TypeError):
         builder(cls)
+
+
+KEYED_NAMES = ("action_id", "partition", "status", "finished_ms")
+
+
+@given(row=st.lists(ANY, min_size=len(KEYED_NAMES), max_size=len(KEYED_NAMES)))
+def test_keyed_makes_what_a_strict_zip_makes(row: list[Any]) -> None:
+    made = keyed(KEYED_NAMES)(row)
+    assert made == dict(zip(KEYED_NAMES, row, strict=True))
+    assert list(made) == list(KEYED_NAMES)  # in order: the changelog's JSON keeps it
+    assert keyed(KEYED_NAMES)(tuple(row)) == made
+
+
+@pytest.mark.parametrize("length", [0, 3, 5])
+def test_keyed_refuses_a_row_of_another_length(length: int) -> None:
+    with pytest.raises(ValueError, match="values to unpack"):
+        keyed(KEYED_NAMES)(list(range(length)))
+
+
+@pytest.mark.parametrize(
+    "names", [(), ("a", "a"), ("a b",), ("class",), ("__class__",), ("a", "x=1")]
+)
+def test_keyed_refuses_names_that_are_not_plain_distinct_identifiers(
+    names: tuple[str, ...],
+) -> None:
+    with pytest.raises(ValueError, match="keyed"):
+        keyed(names)
+
+
+def test_the_store_changelog_rows_use_every_column_in_order() -> None:
+    from crmhooks import store
+
+    row = tuple(range(len(store._ROW_FIELDS)))
+    partition, key, value = store._action_change(row)
+    assert partition == 1
+    assert key == f"a{store.SEP}0".encode()
+    assert value is not None
+    assert list(orjson.loads(value).items()) == list(zip(store._ROW_FIELDS, row, strict=True))
