@@ -182,6 +182,7 @@ class Bench:
         self.sink = sink
         self.figures: list[Figure] = []
         self.filter_topics: Topics | None = None
+        self.machine_us: float | None = None  # machine CPU per delivery (burst_rate)
         self.bare_client_rate: float | None = None
         self.consume_rate: float | None = None
         # CPU µs per request / per record of the ceilings (the bench process's own).
@@ -614,7 +615,12 @@ class Bench:
     # -- 6. scale-out -------------------------------------------------------------------
 
     async def burst_rate(self, count: int, *, own_stores: bool = True) -> tuple[float, str]:
-        """Deliveries/s of a burst produced while the processors already consume."""
+        """Deliveries/s of a burst produced while the processors already consume.
+
+        Also keeps, in ``machine_us``, the CPU the whole machine spent per delivery
+        (processors, sink, broker, bench): what bounds the rate when every core is busy.
+        """
+        self.machine_us = None
         n = self.sizes.scale
         name = f"scale{count}" + ("" if own_stores else "shared")
         topics = new_topics(name, PARTITIONS)
@@ -652,6 +658,7 @@ class Bench:
         procs_cpu_s = sum(sampler.usage(first_ms, last_ms)[0] for sampler in each)
         sink_cpu_s = sink_cpu.usage(first_ms, last_ms)[0]
         if procs_cpu_s and got:
+            self.machine_us = cpu_s * 1e6 / got
             for part, part_s in (
                 ("processors'", procs_cpu_s),
                 ("sink's", sink_cpu_s),
@@ -666,6 +673,12 @@ class Bench:
         self.add(Figure("burst delivery, 1 processor", one, "deliveries/s", note=note1))
         two, note2 = await self.burst_rate(2)
         self.add(Figure("burst delivery, 2 processors", two, "deliveries/s", note=note2))
+        if self.machine_us and one:
+            # Every core busy at the CPU per delivery just measured with two: the most
+            # two processors could deliver here, so the most the ratio could be while
+            # the sink, the broker and the bench share the cores with them.
+            bound = (os.cpu_count() or 1) * 1e6 / self.machine_us / one
+            self.add(Figure("scale-out ratio's bound on this machine (all cores busy)", bound, "×"))
         self.add(
             Figure(
                 "scale-out ratio (2 processors / 1)",
