@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import time
 from typing import Any
 
+from crmhooks.actions import action_ids
 from crmhooks.config import (
     AllOf,
     Condition,
@@ -168,3 +169,29 @@ def test_repeat_once_fires_again_only_after_criteria_were_lost() -> None:
     assert lost.once_updates == [("r", False)]
     again = plan(ev(4, "edit", previous={"Stage": "Lost"}), state, rule=once)
     assert [a.action_id for a in again.new_actions] == ["e4:r:Now"]
+
+
+def test_an_instant_only_rule_creates_one_action_with_the_ids_of_any_rule() -> None:
+    only_instant = replace(RULE, scheduled=())
+    state = RecordState()
+    p = plan(ev(1), state, rule=only_instant)
+    (action,) = p.new_actions
+    assert action.action_id == action_ids("e1", "r", ["Now"])[0] == "e1:r:Now"
+    assert (action.kind, action.slot, action.due_ms) == ("instant", 0, NOW_MS)
+    assert action.webhook == "Now"
+    assert action.record_key == "org/Potentials/rec"
+    assert state.pending == {"e1:r:Now": action}
+    assert not p.touched  # nothing scheduled: no snapshot to keep
+
+
+def test_an_instant_only_rule_still_cancels_its_pending_scheduled_actions() -> None:
+    """A rule whose scheduled actions were removed from the config: what it left
+    pending is cancelled when the criteria stop holding (the zone is looked up for
+    those, though the rule has no scheduled action of its own now)."""
+    state = RecordState()
+    plan(ev(1), state)  # the full rule: two scheduled actions pending
+    p = plan(ev(2, "edit", Stage="Lost"), state, rule=replace(RULE, scheduled=()))
+    assert sorted((f.action.action_id, f.reason) for f in p.finished) == [
+        ("e1:r:Later", "criteria_not_met"),
+        ("e1:r:Later#2", "criteria_not_met"),
+    ]

@@ -102,12 +102,17 @@ def new_action(
     return action
 
 
+def first_action_id(event_id: str, rule_id: str, webhook: str) -> str:
+    """The id of the first (most often the only) action of ``webhook`` in a rule."""
+    return f"{event_id}:{rule_id}:{webhook}"
+
+
 def action_ids(event_id: str, rule_id: str, webhooks: list[str]) -> list[str]:
     """Deterministic ids; a webhook named twice in one rule gets ``#2``, ``#3`` ..."""
     seen: dict[str, int] = {}
     ids: list[str] = []
     for name in webhooks:
         seen[name] = seen.get(name, 0) + 1
-        suffix = "" if seen[name] == 1 else f"#{seen[name]}"
-        ids.append(f"{event_id}:{rule_id}:{name}{suffix}")
+        first = first_action_id(event_id, rule_id, name)
+        ids.append(first if seen[name] == 1 else f"{first}#{seen[name]}")
     return ids

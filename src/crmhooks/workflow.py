@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
-from crmhooks.actions import Action, action_ids, new_action
+from crmhooks.actions import Action, action_ids, first_action_id, new_action
 from crmhooks.config import Config, Rule
 from crmhooks.events import RecordEvent
 from crmhooks.rules import evaluate, trigger_fires
@@ -71,7 +71,9 @@ def plan_event(
     batch sees this one's effects.
     """
     plan = EventPlan()
-    tz = ZoneInfo(config.org(event.org_id).time_zone)
+    # Only due times need the organisation's zone: looked up once a rule has
+    # scheduled actions (made or pending), not for every instant-only event.
+    tz: ZoneInfo | None = None
     grace_ms = int(config.delivery.past_due_grace_s * 1000)
     deleted = event.operation == "delete"
     for rule in rules:
@@ -84,6 +86,8 @@ def plan_event(
                 plan.once_updates.append((rule.id, met))
             fires = fires and not before
         mine = [a for a in state.pending.values() if a.rule_id == rule.id and a.kind == "scheduled"]
+        if tz is None and (mine or rule.scheduled):
+            tz = ZoneInfo(config.org(event.org_id).time_zone)
         if mine:
             plan.touched = True
         if mine and ((deleted and rule.trigger != "delete") or not met):
@@ -125,9 +129,11 @@ def _reschedule(
     mine: list[Action],
     rule: Rule,
     event: RecordEvent,
-    tz: ZoneInfo,
+    tz: ZoneInfo | None,
 ) -> None:
-    """A changed ``relative_to`` field moves the pending action (same action_id)."""
+    """A changed ``relative_to`` field moves the pending action (same action_id);
+    ``tz``, the organisation's zone, is set (``plan_event`` looks it up for ``mine``)."""
+    assert tz is not None
     changed = event.previous or {}
     for a in mine:
         if a.relative_to == "trigger" or a.relative_to not in changed or a.attempt > 0:
@@ -152,7 +158,7 @@ def _create(
     rule: Rule,
     event: RecordEvent,
     module: str,
-    tz: ZoneInfo,
+    tz: ZoneInfo | None,
     grace_ms: int,
     partition: int,
     offset: int,
@@ -161,7 +167,7 @@ def _create(
 ) -> None:
     items: Iterable[tuple[str, str, int]]
     if rule.instant and not rule.scheduled:  # most rules: no lists to build (~0.5 µs)
-        items = ((action_ids(event.event_id, rule.id, [rule.instant])[0], rule.instant, 0),)
+        items = ((first_action_id(event.event_id, rule.id, rule.instant), rule.instant, 0),)
     else:
         names = ([rule.instant] if rule.instant else []) + [s.webhook for s in rule.scheduled]
         ids = action_ids(event.event_id, rule.id, names)
@@ -171,6 +177,7 @@ def _create(
         spec = rule.scheduled[slot - 1] if slot else None
         due: int | None = now_ms
         if spec is not None:
+            assert tz is not None  # looked up by plan_event for rules with scheduled actions
             due = compute_due_ms(spec, dict(event.record), event.occurred_at_ms, tz)
         action = new_action(
             action_id=action_id,
