@@ -195,3 +195,21 @@ def test_an_instant_only_rule_still_cancels_its_pending_scheduled_actions() -> N
         ("e1:r:Later", "criteria_not_met"),
         ("e1:r:Later#2", "criteria_not_met"),
     ]
+
+
+def test_a_pending_action_whose_scheduled_spec_was_removed_is_not_moved() -> None:
+    """Its rule lost the scheduled spec in a config change: a later edit of the field
+    its due time hangs on leaves it where it is (it has no spec to move it by)."""
+    create_only = replace(RULE, trigger="create")
+    state = RecordState()
+    plan(ev(1), state, rule=create_only)
+    before = dict(state.pending)
+    edit = ev(
+        2,
+        "edit",
+        previous={"Payment Due": "2026-12-05 09:30"},
+        **{"Payment Due": "2026-12-09 10:00"},
+    )
+    p = plan(edit, state, rule=replace(create_only, scheduled=()))
+    assert p.is_empty
+    assert state.pending == before

@@ -138,6 +138,8 @@ def _reschedule(
     for a in mine:
         if a.relative_to == "trigger" or a.relative_to not in changed or a.attempt > 0:
             continue
+        if a.slot > len(rule.scheduled):  # its spec was removed from the config since
+            continue
         spec = rule.scheduled[a.slot - 1]
         due = compute_due_ms(spec, dict(event.record), event.occurred_at_ms, tz)
         if due is None:
