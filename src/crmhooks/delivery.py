@@ -24,6 +24,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from crmhooks import __version__
+from crmhooks.aio import Slots
 from crmhooks.clock import Clock
 from crmhooks.config import DeliverySettings
 from crmhooks.errors import DeliveryRefused
@@ -150,7 +151,7 @@ def _excerpt(body: bytes) -> str | None:
 
 @dataclass(slots=True)
 class _HostSlot:
-    semaphore: asyncio.Semaphore
+    slots: Slots
     users: int = 0
 
 
@@ -184,7 +185,7 @@ class HttpTransport:
         self._resolver: Resolver = resolver if resolver is not None else SystemResolver()
         self._guarded = not settings.allow_private_networks
         self._pool: Http1Pool | None = None
-        self._global = asyncio.Semaphore(settings.max_in_flight)
+        self._global = Slots(settings.max_in_flight)
         self._hosts: dict[str, _HostSlot] = {}
         self._user_agent = f"crmhooks/{__version__}"
 
@@ -251,24 +252,27 @@ class HttpTransport:
             )
         slot = self._hosts.get(origin.key)
         if slot is None:
-            slot = self._hosts[origin.key] = _HostSlot(
-                asyncio.Semaphore(self._settings.max_in_flight_per_host)
-            )
+            slot = self._hosts[origin.key] = _HostSlot(Slots(self._settings.max_in_flight_per_host))
         slot.users += 1
         try:
-            # acquire/release, not ``async with``: the same, without a coroutine for
-            # each enter and exit (0.5 µs of 1.2 a request for the two).
-            await slot.semaphore.acquire()
+            # Slots, not asyncio.Semaphore: a free slot is taken without a coroutine
+            # (1.2 µs a request for two semaphores with ``async with``, 0.77 with
+            # acquire/release, 0.24 with Slots).
+            waiter = slot.slots.take()
+            if waiter is not None:
+                await slot.slots.wait(waiter)
             try:
-                await self._global.acquire()
+                waiter = self._global.take()
+                if waiter is not None:
+                    await self._global.wait(waiter)
                 try:
                     return await self._attempt(
                         pool, origin, target, auth, action_id, request, secret
                     )
                 finally:
-                    self._global.release()
+                    self._global.give()
             finally:
-                slot.semaphore.release()
+                slot.slots.give()
         finally:
             slot.users -= 1
             if slot.users == 0:
