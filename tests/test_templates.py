@@ -21,6 +21,8 @@ from crmhooks.templates import (
     CompiledWebhook,
     Placeholder,
     RenderContext,
+    _json_in_string,
+    _json_string,
     format_number,
     format_value,
     parse_placeholders,
@@ -688,3 +690,20 @@ def test_query_value_stays_one_parameter(value: str) -> None:
         ("y", f"<{expected}>"),
         ("k", "v"),
     ]
+
+
+def _escaped_by_orjson(text: str) -> str:
+    """What ``_json_string`` wrote before it passed plain text through unescaped."""
+    out = orjson.dumps(_SURROGATES.sub("\ufffd", text)).decode()
+    return out.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text()
+    | st.text(alphabet=st.sampled_from('ab "\\/\x00\x1f\x7f\u2028\u2029\ud800é中\U0001f600'))
+)
+def test_a_json_string_is_what_orjson_writes(text: str) -> None:
+    assert _json_string(text) == _escaped_by_orjson(text)
+    shown = format_value(text, UTC)  # (an RFC 3339 date-time is shown in the zone)
+    assert _json_in_string(text, UTC) == _escaped_by_orjson(shown)[1:-1]

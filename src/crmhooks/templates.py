@@ -215,8 +215,17 @@ def format_value(value: Any, tz: ZoneInfo) -> str:
     return str(value)
 
 
+def _needs_json_escape(text: str) -> bool:
+    """Whether ``_json_string`` must escape a character of ``text``: a quote, a
+    backslash, or one ``isprintable`` rejects (control characters, U+2028/U+2029,
+    surrogates...). Most field values have none, and go as they are."""
+    return not text.isprintable() or '"' in text or "\\" in text
+
+
 def _json_string(text: str) -> str:
     """``text`` as a quoted JSON string literal, safe to embed anywhere (also in JS)."""
+    if not _needs_json_escape(text):
+        return f'"{text}"'  # as orjson writes it (a property test compares them)
     try:
         out = orjson.dumps(text)
     except orjson.JSONEncodeError:  # lone surrogates are not valid UTF-8
@@ -252,7 +261,8 @@ def json_value(value: Any, tz: ZoneInfo) -> str:
 
 
 def _json_in_string(value: Any, tz: ZoneInfo) -> str:
-    return _json_string(format_value(value, tz))[1:-1]
+    text = format_value(value, tz)
+    return _json_string(text)[1:-1] if _needs_json_escape(text) else text
 
 
 # XML 1.0 Char excludes C0 controls other than \t \n \r, surrogates, U+FFFE, U+FFFF.
