@@ -213,12 +213,52 @@ class HttpTransport:
             self._pool = None
 
     async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
-        """One attempt; every failure becomes an Outcome (RuntimeError if not entered)."""
+        """One attempt; every failure becomes an Outcome (RuntimeError if not entered).
+
+        It first takes a slot of the request's host, then one of the process (see
+        the class), in this coroutine: one level less to make and resume for each
+        request than a coroutine of its own for the slots (~0.3 µs).
+        """
         pool = self._pool
         if pool is None:
             raise RuntimeError("HttpTransport used outside 'async with'")
+        slot: _HostSlot | None = None
+        origin_key = ""
         try:
-            outcome = await self._send(pool, action_id, request, secret)
+            try:
+                origin, target, auth = split_url(request.url)
+            except ValueError as exc:
+                outcome = _not_sent(
+                    "connection_error",
+                    f"invalid URL {request.redacted_url}: {exc}",
+                    time.perf_counter(),
+                )
+            else:
+                origin_key = origin.key
+                slot = self._hosts.get(origin_key)
+                if slot is None:
+                    slot = self._hosts[origin_key] = _HostSlot(
+                        Slots(self._settings.max_in_flight_per_host)
+                    )
+                slot.users += 1
+                # Slots, not asyncio.Semaphore: a free slot is taken without a coroutine
+                # (1.2 µs a request for two semaphores with ``async with``, 0.77 with
+                # acquire/release, 0.24 with Slots).
+                waiter = slot.slots.take()
+                if waiter is not None:
+                    await slot.slots.wait(waiter)
+                try:
+                    waiter = self._global.take()
+                    if waiter is not None:
+                        await self._global.wait(waiter)
+                    try:
+                        outcome = await self._attempt(
+                            pool, origin, target, auth, action_id, request, secret
+                        )
+                    finally:
+                        self._global.give()
+                finally:
+                    slot.slots.give()
         except Exception as exc:  # the contract: nothing escapes send
             log.exception("delivery action_id=%s unexpected error", action_id)
             outcome = Outcome(
@@ -228,6 +268,12 @@ class HttpTransport:
                 latency_ms=0.0,
                 sent_at_ms=None,
             )
+        finally:
+            if slot is not None:
+                slot.users -= 1
+                if slot.users == 0:
+                    # Forget idle hosts, so the table does not grow with every URL ever seen.
+                    del self._hosts[origin_key]
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "delivery action_id=%s url=%s class=%s status=%s latency_ms=%.1f",
@@ -238,46 +284,6 @@ class HttpTransport:
                 outcome.latency_ms,
             )
         return outcome
-
-    async def _send(
-        self, pool: Http1Pool, action_id: str, request: RenderedRequest, secret: str | None
-    ) -> Outcome:
-        try:
-            origin, target, auth = split_url(request.url)
-        except ValueError as exc:
-            return _not_sent(
-                "connection_error",
-                f"invalid URL {request.redacted_url}: {exc}",
-                time.perf_counter(),
-            )
-        slot = self._hosts.get(origin.key)
-        if slot is None:
-            slot = self._hosts[origin.key] = _HostSlot(Slots(self._settings.max_in_flight_per_host))
-        slot.users += 1
-        try:
-            # Slots, not asyncio.Semaphore: a free slot is taken without a coroutine
-            # (1.2 µs a request for two semaphores with ``async with``, 0.77 with
-            # acquire/release, 0.24 with Slots).
-            waiter = slot.slots.take()
-            if waiter is not None:
-                await slot.slots.wait(waiter)
-            try:
-                waiter = self._global.take()
-                if waiter is not None:
-                    await self._global.wait(waiter)
-                try:
-                    return await self._attempt(
-                        pool, origin, target, auth, action_id, request, secret
-                    )
-                finally:
-                    self._global.give()
-            finally:
-                slot.slots.give()
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                # Forget idle hosts, so the table does not grow with every URL ever seen.
-                del self._hosts[origin.key]
 
     async def _attempt(
         self,
@@ -560,7 +566,8 @@ def _not_sent(error_class: str, error: str, started: float) -> Outcome:
 
 
 def _elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
+    # Not rounded here: the result record rounds it (to 0.1 ms), the log formats it.
+    return (time.perf_counter() - started) * 1000
 
 
 def _phrase(status: int) -> str:
