@@ -519,14 +519,15 @@ class Processor:
         same webhook-id), never loses it; and most instant actions cost one row and one
         changelog record instead of three of each.
         """
-        states = {ev.record_key: RecordState() for _, ev, _ in todo}
+        record_keys = [ev.record_key for _, ev, _ in todo]  # a property: made once here
+        states = {record_key: RecordState() for record_key in record_keys}
         rules = [self.index.candidates(ev.org_id, module) for _, ev, module in todo]
         # Pending actions matter to rules with scheduled actions only (~0.7 µs an
         # event to read): the records of events that only instant rules see go without.
         keys = list(
             dict.fromkeys(
-                ev.record_key
-                for (_, ev, _), candidates in zip(todo, rules, strict=True)
+                record_key
+                for record_key, candidates in zip(record_keys, rules, strict=True)
                 if any(r.scheduled for r in candidates)
             )
         )
@@ -534,8 +535,8 @@ class Processor:
             for action in await self.store.pending_for_records(keys):
                 states[action.record_key].pending[action.action_id] = action
         once_keys = [
-            once_key(r.id, ev.record_key)
-            for (_, ev, _), candidates in zip(todo, rules, strict=True)
+            once_key(r.id, record_key)
+            for record_key, candidates in zip(record_keys, rules, strict=True)
             for r in candidates
             if r.repeat == "once"
         ]
@@ -544,36 +545,36 @@ class Processor:
             for k, matched in flags.items():
                 rule_id, record_key = k.split("\x1f", 1)
                 states[record_key].once[rule_id] = matched
-        plans: list[tuple[InRecord, RecordEvent, EventPlan]] = []
-        for (rec, event, module), candidates in zip(todo, rules, strict=True):
+        plans: list[tuple[InRecord, RecordEvent, str, EventPlan]] = []
+        for (rec, event, module), record_key, candidates in zip(
+            todo, record_keys, rules, strict=True
+        ):
             plan = plan_event(
                 event,
                 module,
                 candidates,
-                states[event.record_key],
+                states[record_key],
                 config=self.config,
                 partition=rec.partition,
                 offset=rec.offset,
                 now_ms=now_ms,
                 is_suspended=self._is_suspended,
             )
-            plans.append((rec, event, plan))
-        created = [a.action_id for _, _, p in plans for a in p.new_actions]
+            plans.append((rec, event, record_key, plan))
+        created = [a.action_id for _, _, _, p in plans for a in p.new_actions]
         known = await self.store.action_statuses(created) if created else {}
         results_topic = self.config.kafka.results_topic
-        for rec, event, plan in plans:
+        for rec, event, record_key, plan in plans:
             key = event.org_id.encode()
             # The bytes as received: no re-encoding (rec.value is not None once decoded).
             raw = rec.value or orjson.dumps(event.data)
-            if event.record_key in self._snapshots:
-                self._snapshots[event.record_key] = event  # the latest, for those due soon
+            if record_key in self._snapshots:
+                self._snapshots[record_key] = event  # the latest, for those due soon
             snapshot_stored = plan.touched
             if plan.touched:
-                batch.snapshots.append((event.record_key, rec.partition, raw))
+                batch.snapshots.append((record_key, rec.partition, raw))
             for rule_id, matched in plan.once_updates:
-                batch.once_state.append(
-                    (once_key(rule_id, event.record_key), rec.partition, matched)
-                )
+                batch.once_state.append((once_key(rule_id, record_key), rec.partition, matched))
             replayed = bool(rec.headers) and any(name == REPLAY_HEADER for name, _ in rec.headers)
             for action in plan.new_actions:
                 status = known.get(action.action_id)
@@ -589,7 +590,7 @@ class Processor:
                 batch.new_actions.append(action)
                 if not snapshot_stored:  # an instant action stored: renders after a restart
                     snapshot_stored = True
-                    batch.snapshots.append((event.record_key, rec.partition, raw))
+                    batch.snapshots.append((record_key, rec.partition, raw))
                 if action.kind == "scheduled":
                     out.append((results_topic, key, encode(result_record(action, "scheduled"))))
             for action in plan.moved:
