@@ -817,6 +817,8 @@ class Processor:
         return found
 
     def _is_suspended(self, org_id: str, rule_id: str, webhook: str) -> bool:
+        if not self._suspensions:  # nothing failed or suspended: most calls
+            return False
         entry = self._suspensions.get((org_id, rule_id, webhook))
         return entry is not None and entry[1]
 
@@ -1089,6 +1091,8 @@ class Processor:
         return self.webhooks[action.webhook].render(ctx)
 
     def _count_success(self, action: Action, batch: WriteBatch) -> None:
+        if not self._suspensions:  # no failures counted anywhere: most deliveries
+            return
         skey = (action.org_id, action.rule_id, action.webhook)
         if self._suspensions.get(skey, (0, False))[0]:
             self._suspensions[skey] = (0, False)
