@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import uvloop
 
 from bench.harness import (
@@ -452,6 +453,8 @@ class Bench:
             count = (await self.sink.wait_count(total, 60))[0]
             samples = await self.sink.latencies()
         note = "" if count >= total else f"{count} of {total} received"
+        # In the order received (~1 a ms): where the slow ones were, for a look later.
+        (self.workdir / "latency-samples.json").write_bytes(orjson.dumps(samples))
         p50, p99 = percentile(samples, 50), percentile(samples, 99)
         self.add(Figure("latency p50 (produce → receive)", p50, "ms", note=note))
         self.add(
@@ -462,6 +465,15 @@ class Bench:
                 target="≤ 50 ms",
                 passed=at_most(p99, 50.0) if not note else False,
                 note=note,
+            )
+        )
+        slow = [i for i, ms in enumerate(samples) if ms > 50.0]
+        self.add(
+            Figure(
+                "latency max (and samples > 50 ms)",
+                max(samples) if samples else None,
+                "ms",
+                note=f"{len(slow)} > 50 ms, received {slow[0]}th to {slow[-1]}th" if slow else "",
             )
         )
 
