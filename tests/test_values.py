@@ -126,3 +126,30 @@ def test_the_store_changelog_rows_use_every_column_in_order() -> None:
     assert key == f"a{store.SEP}0".encode()
     assert value is not None
     assert list(orjson.loads(value).items()) == list(zip(store._ROW_FIELDS, row, strict=True))
+
+
+def test_a_finished_row_holds_each_column_of_its_action() -> None:
+    from crmhooks import store
+    from crmhooks.actions import Action
+
+    action = Action(
+        action_id="e:r:h#2",
+        event_id="e",
+        org_id="o",
+        module="Potentials",
+        record_id="1",
+        rule_id="r",
+        webhook="h",
+        kind="scheduled",
+        slot=2,
+        due_ms=1_764_320_400_123,
+        partition=4,
+        source_offset=9,
+        attempt=3,
+        relative_to="Payment Due",
+    )
+    row = dict(zip(store._ROW_FIELDS, store._final_row(action, "failed", 77), strict=True))
+    assert row.pop("status") == "failed"
+    assert row.pop("finished_ms") == 77
+    assert row == {name: getattr(action, name) for name in row}
+    assert set(row) == set(store._ROW_FIELDS) - {"status", "finished_ms"}

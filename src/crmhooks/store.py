@@ -161,9 +161,27 @@ def _action_row(a: Action) -> tuple[Any, ...]:
 
 
 def _final_row(a: Action, status: str, finished_ms: int) -> tuple[Any, ...]:
-    """A finished action's row, every column in ``_ROW_FIELDS`` order."""
-    row = _action_row(a)
-    return (*row[:5], a.record_key, *row[5:], status, finished_ms)
+    """A finished action's row, every column in ``_ROW_FIELDS`` order (one a delivery:
+    written out, not spliced from ``_action_row``: 0.37 -> 0.14 µs)."""
+    return (
+        a.action_id,
+        a.partition,
+        a.org_id,
+        a.module,
+        a.record_id,
+        a.record_key,
+        a.rule_id,
+        a.webhook,
+        a.kind,
+        a.slot,
+        a.due_ms,
+        a.attempt,
+        a.relative_to,
+        a.event_id,
+        a.source_offset,
+        status,
+        finished_ms,
+    )
 
 
 def _action_from_row(row: Sequence[Any]) -> Action:
