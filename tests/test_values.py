@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crmhooks import delivery, events, http1, templates
+from crmhooks.actions import Action
 from crmhooks.delivery import Outcome
 from crmhooks.events import RecordEvent
 from crmhooks.http1 import Response
@@ -128,28 +129,16 @@ def test_the_store_changelog_rows_use_every_column_in_order() -> None:
     assert list(orjson.loads(value).items()) == list(zip(store._ROW_FIELDS, row, strict=True))
 
 
-def test_a_finished_row_holds_each_column_of_its_action() -> None:
+@given(action=st.builds(Action), status=st.text(max_size=8), finished_ms=st.integers())
+def test_a_finished_row_holds_each_column_of_its_action(
+    action: Action, status: str, finished_ms: int
+) -> None:
     from crmhooks import store
-    from crmhooks.actions import Action
 
-    action = Action(
-        action_id="e:r:h#2",
-        event_id="e",
-        org_id="o",
-        module="Potentials",
-        record_id="1",
-        rule_id="r",
-        webhook="h",
-        kind="scheduled",
-        slot=2,
-        due_ms=1_764_320_400_123,
-        partition=4,
-        source_offset=9,
-        attempt=3,
-        relative_to="Payment Due",
-    )
-    row = dict(zip(store._ROW_FIELDS, store._final_row(action, "failed", 77), strict=True))
-    assert row.pop("status") == "failed"
-    assert row.pop("finished_ms") == 77
+    row = dict(zip(store._ROW_FIELDS, store._final_row(action, status, finished_ms), strict=True))
+    assert row.pop("status") == status
+    assert row.pop("finished_ms") == finished_ms
     assert row == {name: getattr(action, name) for name in row}
     assert set(row) == set(store._ROW_FIELDS) - {"status", "finished_ms"}
+    pending = dict(zip(store._ACTION_COLUMNS.split(", "), store._action_row(action), strict=True))
+    assert pending == {name: getattr(action, name) for name in pending}

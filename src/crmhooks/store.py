@@ -33,8 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -141,28 +142,13 @@ def _action_change(row: Sequence[Any]) -> ChangelogRecord:
     return (int(value["partition"]), f"a{SEP}{value['action_id']}".encode(), orjson.dumps(value))
 
 
-def _action_row(a: Action) -> tuple[Any, ...]:
-    return (
-        a.action_id,
-        a.partition,
-        a.org_id,
-        a.module,
-        a.record_id,
-        a.rule_id,
-        a.webhook,
-        a.kind,
-        a.slot,
-        a.due_ms,
-        a.attempt,
-        a.relative_to,
-        a.event_id,
-        a.source_offset,
-    )
+# A pending action's row, its ``_ACTION_COLUMNS`` read in one C call.
+_action_row: Callable[[Action], tuple[Any, ...]] = operator.attrgetter(*_ACTION_COLUMNS.split(", "))
 
 
 def _final_row(a: Action, status: str, finished_ms: int) -> tuple[Any, ...]:
     """A finished action's row, every column in ``_ROW_FIELDS`` order (one a delivery:
-    written out, not spliced from ``_action_row``: 0.37 -> 0.14 µs)."""
+    written out, 0.14 µs; 0.37 spliced from ``_action_row``, 0.35 with an attrgetter)."""
     return (
         a.action_id,
         a.partition,
