@@ -804,9 +804,11 @@ class CompiledWebhook:
         body = b""
         redacted_body: bytes | None = None
         if self._body_in_query:
-            url = base + self._url_sep + query if query else base
-            redacted = base + self._url_sep + _join(params, self._custom_redacted, doc_param)
-            redacted = redacted if query else base
+            if query:
+                url = base + self._url_sep + query
+                redacted = base + self._url_sep + _join(params, self._custom_redacted, doc_param)
+            else:  # a raw body and no parameters: most webhooks
+                url = redacted = base
             if self._raw_body:
                 body = _encode_utf8(doc)
         else:
