@@ -159,6 +159,26 @@ async def test_failed_webhook_is_suspended_until_resumed(tmp_path: Path) -> None
             await wait_for_records(config, config.kafka.results_topic, final("evt-x3", "delivered"))
 
 
+async def test_a_delivery_between_failures_starts_the_count_again(tmp_path: Path) -> None:
+    """Suspension counts consecutive failed actions (SPEC §5): one delivered in
+    between resets the count, in memory and in the store, across a restart."""
+    async with receiver(lambda path, n: 503 if n % 2 else 200) as rx:
+        config = config_for(rx, tmp_path, suspend_after_failed_actions=2, retry_delays_s=())
+        async with running(config):
+            for name, status in (("z1", "failed"), ("z2", "delivered"), ("z3", "failed")):
+                await produce(config, event(name))
+                done = final(f"evt-{name}", status)
+                await wait_for_records(config, config.kafka.results_topic, done)
+        async with running(config):  # z3's row says 1 failure, not 2: z4 is sent
+            await produce(config, event("z4"))
+            await wait_for_records(config, config.kafka.results_topic, final("evt-z4", "delivered"))
+            await produce(config, event("z5"))
+            await wait_for_records(config, config.kafka.results_topic, final("evt-z5", "failed"))
+            await produce(config, event("z6"))
+            await wait_for_records(config, config.kafka.results_topic, final("evt-z6", "delivered"))
+        assert len(rx.requests) == 6
+
+
 async def test_a_config_change_to_the_webhook_lifts_its_suspension(tmp_path: Path) -> None:
     async with receiver(lambda path, n: 503) as rx:
         config = config_for(rx, tmp_path, suspend_after_failed_actions=1, retry_delays_s=())

@@ -798,11 +798,16 @@ class Processor:
             self._forget(action.action_id)
 
     async def _load_suspensions(self) -> None:
-        """Read suspensions; one recorded under another config of its rule or webhook is lifted."""
+        """Read suspensions; one recorded under another config of its rule or webhook is lifted.
+
+        Only webhooks with failures counted (or suspended) are kept in memory: a reset
+        one is absent, so while every webhook delivers the table is empty and the
+        look-ups of each delivery (``_is_suspended``, ``_count_success``) are skipped."""
         table: dict[tuple[str, str, str], tuple[int, bool]] = {}
         for skey, (failed, suspended, fingerprint) in (await self.store.suspension_table()).items():
             if fingerprint == self._fingerprint(skey[1], skey[2]):
-                table[skey] = (failed, suspended)
+                if failed or suspended:
+                    table[skey] = (failed, suspended)
             elif suspended:
                 log.info("suspension of %s lifted: its rule or webhook config changed", skey)
         self._suspensions = table
@@ -817,7 +822,7 @@ class Processor:
         return found
 
     def _is_suspended(self, org_id: str, rule_id: str, webhook: str) -> bool:
-        if not self._suspensions:  # nothing failed or suspended: most calls
+        if not self._suspensions:  # no failure counted anywhere (see _load_suspensions)
             return False
         entry = self._suspensions.get((org_id, rule_id, webhook))
         return entry is not None and entry[1]
@@ -1091,11 +1096,11 @@ class Processor:
         return self.webhooks[action.webhook].render(ctx)
 
     def _count_success(self, action: Action, batch: WriteBatch) -> None:
-        if not self._suspensions:  # no failures counted anywhere: most deliveries
+        if not self._suspensions:  # no failure counted anywhere (see _load_suspensions)
             return
         skey = (action.org_id, action.rule_id, action.webhook)
         if self._suspensions.get(skey, (0, False))[0]:
-            self._suspensions[skey] = (0, False)
+            del self._suspensions[skey]  # reset: stored as (0, False), absent in memory
             batch.suspensions.append(
                 (
                     *skey,
