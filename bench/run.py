@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -175,6 +175,16 @@ def qualifying(count: int, prefix: str) -> list[tuple[int, bytes, bytes]]:
     return list(spread(count, "Closed Won", prefix))
 
 
+class Burst(NamedTuple):
+    """A scale-out burst: deliveries/s, a note when it fell short, and the CPU the
+    whole machine (processors, sink, broker, bench) spent per delivery, which bounds
+    the rate once every core is busy."""
+
+    rate: float
+    note: str
+    machine_us: float | None = None
+
+
 class Bench:
     def __init__(self, bootstrap: str, sizes: Sizes, workdir: Path, sink: Sink) -> None:
         self.bootstrap = bootstrap
@@ -183,7 +193,6 @@ class Bench:
         self.sink = sink
         self.figures: list[Figure] = []
         self.filter_topics: Topics | None = None
-        self.machine_us: float | None = None  # machine CPU per delivery (burst_rate)
         self.bare_client_rate: float | None = None
         self.consume_rate: float | None = None
         # CPU µs per request / per record of the ceilings (the bench process's own).
@@ -626,13 +635,8 @@ class Bench:
 
     # -- 6. scale-out -------------------------------------------------------------------
 
-    async def burst_rate(self, count: int, *, own_stores: bool = True) -> tuple[float, str]:
-        """Deliveries/s of a burst produced while the processors already consume.
-
-        Also keeps, in ``machine_us``, the CPU the whole machine spent per delivery
-        (processors, sink, broker, bench): what bounds the rate when every core is busy.
-        """
-        self.machine_us = None
+    async def burst_rate(self, count: int, *, own_stores: bool = True) -> Burst:
+        """Deliveries/s of a burst produced while the processors already consume."""
         n = self.sizes.scale
         name = f"scale{count}" + ("" if own_stores else "shared")
         topics = new_topics(name, PARTITIONS)
@@ -649,7 +653,7 @@ class Bench:
             each = [await stack.enter_async_context(CpuSampler(p.pid)) for p in procs]
             await wait_assigned(procs, 30)
             if not await self.warm_up(topics, producer, 60):
-                return 0.0, "warm-up not delivered"
+                return Burst(0.0, "warm-up not delivered")
             await self.sink.reset()
             await producer.send_many(topics.events, records)
             got, first_ms, last_ms = await self.sink.wait_count(n, n / 200 + 60)
@@ -670,26 +674,29 @@ class Bench:
         procs_cpu_s = sum(sampler.usage(first_ms, last_ms)[0] for sampler in each)
         sink_cpu_s = sink_cpu.usage(first_ms, last_ms)[0]
         if procs_cpu_s and got:
-            self.machine_us = cpu_s * 1e6 / got
             for part, part_s in (
                 ("processors'", procs_cpu_s),
                 ("sink's", sink_cpu_s),
                 ("broker's and bench's", cpu_s - procs_cpu_s - sink_cpu_s),
             ):
                 self.add(Figure(f"{part} CPU per delivery ({what})", part_s * 1e6 / got, "µs"))
-        return rate, "" if got >= n else f"{got} of {n} delivered"
+        return Burst(
+            rate,
+            "" if got >= n else f"{got} of {n} delivered",
+            cpu_s * 1e6 / got if procs_cpu_s and got else None,
+        )
 
     async def scale_out(self) -> None:
         say(f"6. scale-out: {self.sizes.scale:,} deliveries by one processor, then by two")
-        one, note1 = await self.burst_rate(1)
+        one, note1, _ = await self.burst_rate(1)
         self.add(Figure("burst delivery, 1 processor", one, "deliveries/s", note=note1))
-        two, note2 = await self.burst_rate(2)
+        two, note2, machine_us = await self.burst_rate(2)
         self.add(Figure("burst delivery, 2 processors", two, "deliveries/s", note=note2))
-        if self.machine_us and one:
+        if machine_us and one:
             # Every core busy at the CPU per delivery just measured with two: the most
             # two processors could deliver here, so the most the ratio could be while
             # the sink, the broker and the bench share the cores with them.
-            bound = (os.cpu_count() or 1) * 1e6 / self.machine_us / one
+            bound = (os.cpu_count() or 1) * 1e6 / machine_us / one
             self.add(Figure("scale-out ratio's bound on this machine (all cores busy)", bound, "×"))
         self.add(
             Figure(
@@ -701,7 +708,7 @@ class Bench:
                 note=(note1 + " " + note2).strip(),
             )
         )
-        shared, note3 = await self.burst_rate(2, own_stores=False)
+        shared, note3, _ = await self.burst_rate(2, own_stores=False)
         self.add(
             Figure(
                 "burst delivery, 2 processors sharing one SQLite file",
