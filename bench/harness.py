@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -288,19 +289,42 @@ async def count_results(
 # --- the sink process ------------------------------------------------------------
 
 
+async def build_c_sink(workdir: Path) -> Path:
+    """bench/sink.c compiled (``cc -O2``) into ``workdir``; RuntimeError if it cannot be."""
+    source = REPO / "bench" / "sink.c"
+    binary = workdir / "sink-c"
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) for bench/sink.c; use --sink python")
+    proc = await asyncio.create_subprocess_exec(
+        cc, "-O2", "-o", str(binary), str(source), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cc} could not build bench/sink.c: {err.decode(errors='replace')}")
+    return binary
+
+
 class Sink:
     """The sink server in a child process, with its control requests."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, kind: str = "c") -> None:
         self.workdir = workdir
+        self.kind = kind  # "c" (bench/sink.c, built here) or "python" (bench.sink)
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
 
     async def __aenter__(self) -> Sink:
         port_file = self.workdir / "sink.port"
         port_file.unlink(missing_ok=True)
+        if self.kind == "c":
+            command = [str(await build_c_sink(self.workdir))]
+        else:
+            command = [str(PYTHON), "-m", "bench.sink"]
         self.proc = await asyncio.create_subprocess_exec(
-            str(PYTHON), "-m", "bench.sink", "--port-file", str(port_file), cwd=REPO
+            *command, "--port-file", str(port_file), cwd=REPO
         )
         for _ in range(200):
             if port_file.exists():

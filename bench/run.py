@@ -1,7 +1,7 @@
 """The benchmark: ceilings, then the processor's figures against them (``scripts/bench``).
 
 Each figure about the product runs ``crmhooks run`` as a child process against a
-real broker and the lean sink (``bench.sink``, its own process), so that the
+real broker and the lean sink (``bench/sink.c``, its own process), so that the
 bench's producer and readers never share the processor's event loop.
 """
 
@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -264,7 +265,7 @@ class Bench:
         await self.bare_client()
         self.add(
             Figure(
-                "sink capacity (raw sockets, 128 connections, another process)",
+                f"sink capacity ({self.sink.kind} sink, raw sockets, 128 connections)",
                 sink_rate,
                 "req/s",
                 self.bare_client_rate,
@@ -648,6 +649,7 @@ class Bench:
             FastProducer(self.bootstrap) as producer,
             CpuSampler(None) as machine,
             CpuSampler(self.sink.pid) as sink_cpu,
+            CpuSampler(os.getpid()) as bench_cpu,
             contextlib.AsyncExitStack() as stack,
         ):
             each = [await stack.enter_async_context(CpuSampler(p.pid)) for p in procs]
@@ -655,7 +657,12 @@ class Bench:
             if not await self.warm_up(topics, producer, 60):
                 return Burst(0.0, "warm-up not delivered")
             await self.sink.reset()
-            await producer.send_many(topics.events, records)
+            # The burst is produced while the processors are stopped (SIGSTOP), as the
+            # instant scenario's events are produced before its processor starts: the
+            # bench's producer then takes none of the cores the processors share.
+            with stopped(procs):
+                await producer.send_many(topics.events, records)
+                await producer.flush()
             got, first_ms, last_ms = await self.sink.wait_count(n, n / 200 + 60)
         rate = got / ((last_ms - first_ms) / 1000) if last_ms > first_ms else 0.0
         cpu_s, wall_s = machine.usage(first_ms, last_ms)
@@ -669,15 +676,18 @@ class Bench:
             busy = 100.0 * cpu_s / wall_s / cores
             self.add(Figure(f"machine's CPU use, all {cores} cores ({what})", busy, "%"))
         # Where the machine's CPU went, per delivery: the processors' own (more with two
-        # than with one would mean each works less efficiently), the sink's, and the
-        # rest (the broker, the bench's producer): the ratio's bound on this machine.
+        # than with one would mean each works less efficiently), the sink's, the
+        # bench's (its polling), and the rest (mostly the broker): the ratio's bound
+        # on this machine.
         procs_cpu_s = sum(sampler.usage(first_ms, last_ms)[0] for sampler in each)
         sink_cpu_s = sink_cpu.usage(first_ms, last_ms)[0]
+        bench_cpu_s = bench_cpu.usage(first_ms, last_ms)[0]
         if procs_cpu_s and got:
             for part, part_s in (
                 ("processors'", procs_cpu_s),
                 ("sink's", sink_cpu_s),
-                ("broker's and bench's", cpu_s - procs_cpu_s - sink_cpu_s),
+                ("bench's", bench_cpu_s),
+                ("broker's and the rest's", cpu_s - procs_cpu_s - sink_cpu_s - bench_cpu_s),
             ):
                 self.add(Figure(f"{part} CPU per delivery ({what})", part_s * 1e6 / got, "µs"))
         return Burst(
@@ -720,6 +730,18 @@ class Bench:
         )
 
 
+@contextlib.contextmanager
+def stopped(procs: list[Processor]) -> Iterator[None]:
+    """The processes stopped (SIGSTOP) inside the block, continued (SIGCONT) after."""
+    for p in procs:
+        os.kill(p.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in procs:
+            os.kill(p.pid, signal.SIGCONT)
+
+
 async def wait_assigned(procs: list[Processor], timeout_s: float) -> None:
     """Until every processor logged a partition assignment (its group join is over)."""
     deadline = time.monotonic() + timeout_s
@@ -753,7 +775,7 @@ async def main_async(args: argparse.Namespace) -> int:
     names = args.only or list(SCENARIOS)
     if "filtering" in names and "ceilings" not in names:
         names.insert(0, "ceilings")  # the filtering test reads the ceiling's topic
-    async with Sink(workdir) as sink:
+    async with Sink(workdir, args.sink) as sink:
         bench = Bench(bootstrap, sizes, workdir, sink)
         for name in SCENARIOS:
             if name not in names:
@@ -791,6 +813,12 @@ def main() -> None:
         help="the JSON report (default bench/results/latest.json, latest-quick.json with "
         "--quick; with --only, var/bench-run/partial.json, so a partial run never replaces "
         "the full report)",
+    )
+    parser.add_argument(
+        "--sink",
+        choices=["c", "python"],
+        default="c",
+        help="the sink's implementation: bench/sink.c, built with cc (default), or bench/sink.py",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a figure falls short of its target"

@@ -8,6 +8,9 @@ not the processor's or the bench driver's. Every request is answered
 - ``/_stats`` → ``count first_ms last_ms`` (receive times in epoch ms, 0 before any)
 - ``/_lat``   → the latency samples as a JSON array of ms
 - ``/_reset`` → forget counts and samples
+
+The bench runs bench/sink.c, the same server in C, unless given ``--sink python``
+(tests/test_bench_sink.py holds both to the same behaviour).
 """
 
 from __future__ import annotations
