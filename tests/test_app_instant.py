@@ -188,9 +188,10 @@ async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path
         assert await rows(p.store, "actions") == [("evt-1:won:Hook", "delivered")]
         async with p.store.conn.execute("SELECT count(*) FROM records") as cur:
             assert await cur.fetchone() == (0,)  # no snapshot for an instant-only rule
-        # One changelog record for the action (its final row), none for a snapshot
+        # One changelog record for the action (its final row, in a "d" record of the
+        # transaction's actions finished at their first write), none for a snapshot
         # (besides the day's quota count, written a block at a time).
-        assert kafka.changelog_keys == [b"q\x1forg-acme\x1f2025-11-28", b"a\x1fevt-1:won:Hook"]
+        assert kafka.changelog_keys == [b"q\x1forg-acme\x1f2025-11-28", b"d\x1fevt-1:won:Hook"]
         assert [r["status"] for r in kafka.results] == ["delivered"]
         assert p._unstored == {}
         # Read again (a crash after the commit was lost): finished, never sent again.

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,38 +175,88 @@ async def test_a_partition_state_moves_to_another_store_through_the_changelog(
         assert await b.restore([0], changelog.read) == 0
 
 
-async def test_a_finished_first_write_matches_insert_then_finish_row_and_changelog(
+def all_rows(path: Path, table: str = "actions") -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+
+
+async def test_a_finished_first_write_matches_insert_then_finish_rows_here_and_restored(
     tmp_path: Path,
 ) -> None:
-    """``WriteBatch.done`` (one INSERT, the changelog value built in memory) leaves the
-    same rows and sends the same changelog records as storing the action pending and
-    finishing it in one transaction, the way it was done before."""
+    """``WriteBatch.done`` (one INSERT; one changelog record per partition holding its
+    rows) leaves the same rows as storing the actions pending and finishing them in
+    one transaction (one changelog record per row), both in its own file and in a
+    file restored from its changelog."""
     actions = [action(n, partition=n % 2) for n in range(1, 6)]
     ended = [(a, "delivered" if n % 3 else "failed", 100 + n) for n, a in enumerate(actions)]
-    old_log, new_log = FakeChangelog(), FakeChangelog()
-    rows = {}
-    for name, changelog, batch in (
+    logs = {"old": FakeChangelog(), "new": FakeChangelog()}
+    for name, batch in (
         (
             "old",
-            old_log,
             WriteBatch(
                 new_actions=[a for a, _, _ in ended],
                 finished=[(a.action_id, status, at) for a, status, at in ended],
             ),
         ),
-        ("new", new_log, WriteBatch(done=list(ended))),
+        ("new", WriteBatch(done=list(ended))),
     ):
         async with Store(tmp_path / f"{name}.db") as store:
-            store.changelog = changelog
+            store.changelog = logs[name]
             await store.write(batch)
-        with contextlib.closing(sqlite3.connect(tmp_path / f"{name}.db")) as db:
-            rows[name] = db.execute("SELECT * FROM actions ORDER BY action_id").fetchall()
-    assert rows["new"] == rows["old"]
-    assert len(rows["new"]) == 5
-    assert {p: sorted(log) for p, log in new_log.partitions.items()} == {
-        p: sorted(log) for p, log in old_log.partitions.items()
+        async with Store(tmp_path / f"{name}-restored.db") as other:
+            await other.restore([0, 1], logs[name].read)
+    rows = all_rows(tmp_path / "new.db")
+    assert len(rows) == 5
+    assert rows == all_rows(tmp_path / "old.db")
+    assert rows == all_rows(tmp_path / "new-restored.db") == all_rows(tmp_path / "old-restored.db")
+    assert sum(len(log) for log in logs["old"].partitions.values()) == 5
+    # One record per partition, keyed by its first action's id.
+    assert {p: [k for k, _ in log] for p, log in logs["new"].partitions.items()} == {
+        0: [b"d\x1fe2:rule:Hook"],
+        1: [b"d\x1fe1:rule:Hook"],
     }
-    assert sum(len(log) for log in new_log.partitions.values()) == 5
+    batches = [("e1:rule:Hook", 1, 104), ("e2:rule:Hook", 0, 103)]
+    assert all_rows(tmp_path / "new.db", "done_batches") == batches
+    assert all_rows(tmp_path / "new-restored.db", "done_batches") == batches
+
+
+async def test_a_purge_tombstones_the_record_of_actions_finished_at_their_first_write(
+    tmp_path: Path,
+) -> None:
+    """Once every row of a ``d`` record is purged, so is the record (a tombstone), in
+    the store that wrote it and in one that restored it; a store restoring after the
+    tombstone forgets the record too."""
+    changelog = FakeChangelog()
+    async with Store(tmp_path / "a.db") as a:
+        a.changelog = changelog
+        await a.write(WriteBatch(done=[(action(1), "delivered", 5), (action(2), "failed", 8)]))
+        await a.write(WriteBatch(done=[(action(3), "delivered", 20)]))
+        async with Store(tmp_path / "b.db") as b:
+            b.changelog = FakeChangelog()
+            await b.restore([0], changelog.read)
+            await b.purge_finished([0], before_ms=10)
+            assert b.changelog.partitions[0] == [
+                (b"a\x1fe1:rule:Hook", None),
+                (b"a\x1fe2:rule:Hook", None),
+                (b"d\x1fe1:rule:Hook", None),
+            ]
+        await a.purge_finished([0], before_ms=8)  # e2 (finished at 8) not yet: nor its record
+        assert changelog.partitions[0][-1] == (b"a\x1fe1:rule:Hook", None)
+        await a.purge_finished([0], before_ms=10)
+        assert changelog.partitions[0][-2:] == [
+            (b"a\x1fe2:rule:Hook", None),
+            (b"d\x1fe1:rule:Hook", None),
+        ]
+        assert await a.action_statuses(["e1:rule:Hook", "e2:rule:Hook", "e3:rule:Hook"]) == {
+            "e3:rule:Hook": "delivered"
+        }
+    assert all_rows(tmp_path / "a.db", "done_batches") == [("e3:rule:Hook", 0, 20)]
+    async with Store(tmp_path / "c.db") as c:
+        await c.restore([0], changelog.read)
+        assert await c.action_statuses(["e1:rule:Hook", "e2:rule:Hook", "e3:rule:Hook"]) == {
+            "e3:rule:Hook": "delivered"
+        }
+    assert all_rows(tmp_path / "c.db", "done_batches") == [("e3:rule:Hook", 0, 20)]
 
 
 async def test_a_finished_first_write_of_a_known_action_keeps_the_rows_truth(

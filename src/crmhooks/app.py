@@ -20,10 +20,11 @@ inserted with ``INSERT OR IGNORE``, so replaying creates nothing twice; a result
 record may repeat, never go missing.
 
 New instant actions skip step 1: they are sent at once, and stored when finished,
-with their final status (one row, one changelog record, instead of three of
-each). Step 4 then waits until every instant action of the batch is stored,
-finished or, after INSTANT_COMMIT_WAIT_MS, as pending (``_Ticket``); batches
-commit in the order they were read. A crash before that reads the event again:
+with their final status (one row instead of three; in the changelog, a share of
+one record holding a transaction's such rows, instead of three records). Step 4
+then waits until every instant action of the batch is stored, finished or, after
+INSTANT_COMMIT_WAIT_MS, as pending (``_Ticket``); batches commit in the order they
+were read. A crash before that reads the event again:
 a finished action is known by its id and not sent again; one in flight is sent
 again (at least once, same ``webhook-id``). Reading pauses while
 UNSTORED_BUDGET such actions are unsettled.
