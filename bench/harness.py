@@ -105,13 +105,21 @@ def new_topics(name: str, partitions: int) -> Topics:
     return Topics(f"{name}-{uuid.uuid4().hex[:6]}", partitions)
 
 
-async def create_topics(bootstrap: str, topics: Topics) -> None:
+async def create_topics(
+    bootstrap: str, topics: Topics, events_config: Mapping[str, str] | None = None
+) -> None:
+    """The scenario's topics; ``events_config``: topic configs of its events topic."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics(
             [
-                NewTopic(t, num_partitions=topics.partitions, replication_factor=1)
+                NewTopic(
+                    t,
+                    num_partitions=topics.partitions,
+                    replication_factor=1,
+                    topic_configs=dict(events_config or {}) if t == topics.events else {},
+                )
                 for t in (topics.events, topics.results, topics.dlq)
             ]
         )
@@ -282,6 +290,35 @@ async def count_results(
             positions = [await consumer.position(tp) for tp in tps]
             if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
                 return seen, last_ms
+    finally:
+        await consumer.stop()
+
+
+async def append_delays(bootstrap: str, topic: str, partitions: int, prefix: str) -> list[float]:
+    """For each event of ``topic`` whose id starts with ``prefix``: its record's
+    timestamp minus its stamp ``T``, in ms. On a topic with LogAppendTime, the time
+    from the bench's stamp to the broker's append of the event (before any processor
+    could read it)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        delays: list[float] = []
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for messages in batches.values():
+                for m in messages:
+                    event = orjson.loads(m.value) if m.value is not None else {}
+                    if str(event.get("event_id", "")).startswith(prefix):
+                        delays.append(float(m.timestamp) - float(event["record"]["T"]))
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                return delays
     finally:
         await consumer.stop()
 
