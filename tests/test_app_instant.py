@@ -193,6 +193,7 @@ async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path
         # (besides the day's quota count, written a block at a time).
         assert kafka.changelog_keys == [b"q\x1forg-acme\x1f2025-11-28", b"d\x1fevt-1:won:Hook"]
         assert [r["status"] for r in kafka.results] == ["delivered"]
+        assert p.stats["results"] == 1  # counted where instant results are produced
         assert p._unstored == {}
         # Read again (a crash after the commit was lost): finished, never sent again.
         await p._process_batch([rec(1, 10)])

@@ -1073,6 +1073,7 @@ class Processor:
         error: BaseException | None = None
         try:
             await self.kio.produce_all(group.results)
+            self.stats["results"] += len(group.results)
             await self.store.write(group.batch)
         except BaseException as exc:  # a stop too: each attempt is ended, then it goes on
             error = exc

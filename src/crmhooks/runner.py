@@ -40,4 +40,4 @@ async def run_processor(
                 type(asyncio.get_running_loop()).__module__.split(".")[0],
             )
             await processor.run(kio, stop)
-    log.info("crmhooks stopped: %s", processor.stats)
+    log.info("crmhooks stopped: %s", processor.stats | {"store_commits": processor.store.commits})
