@@ -265,10 +265,8 @@ class GroupOffsets:
         return ((done - first[1]) / elapsed if elapsed > 0 else 0.0), done, elapsed
 
 
-async def count_results(
-    bootstrap: str, topic: str, partitions: int, status: str
-) -> tuple[int, float]:
-    """(records with ``status``, the latest such record's timestamp in epoch ms)."""
+async def read_topic(bootstrap: str, topic: str, partitions: int) -> AsyncIterator[Any]:
+    """Every record of ``topic`` as it is now, from its beginning to its current end."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
     )
@@ -278,20 +276,29 @@ async def count_results(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        seen, last_ms = 0, 0.0
-        needle = f'"status":"{status}"'.encode()
         while True:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             for messages in batches.values():
                 for m in messages:
-                    if m.value is not None and needle in m.value:
-                        seen += 1
-                        last_ms = max(last_ms, float(m.timestamp))
+                    yield m
             positions = [await consumer.position(tp) for tp in tps]
             if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
-                return seen, last_ms
+                return
     finally:
         await consumer.stop()
+
+
+async def count_results(
+    bootstrap: str, topic: str, partitions: int, status: str
+) -> tuple[int, float]:
+    """(records with ``status``, the latest such record's timestamp in epoch ms)."""
+    seen, last_ms = 0, 0.0
+    needle = f'"status":"{status}"'.encode()
+    async for m in read_topic(bootstrap, topic, partitions):
+        if m.value is not None and needle in m.value:
+            seen += 1
+            last_ms = max(last_ms, float(m.timestamp))
+    return seen, last_ms
 
 
 async def append_delays(bootstrap: str, topic: str, partitions: int, prefix: str) -> list[float]:
@@ -299,28 +306,12 @@ async def append_delays(bootstrap: str, topic: str, partitions: int, prefix: str
     timestamp minus its stamp ``T``, in ms. On a topic with LogAppendTime, the time
     from the bench's stamp to the broker's append of the event (before any processor
     could read it)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        delays: list[float] = []
-        while True:
-            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
-            for messages in batches.values():
-                for m in messages:
-                    event = orjson.loads(m.value) if m.value is not None else {}
-                    if str(event.get("event_id", "")).startswith(prefix):
-                        delays.append(float(m.timestamp) - float(event["record"]["T"]))
-            positions = [await consumer.position(tp) for tp in tps]
-            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
-                return delays
-    finally:
-        await consumer.stop()
+    delays: list[float] = []
+    async for m in read_topic(bootstrap, topic, partitions):
+        event = orjson.loads(m.value) if m.value is not None else {}
+        if str(event.get("event_id", "")).startswith(prefix):
+            delays.append(float(m.timestamp) - float(event["record"]["T"]))
+    return delays
 
 
 # --- the sink process ------------------------------------------------------------
