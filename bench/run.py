@@ -521,12 +521,18 @@ class Bench:
             )
         )
         appended = await append_delays(self.bootstrap, topics.events, topics.partitions, "l-")
+        (self.workdir / "append-delays.json").write_bytes(orjson.dumps(appended))
+        late = sum(1 for ms in appended if ms > 50.0)
         self.add(
             Figure(
                 "latency p99 (produce → broker append)",
                 percentile(appended, 99) if appended else None,
                 "ms",
-                note=f"max {max(appended):.0f} ms" if appended else "no events read back",
+                note=(
+                    f"max {max(appended):.0f} ms, {late} > 50 ms"
+                    if appended
+                    else "no events read back"
+                ),
             )
         )
         slow = [i for i, ms in enumerate(samples) if ms > 50.0]
