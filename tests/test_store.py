@@ -205,10 +205,17 @@ async def test_a_finished_first_write_matches_insert_then_finish_rows_here_and_r
             await store.write(batch)
         async with Store(tmp_path / f"{name}-restored.db") as other:
             await other.restore([0, 1], logs[name].read)
-    rows = all_rows(tmp_path / "new.db")
-    assert len(rows) == 5
-    assert rows == all_rows(tmp_path / "old.db")
-    assert rows == all_rows(tmp_path / "new-restored.db") == all_rows(tmp_path / "old-restored.db")
+    rows = {name: all_rows(tmp_path / f"{name}.db") for name in logs}
+    rows |= {f"{name}-restored": all_rows(tmp_path / f"{name}-restored.db") for name in logs}
+    assert len(rows["new"]) == 5
+    # The same columns everywhere but the last, ``logged``: how the changelog has them.
+    assert all([r[:-1] for r in these] == [r[:-1] for r in rows["new"]] for these in rows.values())
+    assert {name: {r[-1] for r in these} for name, these in rows.items()} == {
+        "old": {"a"},
+        "old-restored": {"a"},
+        "new": {"d"},
+        "new-restored": {"d"},
+    }
     assert sum(len(log) for log in logs["old"].partitions.values()) == 5
     # One record per partition, keyed by its first action's id.
     assert {p: [k for k, _ in log] for p, log in logs["new"].partitions.items()} == {
@@ -224,8 +231,9 @@ async def test_a_purge_tombstones_the_record_of_actions_finished_at_their_first_
     tmp_path: Path,
 ) -> None:
     """Once every row of a ``d`` record is purged, so is the record (a tombstone), in
-    the store that wrote it and in one that restored it; a store restoring after the
-    tombstone forgets the record too."""
+    the store that wrote it and in one that restored it; its rows leave no tombstones
+    of their own (they never had records of their own), unless a later change gave
+    them one. A store restoring after the tombstone forgets the record too."""
     changelog = FakeChangelog()
     async with Store(tmp_path / "a.db") as a:
         a.changelog = changelog
@@ -235,13 +243,14 @@ async def test_a_purge_tombstones_the_record_of_actions_finished_at_their_first_
             b.changelog = FakeChangelog()
             await b.restore([0], changelog.read)
             await b.purge_finished([0], before_ms=10)
-            assert b.changelog.partitions[0] == [
-                (b"a\x1fe1:rule:Hook", None),
-                (b"a\x1fe2:rule:Hook", None),
-                (b"d\x1fe1:rule:Hook", None),
-            ]
+            assert b.changelog.partitions[0] == [(b"d\x1fe1:rule:Hook", None)]
         await a.purge_finished([0], before_ms=8)  # e2 (finished at 8) not yet: nor its record
-        assert changelog.partitions[0][-1] == (b"a\x1fe1:rule:Hook", None)
+        assert len(changelog.partitions[0]) == 2  # the two d records, nothing since
+        # e2 made pending again (from the dead-letter topic), then failed again: a record
+        # of its own, so its purge leaves a tombstone too.
+        await a.write(WriteBatch(rearmed=[action(2)]))
+        await a.write(WriteBatch(finished=[("e2:rule:Hook", "failed", 9)]))
+        assert [k for k, _ in changelog.partitions[0][2:]] == [b"a\x1fe2:rule:Hook"] * 2
         await a.purge_finished([0], before_ms=10)
         assert changelog.partitions[0][-2:] == [
             (b"a\x1fe2:rule:Hook", None),
@@ -252,11 +261,31 @@ async def test_a_purge_tombstones_the_record_of_actions_finished_at_their_first_
         }
     assert all_rows(tmp_path / "a.db", "done_batches") == [("e3:rule:Hook", 0, 20)]
     async with Store(tmp_path / "c.db") as c:
+        c.changelog = FakeChangelog()
         await c.restore([0], changelog.read)
+        # A d record's tombstone does not say which rows it held: e1, read from the
+        # record before it, stays until this store's own purge takes it.
         assert await c.action_statuses(["e1:rule:Hook", "e2:rule:Hook", "e3:rule:Hook"]) == {
+            "e1:rule:Hook": "delivered",
+            "e3:rule:Hook": "delivered",
+        }
+        await c.purge_finished([0], before_ms=10)
+        assert await c.action_statuses(["e1:rule:Hook", "e3:rule:Hook"]) == {
             "e3:rule:Hook": "delivered"
         }
+        assert c.changelog.partitions == {}  # nothing left to tombstone
     assert all_rows(tmp_path / "c.db", "done_batches") == [("e3:rule:Hook", 0, 20)]
+
+
+async def test_a_store_file_from_before_the_logged_column_gets_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    async with Store(path) as store:
+        await store.write(WriteBatch(new_actions=[action(1)]))
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("ALTER TABLE actions DROP COLUMN logged")  # as files made before it
+    async with Store(path) as store:
+        await store.write(WriteBatch(done=[(action(2), "delivered", 5)]))
+    assert [(r[0], r[-1]) for r in all_rows(path)] == [("e1:rule:Hook", "a"), ("e2:rule:Hook", "d")]
 
 
 async def test_a_finished_first_write_of_a_known_action_keeps_the_rows_truth(
