@@ -195,6 +195,17 @@ class Burst(NamedTuple):
     cpu_figures: tuple[Figure, ...] = ()
 
 
+def median_pair(ratios: list[float], what: str, notes: list[str]) -> tuple[int, str]:
+    """The index of the pair with the median ratio, and the note that goes with it:
+    every pair's ratio (when there are several) and the notes of runs that fell short."""
+    index = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]
+    shown = [" ".join(n for n in notes if n)] if any(notes) else []
+    if len(ratios) > 1:
+        each = ", ".join(f"{r:.2f}" for r in ratios)
+        shown.insert(0, f"the median of {len(ratios)} {what}: {each}")
+    return index, "; ".join(shown)
+
+
 class Bench:
     def __init__(self, bootstrap: str, sizes: Sizes, workdir: Path, sink: Sink) -> None:
         self.bootstrap = bootstrap
@@ -344,10 +355,11 @@ class Bench:
             bare_rate, bare_cpu_us = await self.bare_client_run()
             runs.append((bare_rate, await self.instant_run(i, bare_cpu_us)))
         ratios = [run.rate / bare if bare else 0.0 for bare, run in runs]
-        bare_rate, run = runs[sorted(range(pairs), key=ratios.__getitem__)[pairs // 2]]
+        notes = [run.note for _, run in runs]
+        index, note = median_pair(ratios, "pairs (bare client, then processor)", notes)
+        bare_rate, run = runs[index]
         for figure in run.cpu_figures:
             self.add(figure)
-        notes = " ".join(r.note for _, r in runs if r.note)
         self.add(
             Figure(
                 "instant delivery throughput",
@@ -355,14 +367,8 @@ class Bench:
                 "deliveries/s",
                 bare_rate,  # the bare client measured just before this run
                 "ratio ≥ 0.8",
-                False if notes else ratio_at_least(run.rate, bare_rate, 0.8),
-                (
-                    f"the median of {pairs} pairs (bare client, then processor): "
-                    + ", ".join(f"{r:.2f}" for r in ratios)
-                    + (f"; {notes}" if notes else "")
-                    if pairs > 1
-                    else notes
-                ),
+                False if any(notes) else ratio_at_least(run.rate, bare_rate, 0.8),
+                note,
             )
         )
 
@@ -768,7 +774,9 @@ class Bench:
         # speed drifts within minutes, and one burst lasts a few seconds.
         runs = [(await self.burst_rate(1, i), await self.burst_rate(2, i)) for i in range(pairs)]
         ratios = [two.rate / one.rate if one.rate else 0.0 for one, two in runs]
-        one, two = runs[sorted(range(pairs), key=ratios.__getitem__)[pairs // 2]]
+        notes = [b.note for pair in runs for b in pair]
+        index, note = median_pair(ratios, "alternated pairs", notes)
+        one, two = runs[index]
         for figure in one.cpu_figures + two.cpu_figures:
             self.add(figure)
         self.add(Figure("burst delivery, 1 processor", one.rate, "deliveries/s", note=one.note))
@@ -780,21 +788,14 @@ class Bench:
             bound = (os.cpu_count() or 1) * 1e6 / two.machine_us / one.rate
             self.add(Figure("scale-out ratio's bound on this machine (all cores busy)", bound, "×"))
         ratio = two.rate / one.rate if one.rate else None
-        notes = " ".join(b.note for pair in runs for b in pair if b.note)
         self.add(
             Figure(
                 "scale-out ratio (2 processors / 1)",
                 ratio,
                 "×",
                 target="≥ 1.6",
-                passed=False if notes else at_least(ratio, 1.6),
-                note=(
-                    f"the median of {pairs} alternated pairs: "
-                    + ", ".join(f"{r:.2f}" for r in ratios)
-                    + (f"; {notes}" if notes else "")
-                    if pairs > 1
-                    else notes
-                ),
+                passed=False if any(notes) else at_least(ratio, 1.6),
+                note=note,
             )
         )
         shared = await self.burst_rate(2, 0, own_stores=False)
