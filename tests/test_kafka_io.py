@@ -1,13 +1,17 @@
 """KafkaIO.produce_all against a fake producer: unacknowledged records are sent again;
-the producer's partitioner; waiting for new topics to be seen in the metadata."""
+the producer's partitioner; waiting for new topics to be seen in the metadata; the
+records read, against a real broker."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.consumer import fetcher as _aiokafka_fetcher
 from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
@@ -15,7 +19,15 @@ from hypothesis import strategies as st
 
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import KafkaIOError, ProduceError
-from crmhooks.kafka_io import ALONE_BYTES, KafkaIO, keyed_partitioner, wait_visible
+from crmhooks.kafka_io import (
+    ALONE_BYTES,
+    KafkaIO,
+    _LeanPartitionRecords,
+    ensure_topics,
+    keyed_partitioner,
+    wait_visible,
+)
+from tests.support import bootstrap_servers
 
 
 class FakeBatch:
@@ -223,3 +235,93 @@ async def test_topics_never_seen_are_named_in_the_error() -> None:
     with pytest.raises(KafkaIOError, match=r"\['results'\] are not in the cluster's metadata"):
         await wait_visible(admin, ["events", "results"], tries=5, pause_s=0)
     assert len(admin.asked) == 5
+
+
+# --- records read: LeanRecords, equal to aiokafka's own ---------------------------
+
+_RECORD_FIELDS = (
+    "topic",
+    "partition",
+    "offset",
+    "timestamp",
+    "timestamp_type",
+    "key",
+    "value",
+    "checksum",
+    "serialized_key_size",
+    "serialized_value_size",
+    "headers",
+)
+
+
+async def _read_fields(topic: str, isolation_level: str) -> list[tuple[Any, ...]]:
+    """Every record of ``topic`` (one partition) as its type's name and ConsumerRecord
+    attributes, read a few records a fetch (bounded: 10 s at most)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(),
+        enable_auto_commit=False,
+        isolation_level=isolation_level,
+    )
+    await consumer.start()
+    rows: list[tuple[Any, ...]] = []
+    kinds: set[str] = set()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while await consumer.position(tp) < end:
+            assert asyncio.get_running_loop().time() < deadline, f"read {rows}"
+            for rec in (await consumer.getmany(tp, timeout_ms=200, max_records=3)).get(tp, []):
+                kinds.add(type(rec).__name__)
+                rows.append(tuple(getattr(rec, name) for name in _RECORD_FIELDS))
+    finally:
+        await consumer.stop()
+    assert len(kinds) == 1, kinds
+    name = kinds.pop()
+    return [(name, *row) for row in rows]
+
+
+async def test_records_are_read_as_lean_records_equal_to_aiokafkas_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With transactions committed and aborted (control batches, aborted batches
+    skipped), keys and values missing, headers: the same records, a few a fetch."""
+    topic = f"test-lean-{uuid.uuid4().hex[:10]}"
+    await ensure_topics(bootstrap_servers(), [topic], 1)
+    plain = AIOKafkaProducer(bootstrap_servers=bootstrap_servers())
+    txn = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(), transactional_id=topic)
+    await plain.start()
+    await txn.start()
+    try:
+        await plain.send_and_wait(topic, b"v1", key=b"k1", headers=[("h", b"x"), ("h2", b"")])
+        await plain.send_and_wait(topic, None, key=b"gone")  # a tombstone
+        async with txn.transaction():
+            for n in range(4):
+                await txn.send(topic, f"committed-{n}".encode(), key=b"t")
+        await txn.begin_transaction()
+        for n in range(3):
+            await txn.send(topic, f"aborted-{n}".encode())
+        await txn.abort_transaction()
+        await plain.send_and_wait(topic, b"no key")
+    finally:
+        await txn.stop()
+        await plain.stop()
+
+    for isolation in ("read_committed", "read_uncommitted"):
+        lean = await _read_fields(topic, isolation)
+        with monkeypatch.context() as patch:
+            patch.setattr(_aiokafka_fetcher, "PartitionRecords", _LeanPartitionRecords.__base__)
+            stock = await _read_fields(topic, isolation)
+        assert {row[0] for row in lean} == {"LeanRecord"}
+        assert {row[0] for row in stock} == {"ConsumerRecord"}
+        assert [row[1:] for row in lean] == [row[1:] for row in stock]
+        values = [row[7] for row in lean]
+        committed = [b"v1", None] + [f"committed-{n}".encode() for n in range(4)] + [b"no key"]
+        aborted = [f"aborted-{n}".encode() for n in range(3)]
+        if isolation == "read_committed":
+            assert values == committed
+        else:
+            assert values == committed[:6] + aborted + committed[6:]
+    assert lean[0][-1] == (("h", b"x"), ("h2", b""))

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.consumer import fetcher as _aiokafka_fetcher
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
@@ -29,8 +30,8 @@ PartitionsCallback = Callable[[set[int]], Awaitable[None]]
 
 
 class InRecord(Protocol):
-    """One record read from a topic: aiokafka's ConsumerRecord, used as it comes
-    (no copy per record on the hot path)."""
+    """One record read from a topic: a ``LeanRecord`` (below) or aiokafka's
+    ``ConsumerRecord``, used as it comes (no copy per record on the hot path)."""
 
     @property
     def partition(self) -> int: ...
@@ -42,6 +43,81 @@ class InRecord(Protocol):
     def value(self) -> bytes | None: ...
     @property
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+class LeanRecord:
+    """aiokafka's ``ConsumerRecord`` as a plain class with slots: the same attributes,
+    built in a third of the time (~0.25 µs less a record read, ~4 % of filtering)."""
+
+    __slots__ = (
+        "checksum",
+        "headers",
+        "key",
+        "offset",
+        "partition",
+        "serialized_key_size",
+        "serialized_value_size",
+        "timestamp",
+        "timestamp_type",
+        "topic",
+        "value",
+    )
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    checksum: int | None
+    serialized_key_size: int
+    serialized_value_size: int
+    headers: tuple[tuple[str, bytes], ...]
+
+    def __repr__(self) -> str:
+        return f"LeanRecord({self.topic!r}, {self.partition}, offset={self.offset})"
+
+
+_new_record = object.__new__
+
+
+class _LeanPartitionRecords(_aiokafka_fetcher.PartitionRecords):  # type: ignore[misc]
+    """aiokafka's records of one fetched partition, made ``LeanRecord``s.
+
+    Only how each record is built changes: aiokafka still walks the batches, checks
+    their CRCs, skips aborted transactions and control batches, and keeps the
+    position. ``ConsumerRecord`` is a dataclass whose ``__init__`` takes 11
+    arguments (~0.35 µs); here 11 slot stores. A consumer with deserializers gets
+    aiokafka's own records.
+    """
+
+    def __iter__(self) -> Any:
+        # aiokafka returns self, and its __next__ calls the generator: one Python
+        # frame a record less. Never iterated once exhausted (aiokafka drops it then).
+        return self._records_iterator
+
+    def _consumer_record(self, tp: TopicPartition, record: Any) -> Any:
+        if self._key_deserializer or self._value_deserializer:
+            return super()._consumer_record(tp, record)
+        built = _new_record(LeanRecord)
+        built.topic = tp.topic
+        built.partition = tp.partition
+        built.offset = record.offset
+        built.timestamp = record.timestamp
+        built.timestamp_type = record.timestamp_type
+        key = built.key = record.key
+        value = built.value = record.value
+        built.checksum = record.checksum
+        built.serialized_key_size = -1 if key is None else len(key)
+        built.serialized_value_size = -1 if value is None else len(value)
+        built.headers = tuple(record.headers)
+        return built
+
+
+# Every consumer of this process reads LeanRecords: aiokafka's fetcher builds its
+# PartitionRecords by this module-level name (aiokafka 0.11-0.14 at least; a test
+# checks that the records read are LeanRecords, and equal to aiokafka's own).
+_aiokafka_fetcher.PartitionRecords = _LeanPartitionRecords
 
 
 async def ensure_topics(
