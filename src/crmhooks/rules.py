@@ -618,7 +618,11 @@ class RuleIndex:
         record = event.record
         for field, table in plan.by_field:
             value = record.get(field)
-            if type(value) is list:
+            if type(value) is str:  # most are: as_text inlined
+                found = table.get(value.casefold())
+                if found is not None and _any_matches(found, event):
+                    return True
+            elif type(value) is list:
                 for element in value:
                     found = table.get(as_text(element).casefold())
                     if found is not None and _any_matches(found, event):
@@ -627,7 +631,7 @@ class RuleIndex:
                 found = table.get(as_text(value).casefold())
                 if found is not None and _any_matches(found, event):
                     return True
-        return _any_matches(plan.rest, event)
+        return bool(plan.rest) and _any_matches(plan.rest, event)
 
     def candidates(self, org_id: str, module: str) -> Sequence[Rule]:
         """The rules of that organisation (and org-less ones) for that module, in config order."""
