@@ -448,25 +448,30 @@ class Processor:
 
     async def _process_batch(self, records: Sequence[InRecord]) -> None:
         now_ms = self.clock.now_ms()
-        cfg = self.config
         out: list[Produced] = []
         todo: list[tuple[InRecord, RecordEvent, str]] = []
         next_offsets: dict[int, int] = {}
+        # Looked up once a batch: the loop below runs for every event read.
+        owned = self._owned
+        max_bytes = self.config.kafka.max_event_bytes
+        canonical = self.catalog.canonical
+        needs_planning = self.index.needs_planning
         for rec in records:
-            if rec.partition not in self._owned:
+            partition = rec.partition
+            if partition not in owned:
                 continue  # revoked since the fetch: the new owner reads it again
-            next_offsets[rec.partition] = rec.offset + 1
+            next_offsets[partition] = rec.offset + 1
             try:
-                event = decode_event(rec.value, cfg.kafka.max_event_bytes)
+                event = decode_event(rec.value, max_bytes)
             except InvalidEvent as exc:
                 out.append(self._poison(rec, exc, now_ms))
                 continue
-            module = self.catalog.canonical(event.module)
+            module = canonical(event.module)
             if module is None or event.module in UNSUPPORTED_MODULES:
                 continue  # Calls, Notes and modules no rule can name: consumed, ignored
             # Rules with scheduled actions or repeat="once" keep per-record state that a
             # non-matching event may change; instant-only rules can skip the store.
-            if self.index.needs_planning(event, module):
+            if needs_planning(event, module):
                 todo.append((rec, event, module))
         self.stats["events"] += len(records)
         batch = WriteBatch()
