@@ -494,7 +494,8 @@ class Bench:
         note = "" if done >= n else f"{done} of {n} committed"
         if sent:
             note += f" {sent} requests sent?!"
-        say(f"  run {run}: {rate:,.0f} events/s")
+        cpu_us = f", {figures[0].value:.2f} µs of CPU an event" if figures else ""
+        say(f"  run {run}: {rate:,.0f} events/s{cpu_us}")
         return Burst(rate, note.strip(), None, tuple(figures))
 
     # -- 4. latency --------------------------------------------------------------------
