@@ -134,7 +134,7 @@ FULL = Sizes(
 QUICK = Sizes(
     instant=5_000,
     instant_pairs=1,
-    filtering=20_000,
+    filtering=100_000,
     filter_pairs=1,
     rules=1000,
     latency_s=5.0,
@@ -489,6 +489,8 @@ class Bench:
         )
         sent = (await self.sink.stats())[0]
         note = "" if done >= n else f"{done} of {n} committed"
+        if done >= n and not rate:
+            note = "all committed by the first poll: too few events to time"
         if sent:
             note += f" {sent} requests sent?!"
         cpu_us = f", {figures[0].value:.2f} µs of CPU an event" if figures else ""
