@@ -22,6 +22,7 @@ from crmhooks.errors import KafkaIOError, ProduceError
 from crmhooks.kafka_io import (
     ALONE_BYTES,
     KafkaIO,
+    _lean_records_fit,
     _LeanPartitionRecords,
     ensure_topics,
     keyed_partitioner,
@@ -254,13 +255,14 @@ _RECORD_FIELDS = (
 )
 
 
-async def _read_fields(topic: str, isolation_level: str) -> list[tuple[Any, ...]]:
+async def _read_fields(topic: str, isolation_level: str, **options: Any) -> list[tuple[Any, ...]]:
     """Every record of ``topic`` (one partition) as its type's name and ConsumerRecord
     attributes, read a few records a fetch (bounded: 10 s at most)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers(),
         enable_auto_commit=False,
         isolation_level=isolation_level,
+        **options,
     )
     await consumer.start()
     rows: list[tuple[Any, ...]] = []
@@ -325,3 +327,24 @@ async def test_records_are_read_as_lean_records_equal_to_aiokafkas_own(
         else:
             assert values == committed[:6] + aborted + committed[6:]
     assert lean[0][-1] == (("h", b"x"), ("h2", b""))
+    # A consumer with a deserializer gets aiokafka's own records, deserialized.
+    upper = await _read_fields(topic, "read_committed", value_deserializer=_upper)
+    assert {row[0] for row in upper} == {"ConsumerRecord"}
+    assert [row[7] for row in upper][:3] == [b"V1", None, b"COMMITTED-0"]
+
+
+def _upper(value: bytes | None) -> bytes | None:
+    return None if value is None else value.upper()
+
+
+def test_lean_records_are_installed_only_over_the_internals_they_rely_on() -> None:
+    stock = _LeanPartitionRecords.__base__
+    assert _lean_records_fit(stock)
+    assert _aiokafka_fetcher.PartitionRecords is _LeanPartitionRecords
+
+    class Renamed(stock):  # type: ignore[misc,valid-type]
+        def _consumer_record(self, tp: Any, record: Any, extra: Any = None) -> Any:
+            return None
+
+    assert not _lean_records_fit(Renamed)
+    assert not _lean_records_fit(type("Bare", (), {}))

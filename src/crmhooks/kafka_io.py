@@ -1,13 +1,15 @@
 """Kafka at the edge: topics, the group consumer with manual commits, and the producer.
 
 aiokafka exceptions are translated to ``KafkaIOError``/``ProduceError`` here and
-nowhere else.
+nowhere else. Records read are ``LeanRecord``s (importing this module installs them
+in aiokafka's fetcher).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -114,10 +116,25 @@ class _LeanPartitionRecords(_aiokafka_fetcher.PartitionRecords):  # type: ignore
         return built
 
 
+def _lean_records_fit(stock: type) -> bool:
+    """Whether aiokafka's ``PartitionRecords`` has the internals the subclass relies on
+    (as in aiokafka 0.11-0.14): its ``__init__`` sets the generator and deserializer
+    attributes, and ``_consumer_record`` takes (tp, record)."""
+    init = getattr(getattr(stock, "__init__", None), "__code__", None)
+    consumer_record = getattr(stock, "_consumer_record", None)
+    return (
+        init is not None
+        and {"_records_iterator", "_key_deserializer", "_value_deserializer"} <= set(init.co_names)
+        and callable(consumer_record)
+        and list(inspect.signature(consumer_record).parameters) == ["self", "tp", "record"]
+    )
+
+
 # Every consumer of this process reads LeanRecords: aiokafka's fetcher builds its
-# PartitionRecords by this module-level name (aiokafka 0.11-0.14 at least; a test
-# checks that the records read are LeanRecords, and equal to aiokafka's own).
-_aiokafka_fetcher.PartitionRecords = _LeanPartitionRecords
+# PartitionRecords by this module-level name. Another aiokafka keeps its own records
+# (a test checks that the records read are LeanRecords, and equal to aiokafka's own).
+if _lean_records_fit(_aiokafka_fetcher.PartitionRecords):
+    _aiokafka_fetcher.PartitionRecords = _LeanPartitionRecords
 
 
 async def ensure_topics(
