@@ -245,11 +245,12 @@ class Bench:
         scenario's measured window. CPU counts stay comparable when the shared
         machine's speed moves; the share tells whether the processor was busy."""
         cpu_s, wall_s = cpu.usage(start_ms, end_ms)
-        if not cpu_s or not count:
+        per = cpu.cpu_per(start_ms, end_ms, count)
+        if not cpu_s or per is None:
             return []
         share = 100.0 * cpu_s / wall_s
         return [
-            Figure(f"processor's CPU per {what}", cpu_s * 1e6 / count, "µs", ceiling_us),
+            Figure(f"processor's CPU per {what}", per, "µs", ceiling_us),
             Figure(f"processor's CPU use ({scenario})", share, "% of a core"),
         ]
 
@@ -770,27 +771,30 @@ class Bench:
             cores = os.cpu_count() or 1
             busy = 100.0 * cpu_s / wall_s / cores
             figures.append(Figure(f"machine's CPU use, all {cores} cores ({what})", busy, "%"))
+
         # Where the machine's CPU went, per delivery: the processors' own (more with two
         # than with one would mean each works less efficiently), the sink's, the
         # bench's (its polling), and the rest (mostly the broker): the ratio's bound
         # on this machine.
-        procs_cpu_s = sum(sampler.usage(first_ms, last_ms)[0] for sampler in each)
-        sink_cpu_s = sink_cpu.usage(first_ms, last_ms)[0]
-        bench_cpu_s = bench_cpu.usage(first_ms, last_ms)[0]
-        if procs_cpu_s and got:
-            for part, part_s in (
-                ("processors'", procs_cpu_s),
-                ("sink's", sink_cpu_s),
-                ("bench's", bench_cpu_s),
-                ("broker's and the rest's", cpu_s - procs_cpu_s - sink_cpu_s - bench_cpu_s),
+        def per_delivery(sampler: CpuSampler) -> float:
+            return sampler.cpu_per(first_ms, last_ms, got) or 0.0
+
+        machine_us = per_delivery(machine)
+        procs_us = sum(per_delivery(sampler) for sampler in each)
+        sink_us = per_delivery(sink_cpu)
+        bench_us = per_delivery(bench_cpu)
+        if procs_us and machine_us:
+            for part, part_us in (
+                ("processors'", procs_us),
+                ("sink's", sink_us),
+                ("bench's", bench_us),
+                ("broker's and the rest's", machine_us - procs_us - sink_us - bench_us),
             ):
-                figures.append(
-                    Figure(f"{part} CPU per delivery ({what})", part_s * 1e6 / got, "µs")
-                )
+                figures.append(Figure(f"{part} CPU per delivery ({what})", part_us, "µs"))
         return Burst(
             rate,
             "" if got >= n else f"{got} of {n} delivered",
-            cpu_s * 1e6 / got if procs_cpu_s and got else None,
+            machine_us if procs_us and machine_us else None,
             tuple(figures),
         )
 
