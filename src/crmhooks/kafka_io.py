@@ -93,14 +93,17 @@ class _LeanPartitionRecords(_aiokafka_fetcher.PartitionRecords):  # type: ignore
     aiokafka's own records.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._key_deserializer or self._value_deserializer:  # decided once a fetch
+            self._consumer_record = super()._consumer_record  # type: ignore[method-assign]
+
     def __iter__(self) -> Any:
         # aiokafka returns self, and its __next__ calls the generator: one Python
         # frame a record less. Never iterated once exhausted (aiokafka drops it then).
         return self._records_iterator
 
     def _consumer_record(self, tp: TopicPartition, record: Any) -> Any:
-        if self._key_deserializer or self._value_deserializer:
-            return super()._consumer_record(tp, record)
         built = _new_record(LeanRecord)
         built.topic = tp.topic
         built.partition = tp.partition
