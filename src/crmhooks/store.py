@@ -156,6 +156,12 @@ def _done_batches(rows: list[tuple[Any, ...]]) -> list[tuple[int, str, list[tupl
     return [(p, part[0][0], part) for p, part in by_partition.items()]
 
 
+# A d record's entry: its id, partition, and the latest finished_ms of its rows.
+_INSERT_DONE_BATCH = (
+    "INSERT OR REPLACE INTO done_batches (batch_id, partition, finished_ms) VALUES (?,?,?)"
+)
+
+
 def _action_change(row: Sequence[Any]) -> ChangelogRecord:
     value = _row_dict(row)
     return (int(value["partition"]), f"a{SEP}{value['action_id']}".encode(), orjson.dumps(value))
@@ -647,7 +653,7 @@ class Store:
             return None
         batches = _done_batches(rows)
         conn.executemany(
-            "INSERT OR REPLACE INTO done_batches (batch_id, partition, finished_ms) VALUES (?,?,?)",
+            _INSERT_DONE_BATCH,
             [(batch_id, p, max(r[-1] for r in part)) for p, batch_id, part in batches],
         )
         return [
@@ -772,9 +778,7 @@ class Store:
                         rows,
                     )
                     conn.execute(
-                        "INSERT OR REPLACE INTO done_batches (batch_id, partition, finished_ms) "
-                        "VALUES (?,?,?)",
-                        (rest, partition, max(row[-1] for row in rows)),
+                        _INSERT_DONE_BATCH, (rest, partition, max(row[-1] for row in rows))
                     )
             elif table == "r" and value is not None:
                 conn.execute(
