@@ -140,7 +140,7 @@ def median_us(calls: list[Callable[[], object]], number: int, repeat: int) -> li
 
 
 def _fields(event: object) -> tuple[object, ...]:
-    return tuple(getattr(event, name) for name in events.RecordEvent.__slots__)
+    return tuple(getattr(event, name) for name in events.RecordEvent.__struct_fields__)
 
 
 def main(argv: list[str] | None = None) -> None:

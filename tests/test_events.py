@@ -6,7 +6,6 @@ import json
 import operator
 import re
 from collections.abc import Callable
-from dataclasses import FrozenInstanceError, fields, replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
@@ -14,6 +13,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import fields, replace
 
 from crmhooks import events
 from crmhooks.errors import InvalidEvent
@@ -518,7 +518,7 @@ def test_a_decoded_event_has_every_field_and_is_frozen() -> None:
     values = {field.name: getattr(event, field.name) for field in fields(RecordEvent)}
     assert RecordEvent(**values) == event
     assert replace(event, module="Deals") == RecordEvent(**values | {"module": "Deals"})
-    with pytest.raises(FrozenInstanceError):
+    with pytest.raises(AttributeError):
         event.module = "Deals"  # type: ignore[misc]
 
 
@@ -1025,7 +1025,7 @@ def outcome(decode: Callable[[dict[str, Any]], RecordEvent], event: dict[str, An
             assert getattr(decoded, name) is event.get(name)
         if event.get("related") is not None:
             assert decoded.related is event["related"]
-        return [(name, getattr(decoded, name)) for name in RecordEvent.__slots__]
+        return [(name, getattr(decoded, name)) for name in RecordEvent.__struct_fields__]
     assert error.parsed is event
     return error.message
 
@@ -1035,7 +1035,7 @@ def bytes_outcome(decode: Callable[[bytes], RecordEvent], data: bytes) -> Any:
         decoded = decode(data)
     except InvalidEvent as exc:
         return exc.message, exc.parsed
-    return [(name, getattr(decoded, name)) for name in RecordEvent.__slots__]
+    return [(name, getattr(decoded, name)) for name in RecordEvent.__struct_fields__]
 
 
 def decode_checked(data: bytes) -> RecordEvent:

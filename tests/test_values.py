@@ -1,94 +1,18 @@
-"""values.builder: the same frozen instances as the classes' own __init__, faster;
-values.keyed: the same dicts as a strict zip, faster."""
+"""values.keyed: the same dicts as a strict zip, faster."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crmhooks import delivery, events, http1, templates
 from crmhooks.actions import Action
-from crmhooks.delivery import Outcome
-from crmhooks.events import RecordEvent
-from crmhooks.http1 import Response
-from crmhooks.templates import RenderContext, RenderedRequest
-from crmhooks.values import builder, keyed
+from crmhooks.values import keyed
 
 ANY = st.none() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5) | st.booleans()
-
-# Each builder in use, and its class.
-IN_USE: list[tuple[Any, type[Any]]] = [
-    (templates.new_render_context, RenderContext),
-    (templates._new_rendered_request, RenderedRequest),
-    (delivery._new_outcome, Outcome),
-    (http1._new_response, Response),
-    (events._new_record_event, RecordEvent),
-]
-
-
-@pytest.mark.parametrize(("build", "cls"), IN_USE, ids=lambda x: getattr(x, "__name__", ""))
-@given(data=st.data())
-def test_a_builder_makes_what_the_class_makes(build: Any, cls: type[Any], data: Any) -> None:
-    kwargs = {f.name: data.draw(ANY, label=f.name) for f in dataclasses.fields(cls)}
-    built = build(**kwargs)
-    assert type(built) is cls
-    assert built == cls(**kwargs)
-    assert [getattr(built, name) for name in kwargs] == list(kwargs.values())
-    assert build(*kwargs.values()) == built  # the fields in their order
-    name = next(iter(kwargs))
-    with pytest.raises(FrozenInstanceError):
-        setattr(built, name, 1)
-
-
-def test_a_builder_takes_every_field() -> None:
-    with pytest.raises(TypeError):
-        templates.new_render_context("Potentials")  # fields missing
-    with pytest.raises(TypeError):
-        templates.new_render_context(module="Potentials")
-    with pytest.raises(TypeError):
-        templates.new_render_context(modul="Potentials")  # not a field
-    ctx = templates.new_render_context(
-        module="Potentials",
-        record={},
-        related={},
-        user=None,
-        organization=None,
-        time_zone=ZoneInfo("UTC"),
-    )
-    assert ctx.module == "Potentials"
-
-
-@dataclass(frozen=True)
-class NoSlots:
-    a: int
-
-
-@dataclass(frozen=True, slots=True)
-class Derived:
-    a: int
-    b: int = field(init=False, default=0)
-
-
-@dataclass(frozen=True, slots=True)
-class Checked:
-    a: int
-
-    def __post_init__(self) -> None:
-        if self.a < 0:
-            raise ValueError("negative")
-
-
-@pytest.mark.parametrize("cls", [NoSlots, Derived, Checked, int])
-def test_classes_a_builder_would_get_wrong_are_refused(cls: type[Any]) -> None:
-    with pytest.raises(TypeError):
-        builder(cls)
 
 
 KEYED_NAMES = ("action_id", "partition", "status", "finished_ms")

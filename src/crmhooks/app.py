@@ -44,13 +44,14 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import orjson
+from msgspec.structs import replace
 
 from crmhooks.actions import Action
 from crmhooks.clock import Clock
@@ -63,7 +64,7 @@ from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.rules import RuleIndex
 from crmhooks.store import Store, WriteBatch
-from crmhooks.templates import CompiledWebhook, RenderedRequest, new_render_context
+from crmhooks.templates import CompiledWebhook, RenderContext, RenderedRequest
 from crmhooks.timers import DelayHeap
 from crmhooks.workflow import EventPlan, RecordState, once_key, plan_event
 
@@ -1092,7 +1093,7 @@ class Processor:
 
     def _render(self, action: Action, event: RecordEvent) -> RenderedRequest:
         tz = ZoneInfo(self.config.org(action.org_id).time_zone)
-        ctx = new_render_context(
+        ctx = RenderContext(
             module=action.module,
             record=event.record,
             related=event.related,

@@ -23,6 +23,8 @@ from types import TracebackType
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+import msgspec
+
 from crmhooks import __version__
 from crmhooks.aio import Slots
 from crmhooks.clock import Clock
@@ -40,7 +42,6 @@ from crmhooks.http1 import (
 from crmhooks.netguard import Resolver, SystemResolver, check_url
 from crmhooks.signing import sign
 from crmhooks.templates import RenderedRequest
-from crmhooks.values import builder
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ STATUS_CLASSES: Mapping[int, str] = {
 FORBIDDEN_HEADER_CHARS = frozenset("\r\n\0")
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+# A msgspec.Struct, as every value made once an attempt or more: built in C (see
+# events.RecordEvent). gc=False: it holds scalars only.
+class Outcome(msgspec.Struct, frozen=True, gc=False):
     """What one attempt of one action came to."""
 
     error_class: str | None  # None: delivered (2xx)
@@ -98,9 +100,6 @@ class Outcome:
     @property
     def delivered(self) -> bool:
         return self.error_class is None
-
-
-_new_outcome = builder(Outcome)  # one per attempt
 
 
 class Transport(Protocol):
@@ -400,7 +399,7 @@ class HttpTransport:
             if status in RETRY_AFTER_STATUSES and retry_after is not None:
                 retry_after_s = parse_retry_after(retry_after, self._clock.now_ms())
         body = response.body
-        return _new_outcome(
+        return Outcome(
             error_class=error_class,
             http_status=status,
             error=error,

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import httptools
-
-from crmhooks.values import builder
+import msgspec
 
 # How long an idle connection is kept for the next request to its origin (as
 # aiohttp's default keepalive_timeout). A receiver that closes sooner just makes
@@ -75,8 +74,7 @@ class Origin:
         return f"{self.scheme}://{self.host_header}"
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(msgspec.Struct, frozen=True, gc=False):
     """A response head and the first ``cap`` bytes of its body.
 
     ``complete`` is False when the body was cut short: at the cap, by the
@@ -88,9 +86,6 @@ class Response:
     headers: dict[str, str]  # lower-case name → first value
     body: bytes
     complete: bool
-
-
-_new_response = builder(Response)  # one per request
 
 
 class _Connection(asyncio.Protocol):
@@ -299,7 +294,7 @@ class _Connection(asyncio.Protocol):
             await waiter
         finally:
             self._waiter = None
-        return _new_response(
+        return Response(
             status=self._status,
             reason=self._reason.decode("latin-1"),
             headers=self._headers,

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import aiosqlite
 import orjson
 
-from crmhooks.actions import Action, new_action
+from crmhooks.actions import Action
 from crmhooks.errors import StoreError
 from crmhooks.values import keyed
 
@@ -197,7 +197,7 @@ def _final_row(a: Action, status: str, finished_ms: int) -> tuple[Any, ...]:
 
 def _action_from_row(row: Sequence[Any]) -> Action:
     """An action from its ``_ACTION_COLUMNS`` (``_action_row`` order)."""
-    return new_action(
+    return Action(
         action_id=row[0],
         partition=row[1],
         org_id=row[2],

@@ -8,10 +8,12 @@ actions, the ``repeat = "once"`` flags, suspensions) before, and stores the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
-from crmhooks.actions import Action, action_ids, first_action_id, new_action
+from msgspec.structs import replace
+
+from crmhooks.actions import Action, action_ids, first_action_id
 from crmhooks.config import Config, Rule
 from crmhooks.events import RecordEvent
 from crmhooks.rules import evaluate, trigger_fires
@@ -181,7 +183,7 @@ def _create(
         if spec is not None:
             assert tz is not None  # looked up by plan_event for rules with scheduled actions
             due = compute_due_ms(spec, dict(event.record), event.occurred_at_ms, tz)
-        action = new_action(
+        action = Action(
             action_id=action_id,
             event_id=event.event_id,
             org_id=event.org_id,
