@@ -23,6 +23,7 @@ from crmhooks.clock import FakeClock
 from crmhooks.config import Config, config_from_mapping
 from crmhooks.delivery import Outcome
 from crmhooks.errors import ProduceError
+from crmhooks.kafka_io import BatchRecord, Fetched
 from crmhooks.store import Store
 from crmhooks.templates import RenderedRequest
 from tests.support import event
@@ -70,6 +71,14 @@ def rec(n: int, offset: int, partition: int = 0) -> Rec:
     return Rec(partition, offset, orjson.dumps(event(n)))
 
 
+def fetched(records: list[Rec]) -> Fetched:
+    """As ``KafkaIO.fetch`` returns ``records``: each partition with its records."""
+    by_partition: dict[int, list[BatchRecord]] = {}
+    for r in records:
+        by_partition.setdefault(r.partition, []).append(r)
+    return list(by_partition.items())
+
+
 @dataclass
 class FakeKafka:
     committed: dict[int, int] = field(default_factory=dict)
@@ -100,7 +109,7 @@ class FakeKafka:
 
         return acked()
 
-    async def fetch(self, timeout_ms: int, max_records: int) -> list[Rec]:
+    async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
         self.fetches += 1
         await asyncio.sleep(0.001)  # nothing more to read
         return []
@@ -165,7 +174,7 @@ async def until(check: Any, what: str) -> None:
 
 async def send_two(p: Processor, transport: GatedTransport) -> None:
     """Events 1 and 2 (offsets 10, 11) read; their requests sent, not yet answered."""
-    await p._process_batch([rec(1, 10), rec(2, 11)])
+    await p._process_batch(fetched([rec(1, 10), rec(2, 11)]))
     await until(lambda: len(transport.sent) == 2, "both requests are sent")
 
 
@@ -178,7 +187,7 @@ async def rows(store: Store, table: str) -> list[tuple[Any, ...]]:
 async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
-        await p._process_batch([rec(1, 10)])
+        await p._process_batch(fetched([rec(1, 10)]))
         await until(lambda: transport.sent, "the request is sent")
         # Sent, not stored, not committed: a crash now reads the event again.
         assert await rows(p.store, "actions") == []
@@ -196,7 +205,7 @@ async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path
         assert p.stats["results"] == 1  # counted where instant results are produced
         assert p._unstored == {}
         # Read again (a crash after the commit was lost): finished, never sent again.
-        await p._process_batch([rec(1, 10)])
+        await p._process_batch(fetched([rec(1, 10)]))
         await asyncio.sleep(0.02)
         assert transport.sent == ["evt-1:won:Hook"]
 
@@ -204,9 +213,9 @@ async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path
 async def test_commits_stay_in_order_behind_an_unfinished_action(tmp_path: Path) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
-        await p._process_batch([rec(1, 10, partition=0)])
+        await p._process_batch(fetched([rec(1, 10, partition=0)]))
         await until(lambda: transport.sent, "the first request is sent")
-        await p._process_batch([Rec(1, 7, b'{"not": "an event"}')])  # nothing to send
+        await p._process_batch(fetched([Rec(1, 7, b'{"not": "an event"}')]))  # nothing to send
         await asyncio.sleep(0.02)
         assert kafka.committed == {}  # partition 1 waits behind partition 0's earlier batch
         transport.gate.set()
@@ -250,7 +259,7 @@ async def test_attempts_answered_together_are_reported_and_stored_together(
 ) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
-        await p._process_batch([rec(n, 10 + n) for n in range(1, 13)])
+        await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 13)]))
         await until(lambda: len(transport.sent) == 12, "every request is sent")
         calls_before = kafka.produce_calls
         commits_before = p.store.commits
@@ -278,7 +287,7 @@ async def test_a_busy_host_is_served_by_as_many_tasks_as_it_has_slots(
             start_fire(host, action)
 
         monkeypatch.setattr(p, "_start_fire", counted)
-        await p._process_batch([rec(n, 10 + n) for n in range(1, 7)])
+        await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 7)]))
         await until(lambda: len(transport.sent) == 2, "two requests out: the host's limit")
         await asyncio.sleep(0.02)
         assert len(transport.sent) == 2
@@ -301,7 +310,7 @@ async def test_the_next_request_of_a_host_does_not_wait_for_a_report(tmp_path: P
 
         kafka.produce_all = held_produce_all  # type: ignore[method-assign]
         try:
-            await p._process_batch([rec(n, 10 + n) for n in range(1, 4)])
+            await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 4)]))
             await until(lambda: len(transport.sent) == 3, "each sent after the one before")
             assert kafka.results == []  # while no report was written
         finally:
@@ -313,7 +322,7 @@ async def test_the_next_request_of_a_host_does_not_wait_for_a_report(tmp_path: P
 async def test_stopping_finishes_what_is_in_flight_and_sends_no_more(tmp_path: Path) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport, per_host=1) as (p, kafka, _):
-        await p._process_batch([rec(n, 10 + n) for n in range(1, 4)])
+        await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 4)]))
         await until(lambda: len(transport.sent) == 1, "the first request is out")
         p._stopping = True
         transport.gate.set()
@@ -341,7 +350,7 @@ async def test_events_of_instant_rules_only_read_no_pending_actions(
             return await pending_for_records(keys)
 
         monkeypatch.setattr(p.store, "pending_for_records", counted)
-        await p._process_batch([rec(n, 10 + n) for n in range(1, 4)])
+        await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 4)]))
         await until(lambda: kafka.committed == {0: 14}, "delivered and committed")
         assert read == []
 
@@ -370,9 +379,9 @@ async def test_reading_pauses_over_the_budget_and_resumes_below_half(
     monkeypatch.setattr(app_module, "UNSTORED_BUDGET", 4)
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
-        await p._process_batch([rec(n, n) for n in range(3)])
+        await p._process_batch(fetched([rec(n, n) for n in range(3)]))
         assert p._reading.is_set()
-        await p._process_batch([rec(n, n) for n in range(3, 5)])
+        await p._process_batch(fetched([rec(n, n) for n in range(3, 5)]))
         assert not p._reading.is_set()  # 5 read and unsettled: over 4
         stop = asyncio.Event()
         consume = asyncio.create_task(p._consume_loop(stop))
@@ -389,7 +398,7 @@ async def test_reading_pauses_over_the_budget_and_resumes_below_half(
 async def test_revoking_stores_what_is_unfinished_and_commits(tmp_path: Path) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
-        await p._process_batch([rec(1, 10)])
+        await p._process_batch(fetched([rec(1, 10)]))
         await until(lambda: transport.sent, "the request is sent")
         await p.on_revoked({0})
         assert kafka.committed == {0: 11}  # the next owner starts after the event
@@ -430,7 +439,7 @@ async def test_past_the_deadline_an_action_being_finished_is_waited_for_not_spun
 
         p._store_unstored = counted  # type: ignore[method-assign]
         try:
-            await p._process_batch([rec(1, 10)])
+            await p._process_batch(fetched([rec(1, 10)]))
             await until(lambda: "evt-1:won:Hook" not in p._unstored, "the result is being produced")
             clock.advance(INSTANT_COMMIT_WAIT_MS)
             for _ in range(20):
@@ -457,7 +466,7 @@ async def test_quota_is_counted_a_hundredth_of_the_daily_limit_at_a_time(
     tmp_path: Path, quota: dict[str, int], block: int
 ) -> None:
     async with processor(tmp_path, GatedTransport(), quota) as (p, kafka, _):
-        await p._process_batch([rec(1, 10)])
+        await p._process_batch(fetched([rec(1, 10)]))
         await until(lambda: kafka.committed == {0: 11}, "delivered and committed")
         assert [r["status"] for r in kafka.results] == ["delivered"]
         assert await p.store.quota_used("org-acme", "2025-11-28") == block

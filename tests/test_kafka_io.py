@@ -24,6 +24,7 @@ from crmhooks.kafka_io import (
     KafkaIO,
     _lean_records_fit,
     _LeanPartitionRecords,
+    as_read,
     ensure_topics,
     keyed_partitioner,
     wait_visible,
@@ -255,9 +256,15 @@ _RECORD_FIELDS = (
 )
 
 
-async def _read_fields(topic: str, isolation_level: str, **options: Any) -> list[tuple[Any, ...]]:
-    """Every record of ``topic`` (one partition) as its type's name and ConsumerRecord
-    attributes, read a few records a fetch (bounded: 10 s at most)."""
+# What a BatchRecord has: aiokafka's batch records, as the group consumer reads them.
+_BATCH_FIELDS = ("offset", "timestamp", "timestamp_type", "key", "value", "headers")
+
+
+async def _read_fields(
+    topic: str, isolation_level: str, fields: tuple[str, ...] = _RECORD_FIELDS, **options: Any
+) -> list[tuple[Any, ...]]:
+    """Every record of ``topic`` (one partition) as its type's name and ``fields``
+    (ConsumerRecord's attributes), read a few records a fetch (bounded: 10 s at most)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers(),
         enable_auto_commit=False,
@@ -277,7 +284,7 @@ async def _read_fields(topic: str, isolation_level: str, **options: Any) -> list
             assert asyncio.get_running_loop().time() < deadline, f"read {rows}"
             for rec in (await consumer.getmany(tp, timeout_ms=200, max_records=3)).get(tp, []):
                 kinds.add(type(rec).__name__)
-                rows.append(tuple(getattr(rec, name) for name in _RECORD_FIELDS))
+                rows.append(tuple(_plain(getattr(rec, name)) for name in fields))
     finally:
         await consumer.stop()
     assert len(kinds) == 1, kinds
@@ -327,10 +334,25 @@ async def test_records_are_read_as_lean_records_equal_to_aiokafkas_own(
         else:
             assert values == committed[:6] + aborted + committed[6:]
     assert lean[0][-1] == (("h", b"x"), ("h2", b""))
+    # The group consumer's value deserializer: the records as the batch yields them.
+    for isolation in ("read_committed", "read_uncommitted"):
+        as_batch = await _read_fields(topic, isolation, _BATCH_FIELDS, value_deserializer=as_read)
+        with monkeypatch.context() as patch:
+            patch.setattr(_aiokafka_fetcher, "PartitionRecords", _LeanPartitionRecords.__base__)
+            stock = await _read_fields(topic, isolation, _BATCH_FIELDS, value_deserializer=as_read)
+        assert {row[0] for row in as_batch} == {"DefaultRecord"}  # aiokafka's, no copy
+        assert {row[0] for row in stock} == {"ConsumerRecord"}  # where not installed
+        assert [row[1:] for row in as_batch] == [row[1:] for row in stock]
+        assert len(as_batch) == (7 if isolation == "read_committed" else 10)
     # A consumer with a deserializer gets aiokafka's own records, deserialized.
     upper = await _read_fields(topic, "read_committed", value_deserializer=_upper)
     assert {row[0] for row in upper} == {"ConsumerRecord"}
     assert [row[7] for row in upper][:3] == [b"V1", None, b"COMMITTED-0"]
+
+
+def _plain(value: Any) -> Any:
+    """Headers as a tuple: a list in aiokafka's batch records, a tuple in its own."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _upper(value: bytes | None) -> bytes | None:

@@ -59,7 +59,7 @@ from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
 from crmhooks.errors import InvalidEvent, KafkaIOError, TemplateError
 from crmhooks.events import RecordEvent, decode_event, event_from_json
-from crmhooks.kafka_io import InRecord, KafkaIO
+from crmhooks.kafka_io import BatchRecord, Fetched, KafkaIO
 from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.rules import RuleIndex
@@ -112,6 +112,8 @@ PURGE_EVERY_MS = 3_600_000
 RESUME_POLL_S = 1.0
 
 Produced = tuple[str, bytes | None, bytes]
+# An event some rule must plan for: its partition, record, event and canonical module.
+ToPlan = tuple[int, BatchRecord, RecordEvent, str]
 
 # Kafka header `crmhooks replay-dlq` puts on the events it re-publishes: their
 # actions that ended without being delivered (quota, template error) may run again.
@@ -447,34 +449,36 @@ class Processor:
                 sleeper.cancel()
                 changed.cancel()
 
-    async def _process_batch(self, records: Sequence[InRecord]) -> None:
+    async def _process_batch(self, fetched: Fetched) -> None:
         now_ms = self.clock.now_ms()
         out: list[Produced] = []
-        todo: list[tuple[InRecord, RecordEvent, str]] = []
+        todo: list[ToPlan] = []
         next_offsets: dict[int, int] = {}
         # Looked up once a batch: the loop below runs for every event read.
         owned = self._owned
         max_bytes = self.config.kafka.max_event_bytes
         canonical = self.catalog.canonical
         needs_planning = self.index.needs_planning
-        for rec in records:
-            partition = rec.partition
+        read = 0
+        for partition, records in fetched:
             if partition not in owned:
                 continue  # revoked since the fetch: the new owner reads it again
-            next_offsets[partition] = rec.offset + 1
-            try:
-                event = decode_event(rec.value, max_bytes)
-            except InvalidEvent as exc:
-                out.append(self._poison(rec, exc, now_ms))
-                continue
-            module = canonical(event.module)
-            if module is None or event.module in UNSUPPORTED_MODULES:
-                continue  # Calls, Notes and modules no rule can name: consumed, ignored
-            # Rules with scheduled actions or repeat="once" keep per-record state that a
-            # non-matching event may change; instant-only rules can skip the store.
-            if needs_planning(event, module):
-                todo.append((rec, event, module))
-        self.stats["events"] += len(records)
+            read += len(records)
+            next_offsets[partition] = records[-1].offset + 1
+            for rec in records:
+                try:
+                    event = decode_event(rec.value, max_bytes)
+                except InvalidEvent as exc:
+                    out.append(self._poison(partition, rec, exc, now_ms))
+                    continue
+                module = canonical(event.module)
+                if module is None or event.module in UNSUPPORTED_MODULES:
+                    continue  # Calls, Notes and modules no rule can name: consumed, ignored
+                # Rules with scheduled actions or repeat="once" keep per-record state that
+                # a non-matching event may change; instant-only rules can skip the store.
+                if needs_planning(event, module):
+                    todo.append((partition, rec, event, module))
+        self.stats["events"] += read
         batch = WriteBatch()
         heap_new: list[Action] = []
         heap_gone: list[str] = []
@@ -508,7 +512,7 @@ class Processor:
 
     async def _plan_batch(
         self,
-        todo: list[tuple[InRecord, RecordEvent, str]],
+        todo: list[ToPlan],
         now_ms: int,
         batch: WriteBatch,
         out: list[Produced],
@@ -526,9 +530,9 @@ class Processor:
         same webhook-id), never loses it; and most instant actions cost one row and one
         changelog record instead of three of each.
         """
-        record_keys = [ev.record_key for _, ev, _ in todo]  # a property: made once here
+        record_keys = [ev.record_key for _, _, ev, _ in todo]  # a property: made once here
         states = {record_key: RecordState() for record_key in record_keys}
-        rules = [self.index.candidates(ev.org_id, module) for _, ev, module in todo]
+        rules = [self.index.candidates(ev.org_id, module) for _, _, ev, module in todo]
         # Pending actions matter to rules with scheduled actions only (~0.7 µs an
         # event to read): the records of events that only instant rules see go without.
         keys = list(
@@ -552,8 +556,8 @@ class Processor:
             for k, matched in flags.items():
                 rule_id, record_key = k.split("\x1f", 1)
                 states[record_key].once[rule_id] = matched
-        plans: list[tuple[InRecord, RecordEvent, str, EventPlan]] = []
-        for (rec, event, module), record_key, candidates in zip(
+        plans: list[tuple[int, BatchRecord, RecordEvent, str, EventPlan]] = []
+        for (partition, rec, event, module), record_key, candidates in zip(
             todo, record_keys, rules, strict=True
         ):
             plan = plan_event(
@@ -562,16 +566,16 @@ class Processor:
                 candidates,
                 states[record_key],
                 config=self.config,
-                partition=rec.partition,
+                partition=partition,
                 offset=rec.offset,
                 now_ms=now_ms,
                 is_suspended=self._is_suspended,
             )
-            plans.append((rec, event, record_key, plan))
-        created = [a.action_id for _, _, _, p in plans for a in p.new_actions]
+            plans.append((partition, rec, event, record_key, plan))
+        created = [a.action_id for *_, p in plans for a in p.new_actions]
         known = await self.store.action_statuses(created) if created else {}
         results_topic = self.config.kafka.results_topic
-        for rec, event, record_key, plan in plans:
+        for partition, rec, event, record_key, plan in plans:
             key = event.org_id.encode()
             # The bytes as received: no re-encoding (rec.value is not None once decoded).
             raw = rec.value or orjson.dumps(event.data)
@@ -579,9 +583,9 @@ class Processor:
                 self._snapshots[record_key] = event  # the latest, for those due soon
             snapshot_stored = plan.touched
             if plan.touched:
-                batch.snapshots.append((record_key, rec.partition, raw))
+                batch.snapshots.append((record_key, partition, raw))
             for rule_id, matched in plan.once_updates:
-                batch.once_state.append((once_key(rule_id, record_key), rec.partition, matched))
+                batch.once_state.append((once_key(rule_id, record_key), partition, matched))
             replayed = bool(rec.headers) and any(name == REPLAY_HEADER for name, _ in rec.headers)
             for action in plan.new_actions:
                 status = known.get(action.action_id)
@@ -597,7 +601,7 @@ class Processor:
                 batch.new_actions.append(action)
                 if not snapshot_stored:  # an instant action stored: renders after a restart
                     snapshot_stored = True
-                    batch.snapshots.append((record_key, rec.partition, raw))
+                    batch.snapshots.append((record_key, partition, raw))
                 if action.kind == "scheduled":
                     out.append((results_topic, key, encode(result_record(action, "scheduled"))))
             for action in plan.moved:
@@ -621,17 +625,15 @@ class Processor:
                     (results_topic, key, encode(result_record(a, fin.status, reason=fin.reason)))
                 )
 
-    def _poison(self, rec: InRecord, exc: InvalidEvent, now_ms: int) -> Produced:
+    def _poison(self, partition: int, rec: BatchRecord, exc: InvalidEvent, now_ms: int) -> Produced:
         self.stats["dead_letters"] += 1
-        log.warning(
-            "dead letter: partition %d offset %d: %s", rec.partition, rec.offset, exc.message
-        )
+        log.warning("dead letter: partition %d offset %d: %s", partition, rec.offset, exc.message)
         letter = dead_letter(
             error_code="internal_process_error",
             message=f"invalid event: {exc.message}",
             failed_at_ms=now_ms,
             topic=self.config.kafka.events_topic,
-            partition=rec.partition,
+            partition=partition,
             offset=rec.offset,
             key=rec.key,
             event=exc.parsed,
