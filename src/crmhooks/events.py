@@ -249,7 +249,7 @@ def find_duplicate_key(text: str) -> str | None:
 
 def _may_have_dropped_keys(data: bytes, encoded: bytes) -> bool:
     """Whether parsing ``data`` may have dropped a key (repeated, or unknown to a
-    shape); ``encoded`` is the parsed value re-encoded by orjson inside ``[...]``.
+    shape); ``encoded`` is the parsed value re-encoded by orjson.
 
     Cheap checks, in C. First: if the input is its own re-encoding (a producer
     writing compact JSON as orjson does), no key was dropped, since orjson writes
@@ -259,7 +259,7 @@ def _may_have_dropped_keys(data: bytes, encoded: bytes) -> bool:
     wrote a colon in a string as the escape \\u003a, which the count does not see.
     (Testing for any backslash first is a memchr: most events have none.)
     """
-    return encoded[1:-1] != data and (
+    return encoded != data and (
         data.count(b":") != encoded.count(b":") or (_BACKSLASH in data and b"\\u003" in data)
     )
 
@@ -286,7 +286,7 @@ def decode_json_object(data: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) ->
     except orjson.JSONEncodeError:
         # Nothing else can fail: orjson.loads yields only encodable strings and numbers.
         raise InvalidEvent(f"nested deeper than {MAX_EVENT_DEPTH} levels") from None
-    if _may_have_dropped_keys(data, encoded):
+    if _may_have_dropped_keys(data, encoded[1:-1]):
         duplicate = find_duplicate_key(data.decode("utf-8"))
         if duplicate is not None:
             raise InvalidEvent(duplicate)
@@ -347,7 +347,7 @@ def _typed_event(data: bytes) -> RecordEvent | None:
     except (msgspec.DecodeError, ValueError, RecursionError):
         return None  # not JSON (or not UTF-8), not the shape, nested too deep
     try:
-        encoded = orjson.dumps([parsed])
+        encoded = orjson.dumps(parsed)  # not nested too deep to be wrapped: it has the shape
     except orjson.JSONEncodeError:  # an integer beyond 64 bits
         return None
     if _may_have_dropped_keys(data, encoded):  # a key repeated, or not in the shape
