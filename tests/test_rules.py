@@ -534,15 +534,17 @@ def test_needs_planning_looks_rules_up_by_text() -> None:
         ({"Region": "EU", "Color": "XL"}, "edit", False),
     ]
     related = {"Accounts": {"Name": "ACME"}}
-    assert index.needs_planning(make_event({"Region": "EU"}, related=related), "Potentials")
+    assert index.needs_planning(make_event({"Region": "EU"}, related=related))
     for record, operation, expected in cases:
         event = make_event(record, operation=operation)
-        assert index.needs_planning(event, event.module) is expected, record
+        assert index.needs_planning(event) is expected, record
         assert _tried_in_turn(index, event) is expected, record
     # Other organisations only have the org-less rules; unknown modules none.
-    assert not index.needs_planning(make_event({"Stage": "st-1", "Region": "EU"}, org="o"), "Deals")
-    assert index.needs_planning(make_event({"Code": 7}, org="o"), "Potentials")
-    assert not index.needs_planning(make_event({"Code": 7}), "Nonsense")
+    other_org = make_event({"Stage": "st-1", "Region": "EU"}, org="o", module="Deals")
+    assert not index.needs_planning(other_org)
+    assert index.needs_planning(make_event({"Code": 7}, org="o"))
+    assert index.needs_planning(make_event({"Code": 7}, org="o", module="Potential"))
+    assert not index.needs_planning(make_event({"Code": 7}, module="Nonsense"))
 
 
 def test_needs_planning_is_true_with_a_stateful_rule() -> None:
@@ -554,10 +556,11 @@ def test_needs_planning_is_true_with_a_stateful_rule() -> None:
         criteria=Condition("S", "is", "x"),
     )
     index = RuleIndex([*_stage_rules(5), once])
-    assert index.needs_planning(make_event({"Stage": "nothing"}), "Potentials")
-    assert not index.needs_planning(make_event({"Stage": "nothing"}, org="other"), "Potentials")
-    assert RuleIndex([once]).needs_planning(make_event({}), "Potentials")
-    assert not RuleIndex([]).needs_planning(make_event({}), "Potentials")
+    assert index.needs_planning(make_event({"Stage": "nothing"}))
+    assert index.needs_planning(make_event({"Stage": "nothing"}, module="Deals"))  # an alias
+    assert not index.needs_planning(make_event({"Stage": "nothing"}, org="other"))
+    assert RuleIndex([once]).needs_planning(make_event({}))
+    assert not RuleIndex([]).needs_planning(make_event({}))
 
 
 _PLAN_FIELDS = ["Stage", "Stage", "Type", "Type", "Amount", "Accounts.Stage", "Deals.Stage"]
@@ -696,4 +699,4 @@ def _plan_events(draw: st.DrawFn, rules: list[Rule]) -> RecordEvent:
 def test_needs_planning_equals_trying_every_rule(rules: list[Rule], data: st.DataObject) -> None:
     index = RuleIndex(rules)
     for event in data.draw(st.lists(_plan_events(rules), min_size=1, max_size=10)):
-        assert index.needs_planning(event, event.module) is _tried_in_turn(index, event)
+        assert index.needs_planning(event) is _tried_in_turn(index, event)

@@ -471,13 +471,13 @@ class Processor:
                 except InvalidEvent as exc:
                     out.append(self._poison(partition, rec, exc, now_ms))
                     continue
-                module = canonical(event.module)
-                if module is None or event.module in UNSUPPORTED_MODULES:
-                    continue  # Calls, Notes and modules no rule can name: consumed, ignored
                 # Rules with scheduled actions or repeat="once" keep per-record state that
                 # a non-matching event may change; instant-only rules can skip the store.
-                if needs_planning(event, module):
-                    todo.append((partition, rec, event, module))
+                if needs_planning(event):
+                    module = canonical(event.module)
+                    # Calls, Notes and modules no rule can name: consumed, ignored.
+                    if module is not None and event.module not in UNSUPPORTED_MODULES:
+                        todo.append((partition, rec, event, module))
         self.stats["events"] += read
         batch = WriteBatch()
         heap_new: list[Action] = []

@@ -588,8 +588,23 @@ class RuleIndex:
             m: tuple(c.rule for c in cs) for m, cs in self._orgless.items()
         }
         self._rules.update({k: tuple(c.rule for c in cs) for k, cs in self._scoped.items()})
-        self._orgless_plans = {m: _plan(cs) for m, cs in self._orgless.items()}
-        self._scoped_plans = {k: _plan(cs) for k, cs in self._scoped.items()}
+        # By each name of a module, as events may write it: an event's module is looked
+        # up as it comes, with no call to find its canonical name first.
+        self._orgless_plans = {
+            name: plan
+            for module, cs in self._orgless.items()
+            for plan in [_plan(cs)]
+            for name in self._names(module)
+        }
+        self._scoped_plans = {
+            (org, name): plan
+            for (org, module), cs in self._scoped.items()
+            for plan in [_plan(cs)]
+            for name in self._names(module)
+        }
+
+    def _names(self, module: str) -> frozenset[str]:
+        return self._catalog.names_of(module) | {module}
 
     def compiled(self, org_id: str, module: str) -> Sequence[CompiledRule]:
         """The compiled rules that apply to events of ``module`` (any of its names) in an org."""
@@ -599,18 +614,15 @@ class RuleIndex:
         found = self._scoped.get((org_id, canonical))
         return found if found is not None else self._orgless.get(canonical, ())
 
-    def needs_planning(self, event: RecordEvent, module: str) -> bool:
-        """Whether any rule of ``compiled(event.org_id, module)`` is stateful or matches.
+    def needs_planning(self, event: RecordEvent) -> bool:
+        """Whether any rule of ``compiled(event.org_id, event.module)`` is stateful or matches.
 
         The same answer as trying them all, but a rule whose criteria need a record
         field to be some text is only tried when the event's field is that text.
         """
-        canonical = self._catalog.canonical(module)
-        if canonical is None:
-            return False
-        plan = self._scoped_plans.get((event.org_id, canonical))
+        plan = self._scoped_plans.get((event.org_id, event.module))
         if plan is None:
-            plan = self._orgless_plans.get(canonical, False)
+            plan = self._orgless_plans.get(event.module, False)
         if isinstance(plan, tuple):
             return _any_matches(plan, event)
         if isinstance(plan, bool):
