@@ -61,6 +61,8 @@ from bench.report import (
 # Partitions of every events topic: ≥ 6 so that two processors each get several
 # organisations (SPEC §1: one organisation per key, so per partition here).
 PARTITIONS = 6
+# The broker's pid, when scripts/bench started it: its CPU is reported on its own.
+BROKER_PID = int(os.environ.get("CRMHOOKS_BENCH_BROKER_PID") or 0) or None
 ORGS = [f"org-{i}" for i in range(PARTITIONS)]
 # In-flight requests of the bare-client ceiling; the processor gets the same per host.
 CONCURRENCY = 64
@@ -748,6 +750,9 @@ class Bench:
             contextlib.AsyncExitStack() as stack,
         ):
             each = [await stack.enter_async_context(CpuSampler(p.pid)) for p in procs]
+            broker = None
+            if BROKER_PID is not None:
+                broker = await stack.enter_async_context(CpuSampler(BROKER_PID))
             await wait_assigned(procs, 30)
             if not await self.warm_up(topics, producer, 60):
                 return Burst(0.0, "warm-up not delivered")
@@ -774,8 +779,8 @@ class Bench:
 
         # Where the machine's CPU went, per delivery: the processors' own (more with two
         # than with one would mean each works less efficiently), the sink's, the
-        # bench's (its polling), and the rest (mostly the broker): the ratio's bound
-        # on this machine.
+        # bench's (its polling), the broker's (when the bench started it) and the
+        # rest (the kernel's threads, other processes): the ratio's bound here.
         def per_delivery(sampler: CpuSampler) -> float:
             return sampler.cpu_per(first_ms, last_ms, got) or 0.0
 
@@ -783,13 +788,15 @@ class Bench:
         procs_us = sum(per_delivery(sampler) for sampler in each)
         sink_us = per_delivery(sink_cpu)
         bench_us = per_delivery(bench_cpu)
+        broker_us = None if broker is None else per_delivery(broker)
         if procs_us and machine_us:
-            for part, part_us in (
-                ("processors'", procs_us),
-                ("sink's", sink_us),
-                ("bench's", bench_us),
-                ("broker's and the rest's", machine_us - procs_us - sink_us - bench_us),
-            ):
+            parts = [("processors'", procs_us), ("sink's", sink_us), ("bench's", bench_us)]
+            rest_us = machine_us - procs_us - sink_us - bench_us
+            if broker_us is None:
+                parts.append(("broker's and the rest's", rest_us))
+            else:
+                parts += [("broker's", broker_us), ("the rest's", rest_us - broker_us)]
+            for part, part_us in parts:
                 figures.append(Figure(f"{part} CPU per delivery ({what})", part_us, "µs"))
         return Burst(
             rate,
