@@ -22,8 +22,8 @@ from crmhooks.errors import KafkaIOError, ProduceError
 from crmhooks.kafka_io import (
     ALONE_BYTES,
     KafkaIO,
-    _lean_records_fit,
-    _LeanPartitionRecords,
+    _batch_records_fit,
+    _BatchPartitionRecords,
     as_read,
     ensure_topics,
     keyed_partitioner,
@@ -239,7 +239,7 @@ async def test_topics_never_seen_are_named_in_the_error() -> None:
     assert len(admin.asked) == 5
 
 
-# --- records read: LeanRecords, equal to aiokafka's own ---------------------------
+# --- records read: the group consumer's as the batch yields them, equal to aiokafka's own
 
 _RECORD_FIELDS = (
     "topic",
@@ -292,12 +292,12 @@ async def _read_fields(
     return [(name, *row) for row in rows]
 
 
-async def test_records_are_read_as_lean_records_equal_to_aiokafkas_own(
+async def test_the_group_consumer_reads_batch_records_equal_to_aiokafkas_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With transactions committed and aborted (control batches, aborted batches
     skipped), keys and values missing, headers: the same records, a few a fetch."""
-    topic = f"test-lean-{uuid.uuid4().hex[:10]}"
+    topic = f"test-batch-{uuid.uuid4().hex[:10]}"
     await ensure_topics(bootstrap_servers(), [topic], 1)
     plain = AIOKafkaProducer(bootstrap_servers=bootstrap_servers())
     txn = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(), transactional_id=topic)
@@ -318,33 +318,32 @@ async def test_records_are_read_as_lean_records_equal_to_aiokafkas_own(
         await txn.stop()
         await plain.stop()
 
+    stock_class = _BatchPartitionRecords.__base__
+    committed = [b"v1", None] + [f"committed-{n}".encode() for n in range(4)] + [b"no key"]
+    aborted = [f"aborted-{n}".encode() for n in range(3)]
     for isolation in ("read_committed", "read_uncommitted"):
-        lean = await _read_fields(topic, isolation)
+        # The group consumer's value deserializer: the records as the batch yields them.
+        as_batch = await _read_fields(topic, isolation, _BATCH_FIELDS, value_deserializer=as_read)
+        # Any other consumer: aiokafka's own records.
+        others = await _read_fields(topic, isolation)
         with monkeypatch.context() as patch:
-            patch.setattr(_aiokafka_fetcher, "PartitionRecords", _LeanPartitionRecords.__base__)
+            patch.setattr(_aiokafka_fetcher, "PartitionRecords", stock_class)
             stock = await _read_fields(topic, isolation)
-        assert {row[0] for row in lean} == {"LeanRecord"}
-        assert {row[0] for row in stock} == {"ConsumerRecord"}
-        assert [row[1:] for row in lean] == [row[1:] for row in stock]
-        values = [row[7] for row in lean]
-        committed = [b"v1", None] + [f"committed-{n}".encode() for n in range(4)] + [b"no key"]
-        aborted = [f"aborted-{n}".encode() for n in range(3)]
+            stock_as_read = await _read_fields(
+                topic, isolation, _BATCH_FIELDS, value_deserializer=as_read
+            )
+        assert {row[0] for row in as_batch} == {"DefaultRecord"}  # aiokafka's, no copy
+        assert {row[0] for row in stock_as_read} == {"ConsumerRecord"}  # where not installed
+        assert [row[1:] for row in as_batch] == [row[1:] for row in stock_as_read]
+        assert {row[0] for row in others} == {row[0] for row in stock} == {"ConsumerRecord"}
+        assert others == stock
+        values = [row[5] for row in as_batch]
         if isolation == "read_committed":
             assert values == committed
         else:
             assert values == committed[:6] + aborted + committed[6:]
-    assert lean[0][-1] == (("h", b"x"), ("h2", b""))
-    # The group consumer's value deserializer: the records as the batch yields them.
-    for isolation in ("read_committed", "read_uncommitted"):
-        as_batch = await _read_fields(topic, isolation, _BATCH_FIELDS, value_deserializer=as_read)
-        with monkeypatch.context() as patch:
-            patch.setattr(_aiokafka_fetcher, "PartitionRecords", _LeanPartitionRecords.__base__)
-            stock = await _read_fields(topic, isolation, _BATCH_FIELDS, value_deserializer=as_read)
-        assert {row[0] for row in as_batch} == {"DefaultRecord"}  # aiokafka's, no copy
-        assert {row[0] for row in stock} == {"ConsumerRecord"}  # where not installed
-        assert [row[1:] for row in as_batch] == [row[1:] for row in stock]
-        assert len(as_batch) == (7 if isolation == "read_committed" else 10)
-    # A consumer with a deserializer gets aiokafka's own records, deserialized.
+        assert as_batch[0][-1] == (("h", b"x"), ("h2", b""))
+    # A consumer with another deserializer gets aiokafka's own records, deserialized.
     upper = await _read_fields(topic, "read_committed", value_deserializer=_upper)
     assert {row[0] for row in upper} == {"ConsumerRecord"}
     assert [row[7] for row in upper][:3] == [b"V1", None, b"COMMITTED-0"]
@@ -359,14 +358,14 @@ def _upper(value: bytes | None) -> bytes | None:
     return None if value is None else value.upper()
 
 
-def test_lean_records_are_installed_only_over_the_internals_they_rely_on() -> None:
-    stock = _LeanPartitionRecords.__base__
-    assert _lean_records_fit(stock)
-    assert _aiokafka_fetcher.PartitionRecords is _LeanPartitionRecords
+def test_batch_records_are_installed_only_over_the_internals_they_rely_on() -> None:
+    stock = _BatchPartitionRecords.__base__
+    assert _batch_records_fit(stock)
+    assert _aiokafka_fetcher.PartitionRecords is _BatchPartitionRecords
 
     class Renamed(stock):  # type: ignore[misc,valid-type]
         def _consumer_record(self, tp: Any, record: Any, extra: Any = None) -> Any:
             return None
 
-    assert not _lean_records_fit(Renamed)
-    assert not _lean_records_fit(type("Bare", (), {}))
+    assert not _batch_records_fit(Renamed)
+    assert not _batch_records_fit(type("Bare", (), {}))

@@ -2,8 +2,8 @@
 
 aiokafka exceptions are translated to ``KafkaIOError``/``ProduceError`` here and
 nowhere else. The group consumer's records are read as aiokafka's batch reader
-yields them (``BatchRecord``), others' as ``LeanRecord``s (importing this module
-installs both in aiokafka's fetcher).
+yields them (``BatchRecord``; importing this module installs that in aiokafka's
+fetcher), other consumers' as aiokafka's ``ConsumerRecord``s.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ PartitionsCallback = Callable[[set[int]], Awaitable[None]]
 
 class BatchRecord(Protocol):
     """One record of a fetched partition, as aiokafka's batch reader yields it (its
-    partition is the one it was fetched from): what ``KafkaIO.fetch`` returns. aiokafka's
-    ``ConsumerRecord`` and ``LeanRecord`` are BatchRecords too."""
+    partition is the one it was fetched from): what ``KafkaIO.fetch`` returns.
+    aiokafka's ``ConsumerRecord`` is a BatchRecord too."""
 
     @property
     def offset(self) -> int: ...
@@ -48,8 +48,7 @@ class BatchRecord(Protocol):
 
 
 class InRecord(BatchRecord, Protocol):
-    """One record read from a topic, with its partition: a ``LeanRecord`` (below) or
-    aiokafka's ``ConsumerRecord``, used as it comes (no copy per record)."""
+    """One record read from a topic with its partition: aiokafka's ``ConsumerRecord``."""
 
     @property
     def partition(self) -> int: ...
@@ -61,8 +60,8 @@ Fetched = list[tuple[int, Sequence[BatchRecord]]]
 
 def as_read(value: bytes | None) -> bytes | None:
     """The value deserializer that asks for records as aiokafka's batch reader yields
-    them (``BatchRecord``s), where ``LeanRecord``s are installed; elsewhere aiokafka's
-    ``ConsumerRecord``s, their values as read (it returns them unchanged)."""
+    them (``BatchRecord``s), where ``_BatchPartitionRecords`` is installed; elsewhere
+    aiokafka's ``ConsumerRecord``s, their values as read (it returns them unchanged)."""
     return value
 
 
@@ -70,84 +69,30 @@ def _record_as_read(tp: TopicPartition, record: Any) -> Any:
     return record
 
 
-class LeanRecord:
-    """aiokafka's ``ConsumerRecord`` as a plain class with slots: the same attributes,
-    built in a third of the time (~0.25 µs less a record read, ~4 % of filtering)."""
+class _BatchPartitionRecords(_aiokafka_fetcher.PartitionRecords):  # type: ignore[misc]
+    """aiokafka's records of one fetched partition, handed as its batch yields them to
+    a consumer whose value deserializer is ``as_read``.
 
-    __slots__ = (
-        "checksum",
-        "headers",
-        "key",
-        "offset",
-        "partition",
-        "serialized_key_size",
-        "serialized_value_size",
-        "timestamp",
-        "timestamp_type",
-        "topic",
-        "value",
-    )
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    timestamp_type: int
-    key: bytes | None
-    value: bytes | None
-    checksum: int | None
-    serialized_key_size: int
-    serialized_value_size: int
-    headers: tuple[tuple[str, bytes], ...]
-
-    def __repr__(self) -> str:
-        return f"LeanRecord({self.topic!r}, {self.partition}, offset={self.offset})"
-
-
-_new_record = object.__new__
-
-
-class _LeanPartitionRecords(_aiokafka_fetcher.PartitionRecords):  # type: ignore[misc]
-    """aiokafka's records of one fetched partition, made ``LeanRecord``s.
-
-    Only how each record is built changes: aiokafka still walks the batches, checks
+    Only how each record is handed changes: aiokafka still walks the batches, checks
     their CRCs, skips aborted transactions and control batches, and keeps the
-    position. ``ConsumerRecord`` is a dataclass whose ``__init__`` takes 11
-    arguments (~0.35 µs); here 11 slot stores. A consumer whose value deserializer
-    is ``as_read`` gets the records as the batch yields them, no object made
-    (~0.4 µs of the ~5 an event costs the processor to read and drop). A consumer
-    with other deserializers gets aiokafka's own records.
+    position. It makes no ``ConsumerRecord`` (a dataclass whose ``__init__`` takes 11
+    arguments, ~0.35 µs) nor anything else a record: ~0.4 µs of the ~5 an event costs
+    the processor to read and drop. Other consumers get aiokafka's own records.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Decided once a fetch, not once a record.
         if self._value_deserializer is as_read and self._key_deserializer is None:
-            self._consumer_record = _record_as_read  # type: ignore[method-assign]
-        elif self._key_deserializer or self._value_deserializer:
-            self._consumer_record = super()._consumer_record  # type: ignore[method-assign]
+            self._consumer_record = _record_as_read
 
     def __iter__(self) -> Any:
         # aiokafka returns self, and its __next__ calls the generator: one Python
         # frame a record less. Never iterated once exhausted (aiokafka drops it then).
         return self._records_iterator
 
-    def _consumer_record(self, tp: TopicPartition, record: Any) -> Any:
-        built = _new_record(LeanRecord)
-        built.topic = tp.topic
-        built.partition = tp.partition
-        built.offset = record.offset
-        built.timestamp = record.timestamp
-        built.timestamp_type = record.timestamp_type
-        key = built.key = record.key
-        value = built.value = record.value
-        built.checksum = record.checksum
-        built.serialized_key_size = -1 if key is None else len(key)
-        built.serialized_value_size = -1 if value is None else len(value)
-        built.headers = tuple(record.headers)
-        return built
 
-
-def _lean_records_fit(stock: type) -> bool:
+def _batch_records_fit(stock: type) -> bool:
     """Whether aiokafka's ``PartitionRecords`` has the internals the subclass relies on
     (as in aiokafka 0.11-0.14): its ``__init__`` sets the generator and deserializer
     attributes, and ``_consumer_record`` takes (tp, record)."""
@@ -161,11 +106,11 @@ def _lean_records_fit(stock: type) -> bool:
     )
 
 
-# Every consumer of this process reads LeanRecords: aiokafka's fetcher builds its
-# PartitionRecords by this module-level name. Another aiokafka keeps its own records
-# (a test checks that the records read are LeanRecords, and equal to aiokafka's own).
-if _lean_records_fit(_aiokafka_fetcher.PartitionRecords):
-    _aiokafka_fetcher.PartitionRecords = _LeanPartitionRecords
+# aiokafka's fetcher builds its PartitionRecords by this module-level name. Another
+# aiokafka keeps its own records everywhere (a test checks which records each
+# consumer reads, and that they equal aiokafka's own).
+if _batch_records_fit(_aiokafka_fetcher.PartitionRecords):
+    _aiokafka_fetcher.PartitionRecords = _BatchPartitionRecords
 
 
 async def ensure_topics(
@@ -440,7 +385,7 @@ class KafkaIO:
             heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
             max_partition_fetch_bytes=max(1 << 20, s.max_event_bytes + 1024),
             fetch_max_bytes=max(50 << 20, s.max_event_bytes + 1024),
-            value_deserializer=as_read,  # BatchRecords: see _LeanPartitionRecords
+            value_deserializer=as_read,  # BatchRecords: see _BatchPartitionRecords
         )
         try:
             await self._producer.start()
