@@ -479,9 +479,10 @@ class Bench:
         assert topics is not None
         n = self.sizes.filtering
         await self.sink.reset()
+        config = self.filter_config(topics, run)
         async with (
-            processors(self.filter_config(topics, run), self.workdir, f"filter{run}") as procs,
-            GroupOffsets(self.bootstrap, f"{topics.group}-{run}", topics.events) as offsets,
+            processors(config, self.workdir, f"filter{run}") as procs,
+            GroupOffsets(self.bootstrap, config["kafka"]["group_id"], topics.events) as offsets,
             CpuSampler(procs[0].pid) as cpu,
         ):
             rate, done, elapsed = await offsets.rate_to(n, timeout_s=n / 2000 + 60)
