@@ -210,6 +210,26 @@ async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path
         assert transport.sent == ["evt-1:won:Hook"]
 
 
+async def test_a_repeated_key_refuses_an_event_a_rule_acts_on_and_no_other(
+    tmp_path: Path,
+) -> None:
+    """The rule wants Closed Won. Read last, Closed Won is refused: a dead letter, no
+    request. Stage repeated but never Closed Won: consumed, no letter, no request."""
+    transport = GatedTransport()
+    acted = orjson.dumps(event(1)).replace(b'"Stage":', b'"Stage":"Lost","Stage":')
+    ignored = orjson.dumps(event(2, record={"Stage": "Lost"})).replace(
+        b'"Stage":', b'"Stage":"Closed Won","Stage":'
+    )
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        await p._process_batch(fetched([Rec(0, 10, acted), Rec(0, 11, ignored)]))
+        await until(lambda: kafka.committed == {0: 12}, "the offsets are committed")
+        assert transport.sent == []
+        [letter] = kafka.results
+        assert letter["error_code"] == "internal_process_error"
+        assert letter["source"]["offset"] == 10
+        assert letter["message"] == "invalid event: duplicate key 'Stage' in $.record"
+
+
 async def test_commits_stay_in_order_behind_an_unfinished_action(tmp_path: Path) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):

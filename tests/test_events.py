@@ -24,6 +24,7 @@ from crmhooks.events import (
     RecordEvent,
     decode_event,
     decode_json_object,
+    decode_wanted_event,
     event_from_json,
     find_duplicate_key,
     parse_rfc3339_ms,
@@ -1090,9 +1091,13 @@ def event_texts(draw: st.DrawFn) -> bytes:
 
 
 def strict(outcome: Any) -> Any:
-    """An outcome, its values told apart by type (1 == 1.0 == True in Python)."""
+    """An outcome, its values told apart by type (1 == 1.0 == True in Python), the keys
+    of objects in any order (the fast path makes ``data`` in SPEC §2's order)."""
     if isinstance(outcome, list):
-        return [(name, orjson.dumps(value, default=repr)) for name, value in outcome]
+        return [
+            (name, orjson.dumps(value, default=repr, option=orjson.OPT_SORT_KEYS))
+            for name, value in outcome
+        ]
     return outcome
 
 
@@ -1104,6 +1109,63 @@ def test_the_typed_fast_path_decides_as_the_checked_one(data: bytes) -> None:
     if fast is not None:  # only what the checked path accepts, as it builds it
         assert strict(bytes_outcome(lambda _: fast, data)) == strict(checked)
     assert strict(bytes_outcome(decode_event, data)) == strict(checked)
+
+
+def wanted_outcome(data: bytes, wanted: Callable[[RecordEvent], bool]) -> Any:
+    """``decode_wanted_event``'s outcome, and the events it asked ``wanted`` about."""
+    asked: list[Any] = []
+
+    def asking(event: RecordEvent) -> bool:
+        asked.append(strict(bytes_outcome(lambda _: event, data))[:-1])  # all but data
+        return wanted(event)
+
+    try:
+        decoded = decode_wanted_event(data, asking)
+    except InvalidEvent as exc:
+        return (exc.message, exc.parsed), asked
+    if decoded is None:
+        return None, asked
+    return strict(bytes_outcome(lambda _: decoded, data)), asked
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(data=event_texts(), wants=st.sampled_from(["all", "none", "some"]))
+def test_a_wanted_event_decodes_as_the_checked_path_and_others_differ_only_when_repeated(
+    data: bytes, wants: str
+) -> None:
+    """Wanted: the checked path's outcome. Not wanted: None where it would accept the
+    event or refuse it for a repeated key, else its error. ``wanted`` is only asked
+    about events the checked path builds alike (but for their data)."""
+
+    def wanted(event: RecordEvent) -> bool:
+        return wants == "all" or (wants == "some" and event.event_id < "m")
+
+    checked = strict(bytes_outcome(decode_checked, data))
+    got, asked = wanted_outcome(data, wanted)
+    if isinstance(checked, tuple) and not checked[0].startswith("duplicate key"):
+        assert got == checked
+        assert not asked  # refused before anyone is asked
+    elif isinstance(checked, tuple):  # a repeated key: refused if wanted
+        assert got == checked or (got is None and asked)
+    else:
+        assert asked
+        assert all(question == checked[:-1] for question in asked)
+        assert got == (checked if wanted(decode_checked(data)) else None)
+
+
+def test_a_repeated_key_refuses_a_wanted_event_and_not_one_nothing_acts_on() -> None:
+    data = orjson.dumps(SPEC_EVENT).replace(b'"Stage":', b'"Stage":"Lost","Stage":')
+    assert decode_wanted_event(data, lambda event: False) is None
+    with pytest.raises(InvalidEvent, match=re.escape("duplicate key 'Stage' in $.record")):
+        decode_wanted_event(data, lambda event: True)
+
+
+def test_a_wanted_event_keeps_the_keys_the_fast_path_does_not_know() -> None:
+    data = orjson.dumps({**SPEC_EVENT, "trace": "t-1"})
+    event = decode_wanted_event(data, lambda event: True)
+    assert event is not None
+    assert event.data["trace"] == "t-1"
+    assert decode_wanted_event(data, lambda event: event.module == "Leads") is None
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ from crmhooks.clock import Clock
 from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
 from crmhooks.errors import InvalidEvent, KafkaIOError, TemplateError
-from crmhooks.events import RecordEvent, decode_event, event_from_json
+from crmhooks.events import RecordEvent, decode_wanted_event, event_from_json
 from crmhooks.kafka_io import BatchRecord, Fetched, KafkaIO
 from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
 from crmhooks.results import dead_letter, encode, result_record
@@ -466,14 +466,16 @@ class Processor:
             read += len(records)
             next_offsets[partition] = records[-1].offset + 1
             for rec in records:
+                # Only events some rule must plan: rules with scheduled actions or
+                # repeat="once" keep per-record state that a non-matching event may
+                # change; instant-only rules can skip the store. The rest are
+                # consumed, ignored, and not checked for repeated keys.
                 try:
-                    event = decode_event(rec.value, max_bytes)
+                    event = decode_wanted_event(rec.value, needs_planning, max_bytes)
                 except InvalidEvent as exc:
                     out.append(self._poison(partition, rec, exc, now_ms))
                     continue
-                # Rules with scheduled actions or repeat="once" keep per-record state that
-                # a non-matching event may change; instant-only rules can skip the store.
-                if needs_planning(event):
+                if event is not None:
                     module = canonical(event.module)
                     # Calls, Notes and modules no rule can name: consumed, ignored.
                     if module is not None and event.module not in UNSUPPORTED_MODULES:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date
-from typing import Any, Literal, NotRequired, TypedDict
+from types import MappingProxyType
+from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
@@ -301,34 +302,76 @@ def decode_event(data: bytes | None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -
         event = _typed_event(data)
         if event is not None:
             return event
-    parsed = decode_json_object(data, max_bytes)
-    return event_from_json(parsed)
+    return event_from_json(decode_json_object(data, max_bytes))
+
+
+def decode_wanted_event(
+    data: bytes | None,
+    wanted: Callable[[RecordEvent], bool],
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> RecordEvent | None:
+    """``decode_event`` for an event ``wanted`` says something acts on; None for a valid
+    event it does not want (consumed, ignored). InvalidEvent as ``decode_event``.
+
+    What it skips for an event not wanted: the proof that no key repeated (a
+    re-encoding, ~0.3 µs, a tenth of what a filtered event costs). A repeated key
+    makes an event ambiguous: other consumers may read the first value where a JSON
+    parser keeps the last. An event nothing acts on causes nothing either way;
+    one that something acts on is proven as by ``decode_event``, and refused.
+    """
+    if data is None:
+        raise InvalidEvent("empty record value (tombstone)")
+    if len(data) <= max_bytes:
+        shape = _shape_of(data)
+        if shape is not None:
+            event = _event_of(shape)
+            if event is not None:
+                if not wanted(event):
+                    return None
+                proven = _proven(event, shape, data)
+                if proven is not None:
+                    return proven
+    event = event_from_json(decode_json_object(data, max_bytes))
+    return event if wanted(event) else None
 
 
 # The shape of a valid event (SPEC §2), for msgspec to check while it parses: in C,
 # the types of every field and field value cost nothing beyond the parse itself,
 # where checking them in Python (``_plain_event``) costs as much as the parse.
 # What a type cannot say (non-empty printable ids, RFC 3339, no repeated or
-# unknown keys) ``_typed_event`` checks after.
-_Scalar = str | int | float | bool | None
+# unknown keys) ``_event_of`` and ``_proven`` check after. Integers within 64 bits
+# (signed): orjson encodes no more, and parses them as integers as msgspec does
+# (beyond, it makes them floats); others go to the checked path.
+_Int = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+_Scalar = str | _Int | float | bool | None
 _Fields = dict[str, _Scalar | list[_Scalar]]
 
 
-class _EventShape(TypedDict):
+class _EventShape(msgspec.Struct, gc=False):
+    """An event as msgspec parses it: a Struct, ~0.2 µs faster to make than a dict.
+
+    An optional field absent and one written ``null`` are both None here; ``_proven``
+    tells them apart. msgspec keeps the last of repeated keys and skips keys the shape
+    does not name: ``_proven`` finds both. ``gc=False``: it holds JSON values only.
+    """
+
     event_id: str
     org_id: str
     module: str
     operation: Operation
     occurred_at: str
-    record_id: str | int
+    record_id: str | _Int
     record: _Fields
-    previous: NotRequired[_Fields | None]
-    related: NotRequired[dict[str, _Fields] | None]
-    user: NotRequired[_Fields | None]
-    organization: NotRequired[_Fields | None]
+    previous: _Fields | None = None
+    related: dict[str, _Fields] | None = None
+    user: _Fields | None = None
+    organization: _Fields | None = None
 
 
 _EVENT_SHAPE = msgspec.json.Decoder(_EventShape)
+# The data of an event made from a shape until it is proven (``_proven``): nothing
+# reads it before, and an empty read-only mapping cannot be mistaken for the event.
+_UNPROVEN: Mapping[str, Any] = MappingProxyType({})
 
 
 def _typed_event(data: bytes) -> RecordEvent | None:
@@ -338,24 +381,28 @@ def _typed_event(data: bytes) -> RecordEvent | None:
     per event than orjson's parse and the checks of ``_plain_event``. It accepts a
     subset of what the checked path accepts and builds the same event (a property
     test compares them); that path decides, and names the problem, for the rest.
-    msgspec keeps the last of repeated keys and drops keys the shape does not name,
-    and reads integers beyond 64 bits as such where orjson makes them floats: the
-    re-encoding below (as in ``decode_json_object``) sends all of these there.
     """
+    shape = _shape_of(data)
+    if shape is None:
+        return None
+    event = _event_of(shape)
+    return None if event is None else _proven(event, shape, data)
+
+
+def _shape_of(data: bytes) -> _EventShape | None:
     try:
-        parsed = _EVENT_SHAPE.decode(data)
+        return _EVENT_SHAPE.decode(data)
     except (msgspec.DecodeError, ValueError, RecursionError):
-        return None  # not JSON (or not UTF-8), not the shape, nested too deep
-    try:
-        encoded = orjson.dumps(parsed)  # not nested too deep to be wrapped: it has the shape
-    except orjson.JSONEncodeError:  # an integer beyond 64 bits
-        return None
-    if _may_have_dropped_keys(data, encoded):  # a key repeated, or not in the shape
-        return None
-    event_id = parsed["event_id"]
-    org_id = parsed["org_id"]
-    module = parsed["module"]
-    record_id: str | int = parsed["record_id"]
+        return None  # not JSON (or not UTF-8), not the shape
+
+
+def _event_of(shape: _EventShape) -> RecordEvent | None:
+    """The event of a shape, its ``data`` not yet made (``_proven`` makes it); None
+    unless its ids are printable and non-empty and its time RFC 3339."""
+    event_id = shape.event_id
+    org_id = shape.org_id
+    module = shape.module
+    record_id = shape.record_id
     if not (
         event_id
         and org_id
@@ -367,24 +414,59 @@ def _typed_event(data: bytes) -> RecordEvent | None:
     ):
         return None
     try:
-        occurred_at_ms = parse_rfc3339_ms(parsed["occurred_at"])
+        occurred_at_ms = parse_rfc3339_ms(shape.occurred_at)
     except ValueError:
         return None
-    related = parsed.get("related")
+    related = shape.related
     return RecordEvent(
         event_id,
         org_id,
         module,
-        parsed["operation"],
+        shape.operation,
         occurred_at_ms,
         record_id if type(record_id) is str else str(record_id),
-        parsed["record"],
-        parsed.get("previous"),
+        shape.record,
+        shape.previous,
         {} if related is None else related,
-        parsed.get("user"),
-        parsed.get("organization"),
-        parsed,
+        shape.user,
+        shape.organization,
+        _UNPROVEN,
     )
+
+
+def _proven(event: RecordEvent, shape: _EventShape, data: bytes) -> RecordEvent | None:
+    """``event`` with its data, if parsing ``data`` dropped no key; else None.
+
+    The shape as a dict (in the shape's order), re-encoded by orjson, must have every
+    key of ``data`` (``_may_have_dropped_keys``): none repeated, none unknown to the
+    shape. An optional field written ``null`` is left out here like an absent one,
+    so the check sends it to the checked path, which keeps it.
+    """
+    parsed: dict[str, Any] = {
+        "event_id": shape.event_id,
+        "org_id": shape.org_id,
+        "module": shape.module,
+        "operation": shape.operation,
+        "occurred_at": shape.occurred_at,
+        "record_id": shape.record_id,
+        "record": shape.record,
+    }
+    if shape.previous is not None:
+        parsed["previous"] = shape.previous
+    if shape.related is not None:
+        parsed["related"] = shape.related
+    if shape.user is not None:
+        parsed["user"] = shape.user
+    if shape.organization is not None:
+        parsed["organization"] = shape.organization
+    try:
+        encoded = orjson.dumps(parsed)
+    except orjson.JSONEncodeError:  # none expected: the shape's values all encode
+        return None
+    if _may_have_dropped_keys(data, encoded):
+        return None
+    msgspec.structs.force_setattr(event, "data", parsed)  # made here, not yet shared
+    return event
 
 
 def _require_str(parsed: dict[str, Any], key: str) -> str:
