@@ -31,6 +31,7 @@ processor after ``matches``; nothing here knows about it.
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -542,6 +543,10 @@ def _any_matches(compiled: Iterable[CompiledRule], event: RecordEvent) -> bool:
     return False
 
 
+def _first(placed: tuple[int, CompiledRule]) -> int:
+    return placed[0]
+
+
 class RuleIndex:
     """Rules by (organisation, canonical module), compiled once.
 
@@ -565,24 +570,21 @@ class RuleIndex:
         self._catalog = _DEFAULT_CATALOG if catalog is None else catalog
         compiled = [CompiledRule.of(rule, self._catalog) for rule in rules]
         self._by_id: Mapping[str, CompiledRule] = {c.rule.id: c for c in compiled}
-        orgless: dict[str, list[CompiledRule]] = {}
-        scoped_keys: set[tuple[str, str]] = set()
-        for c in compiled:
+        # Each with its place in the config, to merge org-less and org-scoped rules in
+        # config order in time linear in the rules (not rules x organisations).
+        orgless: dict[str, list[tuple[int, CompiledRule]]] = {}
+        own: dict[tuple[str, str], list[tuple[int, CompiledRule]]] = {}
+        for i, c in enumerate(compiled):
             module = self._catalog.canonical(c.rule.module) or c.rule.module
             if c.rule.org is None:
-                orgless.setdefault(module, []).append(c)
+                orgless.setdefault(module, []).append((i, c))
             else:
-                scoped_keys.add((c.rule.org, module))
-        self._orgless = {m: tuple(cs) for m, cs in orgless.items()}
+                own.setdefault((c.rule.org, module), []).append((i, c))
+        self._orgless = {m: tuple(c for _, c in cs) for m, cs in orgless.items()}
         # Org-less and org-scoped rules together, in config order.
         self._scoped = {
-            (org, module): tuple(
-                c
-                for c in compiled
-                if c.rule.org in (None, org)
-                and (self._catalog.canonical(c.rule.module) or c.rule.module) == module
-            )
-            for org, module in scoped_keys
+            key: tuple(c for _, c in heapq.merge(orgless.get(key[1], ()), cs, key=_first))
+            for key, cs in own.items()
         }
         self._rules: dict[tuple[str, str] | str, tuple[Rule, ...]] = {
             m: tuple(c.rule for c in cs) for m, cs in self._orgless.items()
