@@ -560,10 +560,9 @@ class RuleIndex:
         "_by_id",
         "_catalog",
         "_orgless",
-        "_orgless_plans",
+        "_plans",
         "_rules",
         "_scoped",
-        "_scoped_plans",
     )
 
     def __init__(self, rules: Iterable[Rule], catalog: ModuleCatalog | None = None) -> None:
@@ -590,20 +589,18 @@ class RuleIndex:
             m: tuple(c.rule for c in cs) for m, cs in self._orgless.items()
         }
         self._rules.update({k: tuple(c.rule for c in cs) for k, cs in self._scoped.items()})
-        # By each name of a module, as events may write it: an event's module is looked
-        # up as it comes, with no call to find its canonical name first.
-        self._orgless_plans = {
-            name: plan
-            for module, cs in self._orgless.items()
-            for plan in [_plan(cs)]
-            for name in self._names(module)
-        }
-        self._scoped_plans = {
-            (org, name): plan
-            for (org, module), cs in self._scoped.items()
-            for plan in [_plan(cs)]
-            for name in self._names(module)
-        }
+        # By each name of a module, as events may write it (an event's module is looked
+        # up as it comes, with no call to find its canonical name first), then by
+        # organisation, None for the org-less rules: two dict gets, no key built.
+        self._plans: dict[str, dict[str | None, _Plan]] = {}
+        for module, cs in self._orgless.items():
+            plan = _plan(cs)
+            for name in self._names(module):
+                self._plans.setdefault(name, {})[None] = plan
+        for (org, module), cs in self._scoped.items():
+            plan = _plan(cs)
+            for name in self._names(module):
+                self._plans.setdefault(name, {})[org] = plan
 
     def _names(self, module: str) -> frozenset[str]:
         return self._catalog.names_of(module) | {module}
@@ -622,13 +619,14 @@ class RuleIndex:
         The same answer as trying them all, but a rule whose criteria need a record
         field to be some text is only tried when the event's field is that text.
         """
-        plan = self._scoped_plans.get((event.org_id, event.module))
+        by_org = self._plans.get(event.module)
+        if by_org is None:
+            return False
+        plan = by_org.get(event.org_id)
         if plan is None:
-            plan = self._orgless_plans.get(event.module, False)
-        if isinstance(plan, tuple):
-            return _any_matches(plan, event)
-        if isinstance(plan, bool):
-            return plan
+            plan = by_org.get(None, False)
+        if not isinstance(plan, _Selector):  # the selector first: many rules, many events
+            return plan if isinstance(plan, bool) else _any_matches(plan, event)
         record = event.record
         for field, table in plan.by_field:
             value = record.get(field)
