@@ -369,8 +369,8 @@ class _EventShape(msgspec.Struct, gc=False):
 
 
 _EVENT_SHAPE = msgspec.json.Decoder(_EventShape)
-# The data of an event made from a shape until it is proven (``_proven``): nothing
-# reads it before, and an empty read-only mapping cannot be mistaken for the event.
+# The data of an event made from a shape (``_event_of``), which only ``wanted`` sees
+# (``decode_wanted_event``): an empty read-only mapping, not to be taken for the event.
 _UNPROVEN: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -397,8 +397,8 @@ def _shape_of(data: bytes) -> _EventShape | None:
 
 
 def _event_of(shape: _EventShape) -> RecordEvent | None:
-    """The event of a shape, its ``data`` not yet made (``_proven`` makes it); None
-    unless its ids are printable and non-empty and its time RFC 3339."""
+    """The event of a shape, its ``data`` empty (``_proven`` copies it with its data);
+    None unless its ids are printable and non-empty and its time RFC 3339."""
     event_id = shape.event_id
     org_id = shape.org_id
     module = shape.module
@@ -465,8 +465,7 @@ def _proven(event: RecordEvent, shape: _EventShape, data: bytes) -> RecordEvent 
         return None
     if _may_have_dropped_keys(data, encoded):
         return None
-    msgspec.structs.force_setattr(event, "data", parsed)  # made here, not yet shared
-    return event
+    return msgspec.structs.replace(event, data=parsed)  # a copy: ``wanted`` has seen it
 
 
 def _require_str(parsed: dict[str, Any], key: str) -> str:
