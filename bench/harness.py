@@ -335,12 +335,32 @@ async def build_c_sink(workdir: Path) -> Path:
     return binary
 
 
+def batch_scheduled(pid: int) -> str:
+    """Puts process ``pid`` under ``SCHED_BATCH`` (threads it starts later inherit it)
+    and names the policy it then runs under.
+
+    The sink shares the cores with the processors it answers. Under the default
+    policy each request that wakes it preempts the processor running on that core
+    (wake-up preemption); under ``SCHED_BATCH`` it waits for the core's next
+    scheduling point, and then answers all the requests that came meanwhile. Its
+    CPU per request falls (~12 → ~7.5 µs with two processors), and the processors
+    are preempted less. Linux only; anywhere else, or if refused, the default stays.
+    """
+    try:
+        os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        return f"default (SCHED_BATCH refused: {exc})"
+    return "SCHED_BATCH"
+
+
 class Sink:
     """The sink server in a child process, with its control requests."""
 
-    def __init__(self, workdir: Path, kind: str = "c") -> None:
+    def __init__(self, workdir: Path, kind: str = "c", *, batch: bool = True) -> None:
         self.workdir = workdir
         self.kind = kind  # "c" (bench/sink.c, built here) or "python" (bench.sink)
+        self.batch = batch  # run it under SCHED_BATCH (batch_scheduled)
+        self.scheduling = "default"  # the policy it runs under, once started
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
 
@@ -354,6 +374,8 @@ class Sink:
         self.proc = await asyncio.create_subprocess_exec(
             *command, "--port-file", str(port_file), cwd=REPO
         )
+        if self.batch:
+            self.scheduling = batch_scheduled(self.proc.pid)
         for _ in range(200):
             if port_file.exists():
                 self.port = int(port_file.read_text())

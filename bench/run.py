@@ -899,7 +899,8 @@ async def main_async(args: argparse.Namespace) -> int:
     names = args.only or list(SCENARIOS)
     if "filtering" in names and "ceilings" not in names:
         names.insert(0, "ceilings")  # the filtering test reads the ceiling's topic
-    async with Sink(workdir, args.sink) as sink:
+    async with Sink(workdir, args.sink, batch=args.sink_scheduling == "batch") as sink:
+        say(f"the sink: {sink.kind}, scheduling policy {sink.scheduling}")
         bench = Bench(bootstrap, sizes, workdir, sink)
         for name in SCENARIOS:
             if name not in names:
@@ -917,7 +918,12 @@ async def main_async(args: argparse.Namespace) -> int:
     write_json(
         args.out,
         bench.figures,
-        {"mode": mode, "wall_s": round(wall_s, 1), "sizes": sizes_dict(sizes)},
+        {
+            "mode": mode,
+            "wall_s": round(wall_s, 1),
+            "sizes": sizes_dict(sizes),
+            "sink": {"kind": args.sink, "scheduling": sink.scheduling},
+        },
     )
     print(f"\nwritten: {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
     return 1 if any(f.passed is False for f in bench.figures) and args.strict else 0
@@ -943,6 +949,13 @@ def main() -> None:
         choices=["c", "python"],
         default="c",
         help="the sink's implementation: bench/sink.c, built with cc (default), or bench/sink.py",
+    )
+    parser.add_argument(
+        "--sink-scheduling",
+        choices=["batch", "default"],
+        default="batch",
+        help="the sink's scheduling policy: SCHED_BATCH (default; it does not preempt the "
+        "processors when a request wakes it) or the default one",
     )
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a figure falls short of its target"

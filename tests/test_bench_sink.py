@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -87,3 +88,15 @@ async def test_many_pipelined_on_many_connections(sink: Sink) -> None:
     await asyncio.gather(*(one() for _ in range(8)))
     assert (await sink.stats())[0] == 8 * per_connection
     assert await sink.latencies() == []
+
+
+async def test_runs_under_the_policy_asked_for(sink: Sink, tmp_path: Path) -> None:
+    # The fixture's sink asked for SCHED_BATCH (the default); Linux grants it to anyone.
+    assert sink.scheduling == "SCHED_BATCH"
+    assert os.sched_getscheduler(sink.pid) == os.SCHED_BATCH
+    (tmp_path / "other").mkdir()
+    async with Sink(tmp_path / "other", sink.kind, batch=False) as other:
+        assert other.scheduling == "default"
+        assert os.sched_getscheduler(other.pid) == os.SCHED_OTHER
+        await other.reset()
+        assert await other.stats() == (0, 0.0, 0.0)
