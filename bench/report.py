@@ -49,10 +49,10 @@ def at_most(value: float | None, limit: float) -> bool | None:
     return None if value is None else value <= limit
 
 
-def _num(value: float | None, unit: str = "") -> str:
+def _num(value: float | None, unit: str = "", digits: int = 2) -> str:
     if value is None:
         return "—"
-    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.{digits}f}"
     return f"{text} {unit}".strip()
 
 
@@ -63,9 +63,13 @@ def table(figures: Sequence[Figure]) -> str:
         result = {True: "pass", False: "**short**", None: "info"}[f.passed]
         if f.note:
             result += f" ({f.note})"
-        ratio = "—" if f.ratio is None else f"{f.ratio:.2f}"
+        # A figure judged against a target shows 3 decimals: 1.597 × short of ≥ 1.6
+        # must not read "1.60".
+        digits = 2 if f.passed is None else 3
+        ratio = "—" if f.ratio is None else f"{f.ratio:.{digits}f}"
         rows.append(
-            f"| {f.name} | {_num(f.value, f.unit)} | {_num(f.ceiling, f.unit)} | {ratio} "
+            f"| {f.name} | {_num(f.value, f.unit, digits)} | {_num(f.ceiling, f.unit, digits)} "
+            f"| {ratio} "
             f"| {f.target or '—'} | {result} |"
         )
     return "\n".join(rows)
