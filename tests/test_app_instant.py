@@ -292,6 +292,64 @@ async def test_attempts_answered_together_are_reported_and_stored_together(
         assert len(await rows(p.store, "actions")) == 12
 
 
+class OneByOneTransport(GatedTransport):
+    """Answers 200 to a request once the test answers it (``answer``), or ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(open_now=False)
+        self.answered: dict[str, asyncio.Event] = {}
+
+    def answer(self, action_id: str) -> None:
+        self.answered.setdefault(action_id, asyncio.Event()).set()
+
+    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+        self.sent.append(action_id)
+        answered = self.answered.setdefault(action_id, asyncio.Event())
+        waits = {asyncio.ensure_future(answered.wait()), asyncio.ensure_future(self.gate.wait())}
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in pending:
+            wait.cancel()
+        return Outcome(None, 200, None, 1.0, NOW_MS)
+
+
+async def test_answers_that_come_one_by_one_during_a_report_are_reported_together(
+    tmp_path: Path,
+) -> None:
+    """A slow endpoint's answers arrive one a turn. While one report is being written,
+    the answers that come join the next: one produce and one store write for them all,
+    not one each."""
+    transport = OneByOneTransport()
+    async with processor(tmp_path, transport) as (p, kafka, _):
+        held = asyncio.Event()
+        sizes: list[int] = []
+        produce_all = kafka.produce_all
+
+        async def held_produce_all(records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+            if records:  # results (a batch of instant actions produces nothing)
+                sizes.append(len(records))
+                if len(sizes) == 1:
+                    await held.wait()
+            await produce_all(records)
+
+        kafka.produce_all = held_produce_all  # type: ignore[method-assign]
+        try:
+            await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 7)]))
+            await until(lambda: len(transport.sent) == 6, "every request is sent")
+            commits_before = p.store.commits
+            transport.answer("evt-1:won:Hook")
+            await until(lambda: sizes == [1], "the first answer's report is being written")
+            for n in range(2, 7):
+                transport.answer(f"evt-{n}:won:Hook")
+                await asyncio.sleep(0.005)  # several turns of the loop
+            assert sizes == [1]  # the others wait for the first report's write
+        finally:
+            held.set()
+        await until(lambda: kafka.committed == {0: 17}, "all reported, then committed")
+        assert sizes == [1, 5]
+        assert p.store.commits - commits_before == 2
+        assert [r["status"] for r in kafka.results] == ["delivered"] * 6
+
+
 async def test_a_busy_host_is_served_by_as_many_tasks_as_it_has_slots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

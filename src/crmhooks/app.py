@@ -140,8 +140,9 @@ class Processor:
         self._snapshot_refs: dict[str, int] = {}
         self._inflight: set[str] = set()
         self._fire_tasks: set[asyncio.Task[None]] = set()
-        self._reporting: _ReportGroup | None = None  # attempts reported this turn
+        self._reporting: _ReportGroup | None = None  # attempts reported, not written yet
         self._report_tasks: set[asyncio.Task[None]] = set()
+        self._report_last: asyncio.Task[None] | None = None  # the latest group's write
         self._owned: set[int] = set()
         self._loaded_until_ms = 0
         self._quota: dict[tuple[str, str], int] = {}
@@ -1065,20 +1066,28 @@ class Processor:
         self._fire_over(action, again)
 
     def _report_group(self) -> _ReportGroup:
-        """The attempts reported in this turn of the event loop: their results are
+        """The attempts reported since the last group's write began: their results are
         produced, then their changes stored, together (one produce, one store write and
         one wait for them all; -3 µs of CPU an instant delivery). Each attempt adds
         itself to ``reporters``; ``_reported`` ends it with what either raised. Fill
-        it without awaiting in between: it is written next turn."""
+        it without awaiting in between.
+
+        One group is written at a time: the group is written next turn, or once the
+        group before is written. Attempts reported meanwhile join it, so answers that
+        arrive one by one (a slow endpoint) are still written many at a time, not in a
+        store transaction and changelog record each."""
         group = self._reporting
         if group is None:
             group = self._reporting = _ReportGroup()
-            task = asyncio.create_task(self._write_reports(group), name="report")
+            task = asyncio.create_task(self._write_reports(group, self._report_last), name="report")
+            self._report_last = task
             self._report_tasks.add(task)
             task.add_done_callback(self._report_tasks.discard)
         return group
 
-    async def _write_reports(self, group: _ReportGroup) -> None:
+    async def _write_reports(self, group: _ReportGroup, before: asyncio.Task[None] | None) -> None:
+        if before is not None and not before.done():
+            await asyncio.wait((before,))  # what it raised is its own reporters' concern
         self._reporting = None  # reports from now on go to the next group
         error: BaseException | None = None
         try:
