@@ -292,6 +292,24 @@ async def test_attempts_answered_together_are_reported_and_stored_together(
         assert len(await rows(p.store, "actions")) == 12
 
 
+def hold_results(kafka: FakeKafka, held: asyncio.Event, *, first_only: bool = False) -> list[int]:
+    """Holds each produce of results (or the first only) until ``held`` is set; a
+    batch's own produce, empty for instant actions, goes through. Returns the number
+    of results of each produce, as they come."""
+    sizes: list[int] = []
+    produce_all = kafka.produce_all
+
+    async def held_produce_all(records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        if records:
+            sizes.append(len(records))
+            if not first_only or len(sizes) == 1:
+                await held.wait()
+        await produce_all(records)
+
+    kafka.produce_all = held_produce_all  # type: ignore[method-assign]
+    return sizes
+
+
 class OneByOneTransport(GatedTransport):
     """Answers 200 to a request once the test answers it (``answer``), or ``gate`` is set."""
 
@@ -321,17 +339,7 @@ async def test_answers_that_come_one_by_one_during_a_report_are_reported_togethe
     transport = OneByOneTransport()
     async with processor(tmp_path, transport) as (p, kafka, _):
         held = asyncio.Event()
-        sizes: list[int] = []
-        produce_all = kafka.produce_all
-
-        async def held_produce_all(records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-            if records:  # results (a batch of instant actions produces nothing)
-                sizes.append(len(records))
-                if len(sizes) == 1:
-                    await held.wait()
-            await produce_all(records)
-
-        kafka.produce_all = held_produce_all  # type: ignore[method-assign]
+        sizes = hold_results(kafka, held, first_only=True)
         try:
             await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 7)]))
             await until(lambda: len(transport.sent) == 6, "every request is sent")
@@ -379,14 +387,7 @@ async def test_the_next_request_of_a_host_does_not_wait_for_a_report(tmp_path: P
     transport = GatedTransport()
     async with processor(tmp_path, transport, per_host=1) as (p, kafka, _):
         held = asyncio.Event()
-        produce_all = kafka.produce_all
-
-        async def held_produce_all(records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-            if records:  # results (a batch of instant actions produces nothing)
-                await held.wait()
-            await produce_all(records)
-
-        kafka.produce_all = held_produce_all  # type: ignore[method-assign]
+        hold_results(kafka, held)
         try:
             await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 4)]))
             await until(lambda: len(transport.sent) == 3, "each sent after the one before")
