@@ -979,7 +979,7 @@ class Processor:
     def _settle(self, action: Action, request: RenderedRequest, outcome: Outcome) -> None:
         """Report an attempt's outcome, then store what follows: done, or a retry.
 
-        Both go into this turn's report group; ``_reported`` ends the attempt once
+        Both go into the open report group; ``_reported`` ends the attempt once
         the group is written. Nothing here awaits: the task that fired the action
         goes on with the next one of its host meanwhile."""
         attempt = action.attempt + 1
@@ -1238,7 +1238,7 @@ class _Ticket:
 
 @dataclass(slots=True)
 class _ReportGroup:
-    """Attempts reported in one turn of the event loop (``Processor._report_group``)."""
+    """Attempts reported together, written as one (``Processor._report_group``)."""
 
     # (action, its unstored entry, its retry) of each attempt: ``_reported`` ends
     # each once their results are acknowledged and their changes stored.
