@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shutil
 import sqlite3
 import threading
@@ -415,6 +416,30 @@ async def test_a_large_transaction_is_checkpointed_without_waiting_for_more_comm
         started = checkpoint()  # 60 rows changed since the start: over 50
         assert started is not None
         await started
+
+
+def size(path: Path) -> int:
+    return os.stat(path).st_size
+
+
+async def test_a_wal_grown_by_a_large_transaction_is_cut_back_after_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite keeps a WAL file at its largest unless told otherwise: one large
+    transaction (a million timers scheduled) would leave it that size for good."""
+    monkeypatch.setattr(writer_module, "WAL_SIZE_LIMIT_BYTES", 64 * 1024)
+    monkeypatch.setattr(writer_module, "CHECKPOINT_ROWS", 50)
+    path = tmp_path / "s.db"
+    wal = Path(f"{path}-wal")
+    async with Store(path) as store:
+        big = [(f"org/Potentials/r{n}", 0, b"x" * 2000) for n in range(500)]
+        await store.write(WriteBatch(snapshots=big))
+        assert size(wal) > 1024 * 1024
+        started = store.writer._checkpoint
+        assert started is not None
+        await started
+        await store.write(WriteBatch(new_actions=[action(1)]))  # starts the WAL over
+        assert size(wal) <= 64 * 1024
 
 
 async def test_a_file_that_is_no_database_is_refused_and_nothing_left_open(tmp_path: Path) -> None:

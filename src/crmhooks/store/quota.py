@@ -3,10 +3,10 @@
 Changelog records: ``q`` + SEP + org id + SEP + day, the count as decimal text (the
 total, read back after the increment: applying a record twice changes nothing).
 
-A day's row is purged, with a tombstone, once the day is over in every time zone
-with a day to spare, measured from the purge's cutoff (now less the finished
-actions' retention): no zone is more than 14 hours from UTC, so a day two days
-before the cutoff's UTC day can no longer be anyone's today.
+A purge (its cutoff: now less the finished actions' retention) keeps the days
+from two days before the cutoff's UTC day on, and forgets older ones, with
+tombstones: no time zone is more than 14 hours from UTC, so those are over
+everywhere, with a day to spare.
 """
 
 from __future__ import annotations

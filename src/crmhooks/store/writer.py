@@ -99,6 +99,7 @@ class Writer:
         self.path = path
         self.clock = clock
         self.tables: tuple[Table, ...] = ()
+        self._by_letter: dict[int, Table] = {}  # a changelog key's first byte → its table
         self._conn: aiosqlite.Connection | None = None  # reads, checkpoints: its own thread
         self._db: sqlite3.Connection | None = None  # the writer's, on the loop's thread
         self._checkpoint: asyncio.Task[None] | None = None
