@@ -87,6 +87,7 @@ async def assert_failed_for_good(store: Store, text: str) -> None:
     SQLite could take; ``until_failed`` raises it; reads go on."""
     assert store.failed is not None
     assert str(store.failed) == text
+    assert not store.failed.retriable
     commits = store.commits
     with pytest.raises(StoreError) as later:
         await store.write(WriteBatch(new_actions=[action(9)]))
@@ -198,6 +199,7 @@ async def test_an_error_of_one_transaction_fails_its_writes_only(tmp_path: Path)
         with pytest.raises(StoreError) as err:
             await store.write(WriteBatch(new_actions=[action(1)], steps=[broken]))
         assert str(err.value) == "store write failed: no such table: nowhere"
+        assert err.value.retriable
         assert store.failed is None
         assert await store.action_statuses(["e1:rule:Hook"]) == {}  # rolled back
         await store.write(WriteBatch(new_actions=[action(2)]))

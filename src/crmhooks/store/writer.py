@@ -26,10 +26,11 @@ last commits.
 file) is waited out. An error of the file itself — full disk (``database or disk
 is full``), read-only file or file system (``attempt to write a readonly
 database``), ``disk I/O error``, corruption — **fails** the store: it is logged
-once, ``failed`` holds it, ``until_failed`` raises it, and every later write
-fails at once with the same text instead of trying again (SPEC §10: the
-processor exits with the real error; a restart tries again). Any other error
-fails only the writes of that transaction.
+once, ``failed`` holds it (a StoreError that is not ``retriable``),
+``until_failed`` raises it, and every later write fails at once with the same
+text instead of trying again (SPEC §10: the processor exits with the real error;
+a restart tries again). Any other error fails only the writes of that
+transaction.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ class Writer:
         """``exc`` as the callers get it; an error of the file fails the store."""
         error = StoreError(f"store {what} failed: {exc}")
         error.__cause__ = exc
-        if is_fatal(exc) and self.failed is None:
+        error.retriable = not is_fatal(exc)
+        if not error.retriable and self.failed is None:
             self.failed = error
             self._failed.set()
             log.error(
@@ -230,6 +232,7 @@ class Writer:
         assert self.failed is not None
         error = StoreError(str(self.failed))
         error.__cause__ = self.failed.__cause__
+        error.retriable = False
         return error
 
     async def until_failed(self) -> NoReturn:
