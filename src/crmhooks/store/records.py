@@ -6,13 +6,16 @@ Changelog records: ``r`` + SEP + record key, the event as received (JSON);
 
 What is kept, and for how long:
 
-- A snapshot stays while a pending action of its record may fire (or be retried)
-  and, after that, for the finished actions' retention since it was last written
-  (``written_ms``), for a redelivery of a finished action; then the purge drops it,
-  with a tombstone. It is never dropped while a pending action of its record
-  exists: the purge's test and the insert of a pending action are in
-  transactions of the one writer, so either the action is there when the purge
-  looks, or its transaction writes the snapshot again after the purge.
+- A snapshot stays while an action of its record is pending (it renders the
+  action, and its retries, at fire time). Once none is, nothing of this version
+  reads it; it is purged, with a tombstone, once the finished actions' retention
+  has passed since it was last written (``written_ms``): a margin for a record
+  seen again soon, and for tools looking at recently finished actions. (So the
+  snapshot of a 30-day timer goes at the first purge after the timer ends.) It is
+  never purged while a pending action of its record exists: the purge's test and
+  the insert of a pending action are transactions of the one writer, so either
+  the action is there when the purge looks, or its transaction writes the
+  snapshot again after the purge.
 - A flag that is set (criteria met last time) stays as long as the record can
   have events: it is what makes the rule fire once. One that is cleared means the
   same as no flag; it is kept for the retention since it was cleared
