@@ -350,25 +350,28 @@ async def test_events_of_instant_rules_only_read_no_pending_actions(
         assert read == []
 
 
-async def test_a_report_that_cannot_be_produced_leaves_its_group_to_the_deadline(
+async def test_a_report_that_cannot_be_produced_is_tried_again_never_the_request(
     tmp_path: Path,
 ) -> None:
+    """SPEC §10: a request may repeat only after a crash. The broker refuses the
+    results three times: the report is tried again (after 0.5, 1 and 2 s), the
+    requests are not sent again, and the batch commits once the report is written."""
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, clock):
         await send_two(p, transport)
-        kafka.produce_failures = 1
+        kafka.produce_failures = 3
         transport.gate.set()
-        await until(lambda: fires_over(p), "both attempts end (in error)")
-        assert kafka.results == []
-        assert sorted(p.checkpoint.unstored_ids()) == [
-            "evt-1:won:Hook",
-            "evt-2:won:Hook",
-        ]  # not lost
-        assert kafka.committed == {}
-        clock.advance(INSTANT_COMMIT_WAIT_MS)
-        await until(lambda: kafka.committed == {0: 12}, "stored as pending, then committed")
+        for left, pause_ms in ((2, 500), (1, 1000), (0, 2000)):
+            await until(lambda left=left: kafka.produce_failures == left, "a produce fails")
+            await asyncio.sleep(0.01)
+            assert kafka.committed == {}
+            clock.advance(pause_ms)
+        await until(lambda: kafka.committed == {0: 12}, "reported, stored, then committed")
+        assert [r["status"] for r in kafka.results] == ["delivered", "delivered"]
+        assert transport.sent == ["evt-1:won:Hook", "evt-2:won:Hook"]  # each sent once
+        await until(lambda: fires_over(p), "both attempts end")
         statuses = dict(await rows(p.store, "actions"))
-        assert set(statuses) == {"evt-1:won:Hook", "evt-2:won:Hook"}
+        assert statuses == {"evt-1:won:Hook": "delivered", "evt-2:won:Hook": "delivered"}
 
 
 async def test_reading_pauses_over_the_budget_and_resumes_below_half(

@@ -321,15 +321,9 @@ class Dispatcher:
             else:
                 self._scheduler.fired(action, None)
             return
-        if unstored is not None:  # stored later (deadline, stop) as pending
+        # A stop, or a failure no retry mends (the store): the process is ending. The
+        # request is not sent again here; an instant action is stored as pending at the
+        # stop if it can be, and the next start sends it again (same webhook-id).
+        if unstored is not None:
             self._checkpoint.give_back(action.action_id, unstored)
-        again: Action | None = None
-        if isinstance(error, Exception):  # not a stop: fired again shortly
-            log.error(
-                "action %s: its result was not reported (%s); again in %d ms",
-                action.action_id,
-                error,
-                FIRE_ERROR_RETRY_MS,
-            )
-            again = replace(action, due_ms=self._clock.now_ms() + FIRE_ERROR_RETRY_MS)
-        self._scheduler.fired(action, again, keep=not self._stopping)
+        self._scheduler.fired(action, None, keep=False)

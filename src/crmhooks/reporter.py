@@ -30,6 +30,12 @@ from crmhooks.store import Store, WriteBatch
 
 log = logging.getLogger(__name__)
 
+# A report group that could not be written is tried again after this long, then
+# twice as long each time, up to REPORT_RETRY_MAX_MS: a broker outage of any length
+# is waited out with a line in the log every few seconds, not a flood.
+REPORT_RETRY_FIRST_MS = 500
+REPORT_RETRY_MAX_MS = 5_000
+
 # (topic, key, value) of one record to produce.
 Produced = tuple[str, bytes | None, bytes]
 # An attempt in a report group: the action, its unstored entry, its retry.
@@ -62,8 +68,12 @@ class Reporter:
         checkpoint: Checkpoint,
         clock: Clock,
         kafka: Callable[[], KafkaSettings],
+        fatal: Callable[[Exception], bool] = lambda exc: False,
     ) -> None:
+        """``fatal`` says which errors no retry can mend (a failed store: the process
+        must stop): a group failing with one ends its attempts in error."""
         self._store = store
+        self._fatal = fatal
         self._checkpoint = checkpoint
         self._clock = clock
         self._kafka = kafka
@@ -240,15 +250,43 @@ class Reporter:
         return group
 
     async def _write(self, group: ReportGroup, before: asyncio.Task[None] | None) -> None:
+        """Write a group: its results produced, then its changes stored; then each
+        attempt is ended. What fails is tried again, never the requests (SPEC §10:
+        a request may repeat only after a crash): the attempts stay in flight, and the
+        groups after this one wait, until it is written or the process stops."""
         if before is not None and not before.done():
             await asyncio.wait((before,))  # what it raised is its own reporters' concern
         self._open = None  # reports from now on go to the next group
         error: BaseException | None = None
-        try:
-            await self.produce(group.results)
-            await self._store.write(group.batch)
-        except BaseException as exc:  # a stop too: each attempt is ended, then it goes on
-            error = exc
+        produced = False
+        pause_ms = REPORT_RETRY_FIRST_MS
+        while True:
+            try:
+                if not produced:
+                    await self.produce(group.results)
+                    produced = True
+                await self._store.write(group.batch)
+                break
+            except Exception as exc:
+                if self._fatal(exc):
+                    error = exc
+                    break
+                log.error(
+                    "%d results %s (%s); trying again in %.1f s, their requests are not sent again",
+                    len(group.reporters),
+                    "not stored" if produced else "not produced",
+                    exc,
+                    pause_ms / 1000,
+                )
+                try:
+                    await self._clock.sleep_until(self._clock.now_ms() + pause_ms)
+                except BaseException as stop:  # a stop: each attempt is ended, then it goes on
+                    error = stop
+                    break
+                pause_ms = min(pause_ms * 2, REPORT_RETRY_MAX_MS)
+            except BaseException as exc:  # a stop: each attempt is ended, then it goes on
+                error = exc
+                break
         on_reported = self._on_reported
         assert on_reported is not None  # attached before any attempt is reported
         for action, unstored, retry in group.reporters:
