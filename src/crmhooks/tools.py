@@ -8,8 +8,8 @@ from typing import Any, TextIO
 
 import orjson
 
-from crmhooks.app import REPLAY_HEADER
 from crmhooks.config import Config
+from crmhooks.intake import REPLAY_HEADER
 from crmhooks.kafka_io import produce_records, read_topic
 
 
