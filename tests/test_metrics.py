@@ -216,3 +216,48 @@ def test_suppressed_log_lines_are_counted_by_logger() -> None:
     m.watch(suppressed_log_lines=lambda: {"aiokafka.conn": 250})
     got = scrape(m)["crmhooks_log_lines_suppressed"]
     assert got == {("crmhooks_log_lines_suppressed_total", (("logger", "aiokafka.conn"),)): 250}
+
+
+@pytest.mark.kafka
+async def test_consumer_lag_from_a_real_consumer_goes_to_zero_once_committed() -> None:
+    """End offsets as the consumer's fetches saw them, committed offsets read at
+    assignment (inside the callback, as the processor would) and after commits."""
+    import asyncio
+
+    from crmhooks.kafka_io import KafkaIO, produce_records
+    from tests.support import unique_kafka
+
+    kafka = unique_kafka(partitions=2)
+    m = Metrics(process_metrics=False)
+    kio: KafkaIO | None = None
+
+    async def on_assigned(partitions: set[int]) -> None:
+        assert kio is not None
+        m.lag.assigned(await kio.committed_offsets(partitions))
+
+    async def on_revoked(partitions: set[int]) -> None:
+        m.lag.revoked(partitions)
+
+    kio = KafkaIO(kafka, on_revoked, on_assigned)
+    async with kio:
+        m.lag.ends = kio.end_offsets_seen
+        await produce_records(
+            kafka.bootstrap_servers,
+            [(kafka.events_topic, f"org-{i}".encode(), b"{}") for i in range(20)],
+        )
+        read: dict[int, int] = {}
+        for _ in range(100):  # bounded: ~20 s at most
+            for partition, records in await kio.fetch(200, 500):
+                read[partition] = records[-1].offset + 1
+            if sum(read.values()) >= 20 and len(kio.end_offsets_seen()) == 2:
+                break
+            await asyncio.sleep(0)
+        assert sum(read.values()) == 20
+        assert kio.end_offsets_seen() == {p: read.get(p, 0) for p in (0, 1)}
+        assert sum(m.lag.sample().values()) == 20  # read, not committed: still lag
+        lag_text = generate_latest(m.registry).decode()
+        assert 'crmhooks_consumer_lag{partition="0"}' in lag_text
+        await kio.commit(read)
+        m.lag.committed_now(read)
+        assert m.lag.sample() == {0: 0, 1: 0}
+        assert await kio.committed_offsets([0, 1]) == {p: read.get(p) for p in (0, 1)}
