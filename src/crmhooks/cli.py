@@ -1,4 +1,4 @@
-"""The command line: run, check-config, preview, replay-dlq, resume, tail."""
+"""The command line: run, check-config, preview, explain, replay-dlq, resume, tail."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from crmhooks.actions import action_ids
 from crmhooks.config import Config, load_config
 from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent
 from crmhooks.events import RecordEvent, decode_event
+from crmhooks.explain import StoredState
 from crmhooks.logs import LOG_LEVELS, configure_logging
 from crmhooks.templates import CompiledWebhook, RenderContext
 
@@ -207,6 +208,58 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """For each rule of the event's organisation and module: matched or not, and why."""
+    import time
+
+    from crmhooks.explain import explain_event, render
+
+    config = _load(args.config)
+    try:
+        event = _preview_event(args.event, config.kafka.max_event_bytes)
+    except _PreviewError as exc:
+        print(f"explain: {exc}", file=sys.stderr)
+        return _PREVIEW_USAGE_ERROR
+    state = _stored_state(config, event)
+    now_ms = int(time.time() * 1000)
+    print(render(config, event, explain_event(config, event, now_ms=now_ms, state=state), state))
+    return 0
+
+
+def _stored_state(config: Config, event: RecordEvent) -> StoredState | None:
+    """The store's repeat=once flags and suspensions for the event, when the config's
+    store is on this machine (never created here); None when it is not, or unreadable."""
+    from crmhooks.rules import RuleIndex
+    from crmhooks.store import Store
+    from crmhooks.workflow import once_key
+
+    path = Path(config.store.path)
+    if not path.is_file():
+        return None
+    rules = RuleIndex(config.rules, config.catalog).candidates(event.org_id, event.module)
+
+    async def read() -> StoredState:
+        async with Store(path) as store:
+            keys = {once_key(r.id, event.record_key): r.id for r in rules if r.repeat == "once"}
+            flags = await store.once_states(list(keys)) if keys else {}
+            table = await store.suspension_table()
+        return StoredState(
+            source=f"the store {path}",
+            once_met={keys[k]: met for k, met in flags.items()},
+            suspended=frozenset(
+                (rule, webhook)
+                for (org, rule, webhook), (_, suspended, _) in table.items()
+                if org == event.org_id and suspended
+            ),
+        )
+
+    try:
+        return asyncio.run(read())
+    except CrmhooksError as exc:
+        print(f"explain: note: store not read ({exc})", file=sys.stderr)
+        return None
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from crmhooks.store import Store
 
@@ -281,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", required=True)
     p.add_argument("--event", required=True, help="a JSON file holding one record event")
     p.set_defaults(func=cmd_preview)
+    p = command("explain", "why each rule of an event's organisation matched it or not")
+    p.add_argument("--event", required=True, help="a JSON file holding one record event")
+    p.set_defaults(func=cmd_explain)
     p = command("replay-dlq", "re-publish dead-lettered events to the events topic")
     p.add_argument("--error-code", help="only dead letters with this error_code")
     p.add_argument("--timeout-s", type=float, default=5.0, help="stop after this long idle")
