@@ -222,7 +222,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return _PREVIEW_USAGE_ERROR
     state = _stored_state(config, event)
     now_ms = int(time.time() * 1000)
-    print(render(config, event, explain_event(config, event, now_ms=now_ms, state=state), state))
+    print(
+        render(config, event, explain_event(config, event, now_ms=now_ms, state=state), state),
+        end="",
+    )
     return 0
 
 
