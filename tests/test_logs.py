@@ -19,6 +19,8 @@ from crmhooks.logs import (
     configure_logging,
     escape_controls,
     log_context,
+    reset_log_context,
+    set_log_context,
     suppressed_counts,
 )
 
@@ -117,9 +119,15 @@ def test_json_lines_parse_one_object_a_line_with_the_ids_known(stream: io.String
     with log_context(org_id="org-x", event_id="evt-9"):
         log.info("planned %s", "x\ny", extra={"action_id": "evt-9:r:W"})
     log.info("no ids here")
+    token = set_log_context(org_id="org-y", action_id="evt-2:r:W")
+    log.info("in context")
+    reset_log_context(token)
+    log.info("out of it")
     records = [json.loads(line) for line in lines(stream)]
-    assert len(records) == 4
-    first, second, third, fourth = records
+    assert len(records) == 6
+    first, second, third, fourth, fifth, sixth = records
+    assert (fifth["org_id"], fifth["action_id"]) == ("org-y", "evt-2:r:W")
+    assert "org_id" not in sixth
     assert TS_RE.fullmatch(first["ts"])
     assert first["level"] == "INFO"
     assert first["logger"] == "crmhooks.app"

@@ -9,8 +9,10 @@ Every line comes out of one of two formatters (``configure_logging``):
 
 Where the ids come from, cheapest first: ``extra=about(action)`` on the log call
 (the object is read only if the line is written); ``extra={"action_id": ...}``;
-or ``with log_context(org_id=..., event_id=...)`` around a piece of work (a
-contextvar: per asyncio task, ~0.3 µs to set and reset).
+or ``set_log_context(org_id=..., event_id=...)`` / ``reset_log_context(token)``
+around a piece of work (a contextvar, per asyncio task: about 1 µs the pair; the
+``with log_context(...)`` form costs ~6 µs, fine off the hot path). On the hot
+path ``extra=about(action)`` is cheapest: nothing is read unless the line is written.
 
 **Escaping.** Text that came from events or receivers (field names, reason
 phrases, error messages) may hold control characters: a newline would forge a
@@ -110,6 +112,17 @@ def about(obj: object) -> dict[str, object]:
     """``extra=about(action)``: the line is about this action (or event); its ids are
     read from it only if the line is written."""
     return {"about": obj}
+
+
+def set_log_context(**fields: Any) -> contextvars.Token[Mapping[str, Any]]:
+    """Lines logged from now on in this task carry these ids (``org_id``, ``event_id``,
+    ``action_id``), until ``reset_log_context(token)``. About 1 µs the pair; a ``with
+    log_context()`` costs ~6 µs (a generator)."""
+    return _context.set({**_context.get(), **fields})
+
+
+def reset_log_context(token: contextvars.Token[Mapping[str, Any]]) -> None:
+    _context.reset(token)
 
 
 @contextlib.contextmanager
