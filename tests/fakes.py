@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,12 @@ class FakeKafka:
         nothing: list[tuple[int, bytes, bytes | None]] = []
         for record in nothing:
             yield record
+
+    async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]:
+        return {p: self.committed.get(p) for p in partitions}
+
+    def end_offsets_seen(self) -> dict[int, int]:
+        return {}
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
         self.fetches += 1

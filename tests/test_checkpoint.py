@@ -9,6 +9,7 @@ from pathlib import Path
 from crmhooks.checkpoint import Checkpoint
 from crmhooks.clock import FakeClock
 from crmhooks.errors import KafkaIOError
+from crmhooks.metrics import Metrics
 from crmhooks.store import Store
 
 
@@ -33,7 +34,7 @@ async def checkpoint(
     tmp_path: Path, kafka: FakeKafka, owned: set[int]
 ) -> AsyncIterator[tuple[Checkpoint, set[int]]]:
     async with Store(tmp_path / "s.db") as store:
-        c = Checkpoint(store, FakeClock(0), owned.__contains__)
+        c = Checkpoint(store, FakeClock(0), owned.__contains__, Metrics(process_metrics=False))
         c.attach(kafka)
         yield c, owned
 

@@ -45,16 +45,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Protocol
 
+from crmhooks.admin import Liveness, Readiness
 from crmhooks.checkpoint import Checkpoint, Committer
 from crmhooks.clock import Clock
 from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
 from crmhooks.dispatch import Dispatcher
+from crmhooks.errors import KafkaIOError
 from crmhooks.intake import REPLAY_HEADER, Intake
 from crmhooks.kafka_io import Fetched
+from crmhooks.metrics import Metrics
 from crmhooks.quota import QuotaLedger
 from crmhooks.reporter import Producer, Reporter
 from crmhooks.scheduler import Scheduler
@@ -74,12 +77,19 @@ FETCH_MAX_RECORDS = 500
 FETCH_TIMEOUT_MS = 200
 # How often finished actions past their retention are forgotten.
 PURGE_EVERY_MS = 3_600_000
+# How often the pending actions gauge is counted again (Prometheus scrapes every
+# 15 s by default: one count a scrape, at most).
+GAUGE_EVERY_MS = 15_000
 
 
 class Kafka(Committer, Producer, Protocol):
     """What the processor needs of ``kafka_io.KafkaIO``."""
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched: ...
+
+    async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]: ...
+
+    def end_offsets_seen(self) -> dict[int, int]: ...
 
     async def produce_changelog(
         self, records: Sequence[ChangelogRecord]
@@ -94,23 +104,37 @@ class Processor:
     """Wires the parts and orders their effects; owns which partitions are here."""
 
     def __init__(
-        self, config: Config | LiveConfig, store: Store, transport: Transport, clock: Clock
+        self,
+        config: Config | LiveConfig,
+        store: Store,
+        transport: Transport,
+        clock: Clock,
+        *,
+        metrics: Metrics | None = None,
+        readiness: Readiness | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.config = config if isinstance(config, LiveConfig) else LiveConfig.of(config)
         self.store = store
         self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics(process_metrics=False)
+        self.readiness = readiness if readiness is not None else Readiness()
+        self.liveness = liveness if liveness is not None else Liveness(self.readiness)
+        metrics = self.metrics
         self._owned: set[int] = set()
         owns = self._owned.__contains__
         self._lock = asyncio.Lock()  # one batch at a time; rebalances wait for it
         self._kafka: Kafka | None = None
         live = self.config
-        self.checkpoint = Checkpoint(store, clock, owns)
+        self.checkpoint = Checkpoint(store, clock, owns, metrics)
         self.scheduler = Scheduler(store, clock, owns)
         self.quota = QuotaLedger(
             store, lambda: live.current.config.quota, lambda org_id: live.current.org(org_id)
         )
         self.suspensions = Suspensions(store, lambda: live.current)
-        self.reporter = Reporter(store, self.checkpoint, clock, lambda: live.current.config.kafka)
+        self.reporter = Reporter(
+            store, self.checkpoint, clock, lambda: live.current.config.kafka, metrics
+        )
         self.dispatcher = Dispatcher(
             live,
             self.scheduler,
@@ -121,10 +145,18 @@ class Processor:
             transport,
             clock,
             owns,
+            metrics,
         )
         self.intake = Intake(live, store, self.scheduler, self.suspensions, self.reporter, owns)
         self.events = 0
         self.batches = 0
+        self._pending_actions = 0  # stored and not finished: refreshed by _gauge_loop
+        metrics.watch(
+            pending_actions=lambda: self._pending_actions,
+            suspended_webhooks=self.suspensions.suspended_count,
+            requests_in_flight=self.dispatcher.requests_in_flight,
+            store_commits=lambda: store.commits,
+        )
 
     def __repr__(self) -> str:
         return f"Processor(partitions={sorted(self._owned)}, {self.scheduler!r})"
@@ -152,6 +184,7 @@ class Processor:
         self.store.changelog = kafka.produce_changelog
         self.checkpoint.attach(kafka)
         self.reporter.attach(kafka)
+        self.metrics.lag.ends = kafka.end_offsets_seen
         self.scheduler.start(self.clock.now_ms())
         if partitions:
             self._owned |= partitions
@@ -161,14 +194,17 @@ class Processor:
     async def run(self, kafka: Kafka, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then stop gracefully (SPEC §10)."""
         self.attach(kafka)
+        self.readiness.set_waiting()
         await self.suspensions.load()
         consume = asyncio.create_task(self._consume_loop(stop), name="consume")
+        self.liveness.watch(consume)
         helpers = [
             asyncio.create_task(self.dispatcher.loop(), name="fire"),
             asyncio.create_task(self.scheduler.refill_loop(self._partitions), name="refill"),
             asyncio.create_task(self.suspensions.poll_loop(), name="resume-poll"),
             asyncio.create_task(self.checkpoint.deadline_loop(), name="unstored-deadline"),
             asyncio.create_task(self._purge_loop(), name="purge"),
+            asyncio.create_task(self._gauge_loop(), name="gauges"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
@@ -179,6 +215,7 @@ class Processor:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
             log.info("stopping: no more fetching, finishing in-flight requests")
+            self.readiness.set_stopping()
             self.dispatcher.stop()
             stop.set()
             self.checkpoint.release_reader()  # a consume loop waiting for the budget sees it
@@ -214,6 +251,7 @@ class Processor:
     # -- partitions -----------------------------------------------------------
 
     async def on_revoked(self, partitions: set[int]) -> None:
+        self.readiness.set_rebalancing()
         async with self._lock:  # never in the middle of a batch
             # Every batch's actions stored, so every offset can be committed: what
             # was processed is not processed again by the next owner.
@@ -223,6 +261,7 @@ class Processor:
             self._owned -= partitions
             await self.quota.release(partitions)
             self.scheduler.drop_partitions(partitions)
+            self.metrics.lag.revoked(partitions)
             log.info("partitions revoked: %s", sorted(partitions))
 
     async def on_assigned(self, partitions: set[int]) -> None:
@@ -231,7 +270,9 @@ class Processor:
         async with self._lock:
             new = partitions - self._owned
             if not new:
+                self.readiness.set_ready(self._owned)
                 return
+            self.readiness.set_restoring(new)
             # Another process, maybe on another machine, may have owned these partitions
             # meanwhile: their rows come from the changelog first, and counters and
             # suspensions are read again rather than trusted from memory.
@@ -244,12 +285,18 @@ class Processor:
             await self.suspensions.load()
             self._owned |= new
             loaded = await self.scheduler.load(sorted(new))
+            try:
+                self.metrics.lag.assigned(await self.kafka.committed_offsets(new))
+            except KafkaIOError as exc:  # only the lag gauge misses them until a commit
+                log.warning("committed offsets of %s not read: %s", sorted(new), exc)
             log.info("partitions assigned: %s (%d actions due soon)", sorted(new), loaded)
+            self.readiness.set_ready(self._owned)
 
     # -- consuming ------------------------------------------------------------
 
     async def _consume_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.liveness.beat()
             self.checkpoint.raise_if_commit_failed()
             if not self.checkpoint.may_read():  # over the budget of unstored actions
                 await self.checkpoint.until_may_read()
@@ -266,6 +313,10 @@ class Processor:
         now_ms = self.clock.now_ms()
         plan = await self.intake.plan(fetched, now_ms)
         self.events += plan.read
+        events = self.metrics.events
+        events.inc("planned", plan.planned)
+        events.inc("dead_lettered", plan.dead_lettered)
+        events.inc("ignored", plan.read - plan.planned - plan.dead_lettered)
         # 1. store, 2. produce, 3. flush (see the module docstring for why).
         await self.store.write(plan.batch)
         await self.reporter.produce(plan.out)
@@ -277,6 +328,13 @@ class Processor:
             if action.action_id not in plan.heap_gone:
                 self.scheduler.push(action)
         self.batches += 1
+
+    async def _gauge_loop(self) -> None:
+        """The pending actions gauge, read from the store every GAUGE_EVERY_MS (a count
+        over the pending index, on aiosqlite's thread: too dear for every scrape)."""
+        while True:
+            self._pending_actions = await self.store.count_pending()
+            await self.clock.sleep_until(self.clock.now_ms() + GAUGE_EVERY_MS)
 
     async def _purge_loop(self) -> None:
         """Finished actions past their retention are forgotten, every PURGE_EVERY_MS."""

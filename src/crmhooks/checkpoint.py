@@ -28,6 +28,7 @@ from typing import Protocol
 from crmhooks.actions import Action
 from crmhooks.clock import Clock
 from crmhooks.errors import KafkaIOError
+from crmhooks.metrics import Metrics
 from crmhooks.store import Store, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,11 @@ class Checkpoint:
     """Owns the batches not yet committed, the offsets to commit and the unstored
     instant actions; ``owns`` says which partitions are still this process's."""
 
-    def __init__(self, store: Store, clock: Clock, owns: Callable[[int], bool]) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, owns: Callable[[int], bool], metrics: Metrics
+    ) -> None:
         self._store = store
+        self._metrics = metrics
         self._clock = clock
         self._owns = owns
         self._committer: Committer | None = None
@@ -263,8 +267,10 @@ class Checkpoint:
                 for p, o in offsets.items():
                     self._to_commit[p] = max(o, self._to_commit.get(p, 0))
                 self.commit_failures += 1
+                self._metrics.commit_failures += 1
                 log.warning("offsets %s not committed, tried again with the next: %s", offsets, exc)
                 return
+            self._metrics.lag.committed_now(offsets)
 
     def raise_if_commit_failed(self) -> None:
         """A commit task that ended with an exception: only a bug raises there."""

@@ -30,6 +30,7 @@ from crmhooks.clock import Clock
 from crmhooks.delivery import Outcome, Transport
 from crmhooks.errors import TemplateError
 from crmhooks.events import RecordEvent
+from crmhooks.metrics import Metrics
 from crmhooks.quota import QuotaLedger
 from crmhooks.reporter import Reporter
 from crmhooks.scheduler import Scheduler
@@ -61,8 +62,10 @@ class Dispatcher:
         transport: Transport,
         clock: Clock,
         owns: Callable[[int], bool],
+        metrics: Metrics,
     ) -> None:
         self._config = config
+        self._metrics = metrics
         self._scheduler = scheduler
         self._quota = quota
         self._suspensions = suspensions
@@ -85,6 +88,10 @@ class Dispatcher:
         """No action being fired."""
         return not self._tasks
 
+    def requests_in_flight(self) -> int:
+        """Actions holding a slot of their host: being rendered, sent or answered."""
+        return sum(self._host_active.values())
+
     def stop(self) -> None:
         """Fire nothing more: the loop ends, queued actions stay for the next start."""
         self._stopping = True
@@ -95,7 +102,11 @@ class Dispatcher:
         scheduler = self._scheduler
         while not self._stopping:
             per_host = self._config.current.config.delivery.max_in_flight_per_host
-            for action in scheduler.due(self._clock.now_ms()):
+            now_ms = self._clock.now_ms()
+            lateness = self._metrics.timer_lateness
+            for action in scheduler.due(now_ms):
+                if action.kind == "scheduled" or action.attempt:  # timers, not instant sends
+                    lateness.observe(max(0, now_ms - action.due_ms) / 1000)
                 target = self._config.current.target(action.org_id, action.webhook)
                 host = _REMOVED_HOST if target is None else target.host
                 free = self._host_active.get(host, 0) < per_host
@@ -216,6 +227,8 @@ class Dispatcher:
             await asyncio.shield(storing)
         outcome = await self._transport.send(action.action_id, request, target.webhook.secret)
         release_host()
+        if outcome.sent_at_ms is not None:
+            self._metrics.delivery.observe(outcome.error_class or "none", outcome.latency_ms / 1000)
         if outcome.sent_at_ms is None:  # refused before sending: not counted, not retried
             await quota.give_back(action.org_id, day, action.partition)
             if outcome.error_class != "ssrf_blocked":  # a header or URL we could not send

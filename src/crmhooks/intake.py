@@ -40,6 +40,8 @@ class BatchPlan:
 
     next_offsets: dict[int, int] = field(default_factory=dict)  # partition → next offset
     read: int = 0  # events read (of owned partitions)
+    planned: int = 0  # of them, events some rule acts on
+    dead_lettered: int = 0  # of them, invalid events (poison pills)
     batch: WriteBatch = field(default_factory=WriteBatch)  # 1. to store
     out: list[Produced] = field(default_factory=list)  # 2. to produce
     heap_new: list[Action] = field(default_factory=list)  # to push, in plan order
@@ -95,12 +97,14 @@ class Intake:
                     event = decode_wanted_event(rec.value, needs_planning, max_bytes)
                 except InvalidEvent as exc:
                     out.append(self._reporter.poison(partition, rec, exc, now_ms))
+                    plan.dead_lettered += 1
                     continue
                 if event is not None:
                     module = canonical(event.module)
                     # Calls, Notes and modules no rule can name: consumed, ignored.
                     if module is not None and event.module not in UNSUPPORTED_MODULES:
                         todo.append((partition, rec, event, module))
+        plan.planned = len(todo)
         if todo:
             await self._plan_events(snapshot, todo, now_ms, plan)
         return plan

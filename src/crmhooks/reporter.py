@@ -25,6 +25,7 @@ from crmhooks.delivery import Outcome
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord
+from crmhooks.metrics import Metrics
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.store import Store, WriteBatch
 
@@ -68,6 +69,7 @@ class Reporter:
         checkpoint: Checkpoint,
         clock: Clock,
         kafka: Callable[[], KafkaSettings],
+        metrics: Metrics,
         fatal: Callable[[Exception], bool] = lambda exc: False,
     ) -> None:
         """``fatal`` says which errors no retry can mend (a failed store: the process
@@ -77,6 +79,7 @@ class Reporter:
         self._checkpoint = checkpoint
         self._clock = clock
         self._kafka = kafka
+        self._metrics = metrics
         self._producer: Producer | None = None
         self._on_reported: OnReported | None = None
         self._open: ReportGroup | None = None  # attempts reported, not written yet
@@ -121,6 +124,7 @@ class Reporter:
     def result(self, action: Action, status: str, *, reason: str | None = None) -> Produced:
         """The result record of an action that changed without being sent."""
         rec = result_record(action, status, reason=reason)
+        self._metrics.actions.inc(status)
         return (self._kafka().results_topic, action.org_id.encode(), encode(rec))
 
     def attempt_result(
@@ -141,11 +145,13 @@ class Reporter:
             next_attempt_ms=next_attempt_ms,
             request=request,
         )
+        self._metrics.actions.inc(status)
         return (self._kafka().results_topic, action.org_id.encode(), encode(rec))
 
     def poison(self, partition: int, rec: BatchRecord, exc: InvalidEvent, now_ms: int) -> Produced:
         """The dead letter of an event that cannot be processed."""
         self.dead_letters += 1
+        self._metrics.dead_letters.inc("internal_process_error")
         log.warning("dead letter: partition %d offset %d: %s", partition, rec.offset, exc.message)
         kafka = self._kafka()
         letter = dead_letter(
@@ -183,6 +189,7 @@ class Reporter:
             webhook=action.webhook,
         )
         self.dead_letters += 1
+        self._metrics.dead_letters.inc(code)
         return (kafka.dlq_topic, action.org_id.encode(), encode(letter))
 
     # -- an action ended without a request ------------------------------------------
@@ -200,6 +207,7 @@ class Reporter:
         """Report a final status reached without sending (suspended, quota, template
         failure, config removed): result (and dead letters) produced, then stored."""
         rec = result_record(action, status, reason=reason, error_class=error_class, error=error)
+        self._metrics.actions.inc(status)
         out: list[Produced] = [(self._kafka().results_topic, action.org_id.encode(), encode(rec))]
         await self.produce([*out, *extra])
         unstored = self._checkpoint.take_unstored(action.action_id)  # stored here now
