@@ -77,8 +77,10 @@ def authority_problems(parts: SplitResult) -> list[str]:
 
 
 def _is_ipv6(text: str) -> bool:
+    if "%" in text:  # a zone id (fe80::1%eth0) names an interface of this machine
+        return False
     try:
-        ipaddress.IPv6Address(text)  # refuses zone ids (fe80::1%eth0): not routable
+        ipaddress.IPv6Address(text)
     except ValueError:
         return False
     return True
