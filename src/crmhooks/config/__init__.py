@@ -22,7 +22,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
@@ -122,8 +122,8 @@ __all__ = [
     "load_config",
 ]
 
-TRIGGERS: frozenset[str] = frozenset({"create", "edit", "create_or_edit", "field_update", "delete"})
-REPEATS: frozenset[str] = frozenset({"once", "every"})
+TRIGGERS: frozenset[str] = frozenset(get_args(Trigger))
+REPEATS: frozenset[str] = frozenset(get_args(Repeat))
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

@@ -54,6 +54,8 @@ def _translate(message: str, path: str) -> tuple[str, str]:
     match = _AT_RE.match(message)
     assert match is not None  # the pattern matches any text
     where = (match.group("path") or "").lstrip(".")
+    if not where:
+        return path, match.group("message")
     if where.startswith("["):
         return f"{path}{where}", match.group("message")
     return join(path, where), match.group("message")
@@ -135,7 +137,8 @@ def _explain_union(value: Any, tp: Any, path: str, problems: Problems) -> bool:
         if tag_field not in value:
             problems.add(p, f"required: {_choices(list(map(str, tagged)))}")
             return False
-        shape = tagged.get(value[tag_field])
+        tag = value[tag_field]
+        shape = tagged.get(tag) if isinstance(tag, str) else None
         if shape is None:
             problems.add(p, f"must be {_choices(list(map(str, tagged)))}")
             return False
