@@ -7,7 +7,7 @@ of crmhooks.config.sections, .webhooks and .rules run on what decoded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -52,6 +52,7 @@ from crmhooks.settings import (
 )
 
 S = TypeVar("S", bound=msgspec.Struct)
+T = TypeVar("T")
 
 # Errors are listed in this order of sections (then of items within one).
 _SECTIONS = (
@@ -94,26 +95,26 @@ def validate_file(raw: Any, env: Mapping[str, str], ctx: Context) -> Draft:
     problems.position = (_RANK["custom_modules"], 0)
     custom = sections.custom_modules(raw.get("custom_modules", []), problems)
     ctx.catalog = ModuleCatalog(custom)
-    kafka = _section(raw, "kafka", KafkaShape, ctx)
-    store = _section(raw, "store", StoreShape, ctx)
-    delivery = _section(raw, "delivery", DeliveryShape, ctx)
-    quota = _section(raw, "quota", QuotaShape, ctx)
-    limits = _section(raw, "limits", LimitsShape, ctx)
-    admin = _section(raw, "admin", AdminShape, ctx)
-    log = _section(raw, "log", LogShape, ctx)
-    ctx.limits = Limits() if limits is None else sections.limits(limits)
-    problems.position = (_RANK["kafka"], 0)
-    kafka_settings = KafkaSettings() if kafka is None else sections.kafka(kafka, env, ctx)
-    problems.position = (_RANK["store"], 0)
-    store_settings = StoreSettings() if store is None else sections.store(store, env, problems)
-    problems.position = (_RANK["delivery"], 0)
-    delivery_settings = (
-        DeliverySettings() if delivery is None else sections.delivery(delivery, problems)
+    ctx.limits = _table(raw, "limits", LimitsShape, ctx, sections.limits, Limits)
+    kafka = _table(
+        raw, "kafka", KafkaShape, ctx, lambda s: sections.kafka(s, env, ctx), KafkaSettings
     )
-    problems.position = (_RANK["admin"], 0)
-    admin_settings = AdminSettings() if admin is None else sections.admin(admin, problems)
-    problems.position = (_RANK["log"], 0)
-    log_settings = LogSettings() if log is None else sections.log(log, problems)
+    store = _table(
+        raw, "store", StoreShape, ctx, lambda s: sections.store(s, env, problems), StoreSettings
+    )
+    delivery = _table(
+        raw,
+        "delivery",
+        DeliveryShape,
+        ctx,
+        lambda s: sections.delivery(s, problems),
+        DeliverySettings,
+    )
+    quota = _table(raw, "quota", QuotaShape, ctx, sections.quota, QuotaSettings)
+    admin = _table(
+        raw, "admin", AdminShape, ctx, lambda s: sections.admin(s, problems), AdminSettings
+    )
+    log = _table(raw, "log", LogShape, ctx, lambda s: sections.log(s, problems), LogSettings)
     orgs = _orgs(raw.get("orgs", []), ctx)
     refs: dict[str, WebhookRef] = {}
     draft = Draft(Config())
@@ -121,26 +122,34 @@ def validate_file(raw: Any, env: Mapping[str, str], ctx: Context) -> Draft:
     rules = _rules(raw.get("rules", []), refs, set(), ctx)
     alerts = _alerts(raw, refs, ctx)
     draft.config = Config(
-        kafka=kafka_settings,
-        store=store_settings,
-        delivery=delivery_settings,
-        quota=QuotaSettings() if quota is None else sections.quota(quota),
+        kafka=kafka,
+        store=store,
+        delivery=delivery,
+        quota=quota,
         orgs=orgs,
         webhooks=webhooks,
         rules=rules,
         custom_modules=custom,
         limits=ctx.limits,
-        admin=admin_settings,
-        log=log_settings,
+        admin=admin,
+        log=log,
         alerts=alerts,
     )
     return draft
 
 
-def _section(raw: Mapping[str, Any], key: str, shape: type[S], ctx: Context) -> S | None:
+def _table(
+    raw: Mapping[str, Any],
+    key: str,
+    shape: type[S],
+    ctx: Context,
+    build: Callable[[S], T],
+    default: Callable[[], T],
+) -> T:
+    """A single table: decoded, checked and built; its defaults when it cannot be."""
     ctx.problems.position = (_RANK[key], 0)
     decoded, _ = decode(raw.get(key, {}), shape, key, ctx.problems)
-    return decoded
+    return default() if decoded is None else build(decoded)
 
 
 def items(value: Any, key: str, problems: Problems) -> list[tuple[int, Mapping[str, Any]]]:
@@ -259,20 +268,26 @@ def _rules(
 
 
 def _alerts(raw: Mapping[str, Any], refs: Mapping[str, WebhookRef], ctx: Context) -> AlertSettings:
-    shape = _section(raw, "alerts", AlertsShape, ctx)
-    if shape is None or not shape.webhook:
+    return _table(
+        raw, "alerts", AlertsShape, ctx, lambda s: check_alerts(s.webhook, refs, ctx), AlertSettings
+    )
+
+
+def check_alerts(webhook: str, refs: Mapping[str, WebhookRef], ctx: Context) -> AlertSettings:
+    """Alerts go to a declared webhook without organisation ("" = no alerts)."""
+    if not webhook:
         return AlertSettings()
-    ref = refs.get(shape.webhook)
+    ref = refs.get(webhook)
     if ref is None:
-        ctx.problems.add("alerts.webhook", f"unknown webhook {shape.webhook!r}")
+        ctx.problems.add("alerts.webhook", f"unknown webhook {webhook!r}")
     elif ref.org is not None:
         # Alerts tell the operator about every organisation: never to one org's receiver.
         ctx.problems.add(
             "alerts.webhook",
-            f"webhook {shape.webhook!r} belongs to organisation {ref.org!r}; "
+            f"webhook {webhook!r} belongs to organisation {ref.org!r}; "
             "alerts need a webhook without org",
         )
-    return AlertSettings(webhook=shape.webhook)
+    return AlertSettings(webhook=webhook)
 
 
 @dataclass(slots=True)

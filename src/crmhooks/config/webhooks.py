@@ -101,7 +101,7 @@ def build_webhook(label: str, shape: WebhookShape, ctx: Context) -> Webhook | No
         name=shape.name,
         url=shape.url,
         module=module,
-        method=method,  # type: ignore[arg-type]  # checked above
+        method="GET" if method == "GET" else "POST",
         description=shape.description,
         org=org,
         secret=secret,
