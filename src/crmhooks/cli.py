@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 from crmhooks import __version__
 from crmhooks.actions import action_ids
-from crmhooks.config import Config, load_config
+from crmhooks.config import Config, config_warnings, load_config
 from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent
 from crmhooks.events import RecordEvent, decode_event
 from crmhooks.explain import StoredState
@@ -105,8 +105,11 @@ def _count(n: int, noun: str) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Exit 0 with a one-line summary; an invalid config raises ConfigError (main: exit 1)."""
+    """Exit 0 with a one-line summary (and warnings on stderr); an invalid config raises
+    ConfigError (main: exit 1)."""
     config = _load(args.config)
+    for warning in config_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     instant = sum(1 for rule in config.rules if rule.instant is not None)
     scheduled = sum(len(rule.scheduled) for rule in config.rules)
     print(

@@ -40,9 +40,9 @@ from zoneinfo import ZoneInfo
 import msgspec
 import orjson
 
-from crmhooks.config import Webhook
 from crmhooks.errors import TemplateError
 from crmhooks.modules import ORG_NAMESPACES, USER_NAMESPACES, ModuleCatalog
+from crmhooks.settings import Webhook
 
 
 @dataclass(frozen=True, slots=True)
