@@ -40,10 +40,8 @@ def run_log_settings(config: Config, level_override: str | None) -> tuple[str, s
     """(format, level) for `crmhooks run`: the config's [log] section; a level given by
     --log-level or CRMHOOKS_LOG_LEVEL wins over the file's (as the environment's
     connection settings do), so one run can be made verbose without editing it."""
-    settings = getattr(config, "log", None)  # LogSettings(format, level), when present
-    fmt = str(getattr(settings, "format", "text") or "text")
-    level = level_override or str(getattr(settings, "level", "INFO") or "INFO")
-    return fmt, level.upper()
+    level = level_override or config.log.level
+    return config.log.format, level.upper()
 
 
 LOG_LEVEL_ENV = "CRMHOOKS_LOG_LEVEL"

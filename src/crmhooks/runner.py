@@ -35,7 +35,7 @@ async def run_processor(
     metrics.watch(suppressed_log_lines=suppressed_counts)
     # [admin] listen ("" by default: off); the endpoint starts first, so that /readyz
     # says "starting" while Kafka is connected.
-    listen = getattr(getattr(config, "admin", None), "listen", "")
+    listen = config.admin.listen
     async with (
         serving(listen, metrics, readiness, liveness) as admin,
         Store(config.store.path) as store,
