@@ -10,13 +10,14 @@ from crmhooks.app import Processor
 from crmhooks.clock import FakeClock
 from crmhooks.config import Config
 from crmhooks.delivery import Outcome
+from crmhooks.endpoints import Endpoint
 from crmhooks.errors import KafkaIOError
 from crmhooks.store import Store
 from crmhooks.templates import RenderedRequest
 
 
 class NoTransport:
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
         raise AssertionError("nothing is sent in these tests")
 
 

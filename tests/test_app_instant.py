@@ -22,6 +22,7 @@ from crmhooks.app import INSTANT_COMMIT_WAIT_MS, Processor
 from crmhooks.clock import FakeClock
 from crmhooks.config import Config, config_from_mapping
 from crmhooks.delivery import Outcome
+from crmhooks.endpoints import Endpoint
 from crmhooks.errors import ProduceError
 from crmhooks.kafka_io import BatchRecord, Fetched
 from crmhooks.store import Store
@@ -124,7 +125,7 @@ class GatedTransport:
             self.gate.set()
         self.sent: list[str] = []
 
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
         self.sent.append(action_id)
         await self.gate.wait()
         return Outcome(None, 200, None, 1.0, NOW_MS)
@@ -320,7 +321,7 @@ class OneByOneTransport(GatedTransport):
     def answer(self, action_id: str) -> None:
         self.answered.setdefault(action_id, asyncio.Event()).set()
 
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
         self.sent.append(action_id)
         answered = self.answered.setdefault(action_id, asyncio.Event())
         waits = {asyncio.ensure_future(answered.wait()), asyncio.ensure_future(self.gate.wait())}

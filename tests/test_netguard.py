@@ -17,6 +17,7 @@ from crmhooks import delivery
 from crmhooks.clock import FakeClock
 from crmhooks.config import DeliverySettings
 from crmhooks.delivery import HttpTransport
+from crmhooks.endpoints import PLAIN
 from crmhooks.errors import DeliveryRefused
 from crmhooks.netguard import check_url, is_blocked_ip, parse_legacy_ipv4
 from crmhooks.templates import RenderedRequest
@@ -294,7 +295,7 @@ async def test_guard_refuses_loopback_and_sends_nothing(receiver: Receiver) -> N
             f"http://[::ffff:127.0.0.1]:{receiver.port}/hook",
             f"http://receiver.test:{receiver.port}/hook",
         ):
-            outcome = await transport.send("a1", _request(url), None)
+            outcome = await transport.send("a1", _request(url), PLAIN)
             assert outcome.error_class == "ssrf_blocked", url
             assert outcome.sent_at_ms is None
             assert outcome.http_status is None
@@ -306,7 +307,7 @@ async def test_guard_refuses_loopback_and_sends_nothing(receiver: Receiver) -> N
 async def test_guard_dns_failure_is_connection_error(receiver: Receiver) -> None:
     settings = DeliverySettings(allow_private_networks=False, total_timeout_s=2.0)
     async with HttpTransport(settings, FakeClock(), resolver=FakeResolver({})) as transport:
-        outcome = await transport.send("a1", _request("http://nowhere.test/"), None)
+        outcome = await transport.send("a1", _request("http://nowhere.test/"), PLAIN)
     assert outcome.error_class == "connection_error"
     assert outcome.error is not None
     assert outcome.error.startswith("DNS lookup failed")
@@ -323,7 +324,7 @@ class HangingResolver:
 async def test_guard_dns_lookup_counts_against_the_total_timeout() -> None:
     settings = DeliverySettings(allow_private_networks=False, total_timeout_s=0.2)
     async with HttpTransport(settings, FakeClock(), resolver=HangingResolver()) as transport:
-        outcome = await transport.send("a1", _request("http://slow-dns.test/"), None)
+        outcome = await transport.send("a1", _request("http://slow-dns.test/"), PLAIN)
     assert outcome.error_class == "timeout"
     assert outcome.error == "DNS lookup timed out after 0.2 s"
     assert outcome.sent_at_ms is None
@@ -334,7 +335,7 @@ async def test_guard_connects_to_the_vetted_address_with_the_host_name(
 ) -> None:
     vetted_calls: list[str] = []
 
-    async def vet(url: str, resolver: object) -> list[str]:
+    async def vet(url: str, resolver: object, allowed: object = ()) -> list[str]:
         # As if receiver.test resolved to a public address: the loopback receiver
         # stands in for it, so the guard's wiring is what is tested here.
         vetted_calls.append(url)
@@ -346,7 +347,7 @@ async def test_guard_connects_to_the_vetted_address_with_the_host_name(
     url = f"http://receiver.test:{receiver.port}/hook"
     async with HttpTransport(settings, FakeClock(1_000_000), resolver=resolver) as transport:
         for _ in range(3):
-            assert (await transport.send("a1", _request(url), None)).delivered
+            assert (await transport.send("a1", _request(url), PLAIN)).delivered
     assert receiver.hosts == [f"receiver.test:{receiver.port}"] * 3
     # One connection, vetted once: the idle connection's address was vetted when made.
     assert vetted_calls == [url]
@@ -357,7 +358,7 @@ async def test_guard_vets_again_for_every_new_connection(
 ) -> None:
     answers = ["127.0.0.1", "10.1.2.3"]
 
-    async def vet(url: str, resolver: object) -> list[str]:
+    async def vet(url: str, resolver: object, allowed: object = ()) -> list[str]:
         address = answers.pop(0)
         reason = is_blocked_ip(address)
         if address != "127.0.0.1" and reason is not None:
@@ -368,11 +369,11 @@ async def test_guard_vets_again_for_every_new_connection(
     settings = DeliverySettings(allow_private_networks=False, total_timeout_s=2.0)
     url = f"http://rebind.test:{receiver.port}/close"
     async with HttpTransport(settings, FakeClock(1_000_000)) as transport:
-        first = await transport.send("a1", _request(url), None)
+        first = await transport.send("a1", _request(url), PLAIN)
         assert first.delivered
         # The receiver closed the connection: the next request must connect, and so
         # vet again, and the name now answers with a private address.
-        second = await transport.send("a2", _request(url), None)
+        second = await transport.send("a2", _request(url), PLAIN)
     assert second.error_class == "ssrf_blocked"
     assert second.sent_at_ms is None
     assert answers == []

@@ -57,6 +57,7 @@ from crmhooks.actions import Action
 from crmhooks.clock import Clock
 from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
+from crmhooks.endpoints import signing_only
 from crmhooks.errors import InvalidEvent, KafkaIOError, TemplateError
 from crmhooks.events import RecordEvent, decode_wanted_event, event_from_json
 from crmhooks.kafka_io import BatchRecord, Fetched, KafkaIO
@@ -964,7 +965,7 @@ class Processor:
         if storing is not None:
             await asyncio.shield(storing)
         webhook = cfg.webhooks[action.webhook]
-        outcome = await self.transport.send(action.action_id, request, webhook.secret)
+        outcome = await self.transport.send(action.action_id, request, signing_only(webhook.secret))
         release_host()
         if outcome.sent_at_ms is None:  # refused before sending: not counted, not retried
             if qkey in self._quota:  # (cleared meanwhile by a rebalance: the store counts)
