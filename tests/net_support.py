@@ -82,11 +82,7 @@ class Recorder:
             return await self.answer(request)
         return web.Response(text="ok")
 
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        assert self.server.port is not None
-        return self.server.port
+    port: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -96,8 +92,10 @@ async def recorder(
     rec = Recorder(answer)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", rec.handle)
-    rec.server = TestServer(app, host="127.0.0.1", port=0, ssl=tls)
-    await rec.server.start_server()
+    rec.server = TestServer(app, host="127.0.0.1", port=0)
+    await rec.server.start_server(ssl=tls)
+    assert rec.server.port is not None
+    rec.port = rec.server.port
     try:
         yield rec
     finally:

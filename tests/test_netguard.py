@@ -6,6 +6,7 @@ Public addresses appear only as verdicts: nothing here connects anywhere but 127
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from collections.abc import AsyncIterator
 
@@ -377,3 +378,57 @@ async def test_guard_vets_again_for_every_new_connection(
     assert second.error_class == "ssrf_blocked"
     assert second.sent_at_ms is None
     assert answers == []
+
+
+# --- allowed networks ([delivery] allowed_networks) ---------------------------------
+
+ALLOWED = [ipaddress.ip_network("10.20.0.0/16"), ipaddress.ip_network("fd00:20::/32")]
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("10.20.1.5", True),
+        ("10.20.255.255", True),
+        ("10.21.0.1", False),
+        ("192.168.1.1", False),
+        ("127.0.0.1", False),
+        ("::ffff:10.20.1.5", True),  # a dual-stack resolver's form of an allowed address
+        ("::ffff:10.21.1.5", False),
+        ("fd00:20::7", True),
+        ("fd00:21::7", False),
+        ("fd00:20::7%eth0", False),  # a zone id is refused all the same
+        (PUBLIC_V4, True),
+    ],
+)
+def test_allowed_networks_pass_the_guard(address: str, allowed: bool) -> None:
+    assert (is_blocked_ip(address, ALLOWED) is None) is allowed
+    if address != PUBLIC_V4:
+        assert is_blocked_ip(address) is not None  # blocked without the allowance
+
+
+async def test_check_url_with_allowed_networks() -> None:
+    resolver = FakeResolver(
+        {
+            "sms.internal": ["10.20.0.9"],
+            "mixed.internal": ["10.20.0.9", "10.30.0.1"],
+        }
+    )
+    assert await check_url("http://10.20.0.9/send", resolver, ALLOWED) == ["10.20.0.9"]
+    assert await check_url("http://sms.internal/send", resolver, ALLOWED) == ["10.20.0.9"]
+    with pytest.raises(DeliveryRefused, match=r"10\.30\.0\.1 is private"):
+        await check_url("http://mixed.internal/send", resolver, ALLOWED)
+    with pytest.raises(DeliveryRefused, match="localhost"):
+        await check_url("http://localhost/", resolver, [ipaddress.ip_network("127.0.0.0/8")])
+
+
+async def test_guard_lets_an_allowed_network_through(receiver: Receiver) -> None:
+    settings = DeliverySettings(allow_private_networks=False, total_timeout_s=2.0)
+    loopback = [ipaddress.ip_network("127.0.0.1/32")]
+    async with HttpTransport(settings, FakeClock(), allowed_networks=loopback) as transport:
+        allowed = await transport.send("a1", _request(f"http://127.0.0.1:{receiver.port}/"), PLAIN)
+        other = await transport.send("a2", _request(f"http://127.0.0.2:{receiver.port}/"), PLAIN)
+        assert "1 allowed networks" in repr(transport)
+    assert allowed.delivered
+    assert other.error_class == "ssrf_blocked"
+    assert len(receiver.hosts) == 1

@@ -689,7 +689,7 @@ class HttpTransport:
         if isinstance(exc, ProxyRefused):
             return "connection_error", str(exc)
         if isinstance(exc, ServerDisconnected):
-            return "connection_error", "server disconnected before responding"
+            return "connection_error", str(exc)
         if isinstance(exc, ConnectionResetError):
             if isinstance(exc.__context__, ssl.SSLError):
                 return "connection_error", f"TLS error: {exc.__context__}"

@@ -168,6 +168,7 @@ class _Connection(asyncio.Protocol):
         self.key = key
         # Through a proxy, for absolute-form requests: the target's host:port to name.
         self.authority = ""
+        self.tls = False
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
@@ -207,8 +208,17 @@ class _Connection(asyncio.Protocol):
             return
         if not self._got_head:
             error: Exception
-            if isinstance(exc, ConnectionResetError):
+            if isinstance(exc, ConnectionResetError | ssl.SSLError):
+                # An SSLError here: the receiver refused us after the handshake
+                # (TLS 1.3 checks a client certificate then), say why.
                 error = exc
+            elif self.tls and self._idle_until == 0.0:  # the first request of a TLS connection
+                # TLS 1.3 checks a client certificate after the handshake; most
+                # servers then just close (no alert reaches the application).
+                error = ServerDisconnected(
+                    "server closed the new TLS connection before responding (does it want"
+                    " a client certificate, or refuse the one sent?)"
+                )
             else:
                 error = ServerDisconnected("server disconnected before responding")
             waiter.set_exception(error)
@@ -555,6 +565,7 @@ class Http1Pool:
             if connect_bound:
                 raise ConnectTimeout() from None
             raise
+        conn.tls = context is not None
         self._all.add(conn)
         self.connections_opened += 1
         return conn
