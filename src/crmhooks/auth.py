@@ -224,6 +224,16 @@ class OAuth2Tokens(Generic[Via]):
     def __repr__(self) -> str:
         return f"OAuth2Tokens(cached={len(self._cache)}, fetching={len(self._fetching)})"
 
+    def cached(self, grant: OAuth2ClientCredentials) -> tuple[str, str] | None:
+        """(token, ``Bearer <token>``) while the cached token is good, else None.
+
+        No coroutine, no timer: what almost every delivery of an OAuth2 webhook does.
+        """
+        entry = self._cache.get(grant.key)
+        if entry is not None and self._clock.now_ms() < entry.use_until_ms:
+            return entry.token, entry.header
+        return None
+
     async def header(self, grant: OAuth2ClientCredentials, via: Via) -> tuple[str, str]:
         """(token, ``Bearer <token>``); AuthFailed (or what ``fetch`` raised) if none.
 
