@@ -192,9 +192,9 @@ def _lifetime_s(expires_in: object) -> float:
 
 @dataclass(slots=True)
 class _Entry:
-    token: str
-    header: str  # "Bearer <token>"
-    use_until_ms: int
+    token: str = field(repr=False)
+    header: str = field(repr=False)  # "Bearer <token>"
+    use_until_ms: int = 0
 
 
 # What the transport needs to reach a token endpoint besides the grant (its TLS).

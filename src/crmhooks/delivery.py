@@ -289,7 +289,7 @@ class HttpTransport:
             else:
                 if auth is not None or self._own_secrets:
                     # The URL's password, the proxy's: out of texts as the endpoint's are.
-                    secrets = scrub_list({*secrets, *_url_secrets(request.url), *self._own_secrets})
+                    secrets = _with_url(secrets, request.url, self._own_secrets)
                 origin_key = origin.key
                 slot = self._hosts.get(origin_key)
                 if slot is None:
@@ -865,6 +865,12 @@ def _scrub(message: str, request: RenderedRequest) -> str:
 def _with_token(secrets: tuple[str, ...], token: str) -> tuple[str, ...]:
     """An endpoint's texts to scrub and an OAuth2 access token's, made once per token."""
     return scrub_list({*secrets, token})
+
+
+@functools.lru_cache(maxsize=1024)
+def _with_url(secrets: tuple[str, ...], url: str, own: tuple[str, ...]) -> tuple[str, ...]:
+    """An endpoint's texts to scrub, its URL's password and the proxy's, made once."""
+    return scrub_list({*secrets, *_url_secrets(url), *own})
 
 
 @functools.lru_cache(maxsize=256)

@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import quote, quote_plus
 
-from crmhooks.auth import Auth, BasicAuth, BearerAuth, OAuth2ClientCredentials
+from crmhooks.auth import Auth
 
 # Shorter values are not scrubbed: a secret of 1-3 characters is guessed in no
 # time anyway, and replacing every "a" or "40" would make each text unreadable.
@@ -162,7 +162,7 @@ class Endpoint:
         values = set(self.scrub)
         if self.secret is not None:
             values.add(self.secret)
-        if isinstance(self.auth, BasicAuth | BearerAuth | OAuth2ClientCredentials):
+        if self.auth is not None:
             values.update(self.auth.secrets)
         object.__setattr__(self, "secrets", scrub_list(values))
 

@@ -92,11 +92,6 @@ class Origin:
     def key(self) -> str:
         return f"{self.scheme}://{self.host_header}"
 
-    @property
-    def authority(self) -> str:
-        """``host:port`` as in a CONNECT request or an absolute-form target."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
 
 @dataclass(frozen=True, slots=True)
 class Proxy:
