@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from crmhooks.delivery import Outcome
+from crmhooks.endpoints import Endpoint
 from crmhooks.errors import ProduceError
 from crmhooks.kafka_io import BatchRecord, Fetched
 from crmhooks.templates import RenderedRequest
@@ -99,7 +100,7 @@ class GatedTransport:
         self.sent: list[str] = []
         self.requests: list[RenderedRequest] = []
 
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
         self.sent.append(action_id)
         self.requests.append(request)
         await self.gate.wait()

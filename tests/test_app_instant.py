@@ -22,6 +22,7 @@ from crmhooks.checkpoint import INSTANT_COMMIT_WAIT_MS
 from crmhooks.clock import FakeClock
 from crmhooks.config import Config, config_from_mapping
 from crmhooks.delivery import Outcome
+from crmhooks.endpoints import Endpoint
 from crmhooks.store import Store
 from crmhooks.templates import RenderedRequest
 from tests.fakes import NOW_MS, FakeKafka, GatedTransport, Rec, fetched, rec, until
@@ -236,7 +237,7 @@ class OneByOneTransport(GatedTransport):
     def answer(self, action_id: str) -> None:
         self.answered.setdefault(action_id, asyncio.Event()).set()
 
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
         self.sent.append(action_id)
         answered = self.answered.setdefault(action_id, asyncio.Event())
         waits = {asyncio.ensure_future(answered.wait()), asyncio.ensure_future(self.gate.wait())}

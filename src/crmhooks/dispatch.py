@@ -225,7 +225,7 @@ class Dispatcher:
         storing = quota.take(action.org_id, day, action.partition, limit)
         if storing is not None:
             await asyncio.shield(storing)
-        outcome = await self._transport.send(action.action_id, request, target.webhook.secret)
+        outcome = await self._transport.send(action.action_id, request, target.endpoint)
         release_host()
         if outcome.sent_at_ms is not None:
             self._metrics.delivery.observe(outcome.error_class or "none", outcome.latency_ms / 1000)

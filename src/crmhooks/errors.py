@@ -8,6 +8,7 @@
     ├── KafkaIOError              Kafka failed (aiokafka errors are translated in kafka_io)
     │   └── ProduceError          a produce was not acknowledged (retriable)
     ├── DeliveryRefused           delivery refused before any connection (SSRF guard)
+    ├── AuthFailed                no OAuth2 token from the token endpoint (retriable)
     └── AdminError                the admin endpoint cannot listen (address in use, bad address)
 
 Third-party exceptions (aiohttp, aiokafka, sqlite3) are translated once, in the
@@ -77,6 +78,12 @@ class ProduceError(KafkaIOError):
 
 class DeliveryRefused(CrmhooksError):
     """A request refused before any connection was made (``ssrf_blocked``)."""
+
+
+class AuthFailed(CrmhooksError):
+    """The token endpoint gave no usable token (the attempt's ``auth_error``)."""
+
+    retriable = True
 
 
 class AdminError(CrmhooksError):

@@ -39,7 +39,12 @@ async def run_processor(
     async with (
         serving(listen, metrics, readiness, liveness) as admin,
         Store(config.store.path) as store,
-        HttpTransport(config.delivery, clock) as transport,
+        HttpTransport(
+            config.delivery,
+            clock,
+            proxy=config.delivery.proxy or None,
+            allowed_networks=config.delivery.allowed_networks,
+        ) as transport,
     ):
         if admin is not None:
             log.info(

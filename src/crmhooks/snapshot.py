@@ -21,8 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from crmhooks import settings
 from crmhooks.actions import Action
+from crmhooks.auth import Auth, BasicAuth, BearerAuth, OAuth2ClientCredentials
 from crmhooks.config import Config, OrgSettings, Rule, Webhook
+from crmhooks.endpoints import ClientTls, Endpoint
 from crmhooks.events import RecordEvent
 from crmhooks.modules import ModuleCatalog
 from crmhooks.rules import RuleIndex
@@ -31,12 +34,50 @@ from crmhooks.templates import CompiledWebhook
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A webhook as it is sent: its definition, its compiled templates, and the
-    endpoint (``scheme://host:port``) whose in-flight bound its requests share."""
+    """A webhook as it is sent: its definition, its compiled templates, what the
+    transport needs besides the request (signing, auth, TLS, secrets to scrub), and
+    the host (``scheme://host:port``) whose in-flight bound its requests share."""
 
     webhook: Webhook
     compiled: CompiledWebhook
+    endpoint: Endpoint
     host: str
+
+    @classmethod
+    def of(cls, webhook: Webhook, catalog: ModuleCatalog) -> Target:
+        return cls(
+            webhook,
+            CompiledWebhook(webhook, catalog),
+            endpoint_of(webhook),
+            host_key(webhook.url),
+        )
+
+
+def endpoint_of(webhook: Webhook) -> Endpoint:
+    """The transport's view of a webhook: its auth and TLS as the transport's values
+    (an ``Authorization`` made once, an ``SSLContext`` built once), its secrets."""
+    auth: Auth | None = None
+    spec = webhook.auth
+    if isinstance(spec, settings.BasicAuth):
+        auth = BasicAuth(spec.username, spec.password)
+    elif isinstance(spec, settings.BearerAuth):
+        auth = BearerAuth(spec.token)
+    elif isinstance(spec, settings.OAuth2Auth):
+        auth = OAuth2ClientCredentials(
+            spec.token_url,
+            spec.client_id,
+            spec.client_secret,
+            scope=spec.scope or None,
+            audience=spec.audience or None,
+        )
+    tls = None
+    if webhook.tls is not None and (webhook.tls.client_cert_file or webhook.tls.ca_file):
+        tls = ClientTls(
+            webhook.tls.client_cert_file or None,
+            webhook.tls.client_key_file or None,
+            webhook.tls.ca_file or None,
+        )
+    return Endpoint(webhook.secret, auth, tls, webhook.secret_values())
 
 
 def host_key(url: str) -> str:
@@ -56,10 +97,7 @@ class ConfigSnapshot:
         self.catalog = ModuleCatalog(config.custom_modules)
         self.index = RuleIndex(config.rules, self.catalog)
         self._rules = {r.id: r for r in config.rules}
-        self._targets = {
-            name: Target(w, CompiledWebhook(w, self.catalog), host_key(w.url))
-            for name, w in config.webhooks.items()
-        }
+        self._targets = {name: Target.of(w, self.catalog) for name, w in config.webhooks.items()}
 
     def __repr__(self) -> str:
         return (
