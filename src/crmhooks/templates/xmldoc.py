@@ -1,0 +1,126 @@
+"""XML body templates: values escaped as text, attribute value or CDATA, by where each sits."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+from crmhooks.errors import TemplateError
+from crmhooks.templates.formatting import Encoder, format_value
+from crmhooks.templates.placeholders import Span
+
+# XML 1.0 Char excludes C0 controls other than \t \n \r, surrogates, U+FFFE, U+FFFF.
+_XML_ILLEGAL: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# \r is written as a character reference: a parser would turn a raw one into \n.
+_XML_TEXT_SPECIAL: Final = re.compile("[&<>\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# In attribute values a parser also normalises raw \t and \n to spaces.
+_XML_ATTR_SPECIAL: Final = re.compile(
+    "[&<>\"'\t\n\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]"
+)
+_CDATA_SPECIAL: Final = re.compile("[\\]\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(value: Any, tz: ZoneInfo) -> str:
+    """A value escaped as XML character data."""
+    text = format_value(value, tz)
+    if _XML_TEXT_SPECIAL.search(text) is None:
+        return text
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _XML_ILLEGAL.sub("\ufffd", text.replace("\r", "&#13;"))
+
+
+def xml_attribute(value: Any, tz: ZoneInfo) -> str:
+    """A value escaped for a quoted XML attribute value (either quote)."""
+    text = format_value(value, tz)
+    if _XML_ATTR_SPECIAL.search(text) is None:
+        return text
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = text.replace('"', "&quot;").replace("'", "&apos;")
+    text = text.replace("\t", "&#9;").replace("\n", "&#10;").replace("\r", "&#13;")
+    return _XML_ILLEGAL.sub("\ufffd", text)
+
+
+def xml_cdata(value: Any, tz: ZoneInfo) -> str:
+    """A value inside ``<![CDATA[ … ]]>``: ``]]>`` and \\r close the section around them."""
+    text = format_value(value, tz)
+    if _CDATA_SPECIAL.search(text) is None:
+        return text
+    text = text.replace("]]>", "]]]]><![CDATA[>").replace("\r", "]]>&#13;<![CDATA[")
+    return _XML_ILLEGAL.sub("\ufffd", text)
+
+
+# --------------------------------------------------------------------------- context scanner
+
+_TEXT, _TAG, _ATTR_DQ, _ATTR_SQ, _COMMENT, _CDATA, _PI, _DECL = range(8)
+_XML_ENCODERS: Final[Mapping[int, Encoder]] = {
+    _TEXT: xml_text,
+    _ATTR_DQ: xml_attribute,
+    _ATTR_SQ: xml_attribute,
+    _CDATA: xml_cdata,
+}
+_XML_WHERE: Final[Mapping[int, str]] = {
+    _TAG: "an XML tag (only quoted attribute values may hold one)",
+    _COMMENT: "an XML comment",
+    _PI: "an XML processing instruction",
+    _DECL: "an XML declaration",
+}
+
+
+def xml_contexts(text: str, spans: Sequence[Span]) -> list[Encoder]:
+    """The encoder for each placeholder of an XML template, by where it sits."""
+    encoders: list[Encoder] = []
+    starts = {start: end for start, end, _ in spans}
+    state = _TEXT
+    i, n = 0, len(text)
+    while i < n:
+        end = starts.get(i)
+        if end is not None:
+            encoder = _XML_ENCODERS.get(state)
+            if encoder is None:
+                raise TemplateError(f"placeholder {text[i:end]} inside {_XML_WHERE[state]}")
+            encoders.append(encoder)
+            i = end
+            continue
+        ch = text[i]
+        if state == _TEXT:
+            if ch == "<":
+                if text.startswith("<!--", i):
+                    state, i = _COMMENT, i + 4
+                    continue
+                if text.startswith("<![CDATA[", i):
+                    state, i = _CDATA, i + 9
+                    continue
+                state = (
+                    _PI if text.startswith("<?", i) else _DECL if text.startswith("<!", i) else _TAG
+                )
+        elif state == _TAG:
+            if ch == '"':
+                state = _ATTR_DQ
+            elif ch == "'":
+                state = _ATTR_SQ
+            elif ch == ">":
+                state = _TEXT
+        elif state == _ATTR_DQ:
+            if ch == '"':
+                state = _TAG
+        elif state == _ATTR_SQ:
+            if ch == "'":
+                state = _TAG
+        elif state == _COMMENT:
+            if text.startswith("-->", i):
+                state, i = _TEXT, i + 3
+                continue
+        elif state == _CDATA:
+            if text.startswith("]]>", i):
+                state, i = _TEXT, i + 3
+                continue
+        elif state == _PI:
+            if text.startswith("?>", i):
+                state, i = _TEXT, i + 2
+                continue
+        elif ch == ">":  # _DECL; a DOCTYPE internal subset cannot hold placeholders anyway
+            state = _TEXT
+        i += 1
+    return encoders
