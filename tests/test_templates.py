@@ -322,6 +322,63 @@ def test_xml_cdata_section_cannot_be_closed_by_a_value() -> None:
     assert root.text == "x]]><evil/>\r\ufffd"
 
 
+def render_xml(template: str, **record: Any) -> tuple[bytes, ElementTree.Element]:
+    """The body of an XML webhook for ``record``, and the document it parses to."""
+    body = compile_(body=BodySpec(format="xml", template=template)).render(ctx(record=record)).body
+    return body, ElementTree.fromstring(body)
+
+
+def test_xml_cdata_adjacent_values_cannot_close_the_section() -> None:
+    # Issue 26.5: "]]" and "><inj/><![CDATA[" side by side made an element.
+    _, root = render_xml("<a><![CDATA[${Potentials.A}${Potentials.B}]]></a>", A="]]", B="><inj/>")
+    assert list(root) == []
+    assert root.text == "]]><inj/>"
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "text"),
+    [
+        # value | value, one "]" or two on the left, ">" or "]>" on the right
+        ("<a><![CDATA[${A}${B}]]></a>", {"A": "]", "B": "]>x"}, "]]>x"),
+        ("<a><![CDATA[${A}${B}]]></a>", {"A": "]]", "B": ">x"}, "]]>x"),
+        # with empty values between them
+        ("<a><![CDATA[${A}${B}${C}${D}]]></a>", {"A": "]", "B": "", "C": "]", "D": ">"}, "]]>"),
+        ("<a><![CDATA[${A}${B}${C}]]></a>", {"A": "]", "B": "]", "C": ">"}, "]]>"),
+        # literal | value
+        ("<a><![CDATA[x]]${A}]]></a>", {"A": "><b/>"}, "x]]><b/>"),
+        ("<a><![CDATA[x]${A}]]></a>", {"A": "]><b/>"}, "x]]><b/>"),
+        ("<a><![CDATA[x]${A}${B}]]></a>", {"A": "", "B": "]>"}, "x]]>"),
+        # value | literal
+        ("<a><![CDATA[${A}>y]]></a>", {"A": "x]]"}, "x]]>y"),
+        ("<a><![CDATA[${A}]>y]]></a>", {"A": "x]"}, "x]]>y"),
+        # literal | empty value | literal: the template alone would close it
+        ("<a><![CDATA[x]]${A}>y]]></a>", {"A": ""}, "x]]>y"),
+        ("<a><![CDATA[x]${A}]>y]]></a>", {"A": ""}, "x]]>y"),
+        # the section's own end right after a value ending in "]"
+        ("<a><![CDATA[${A}]]></a>", {"A": "x]"}, "x]"),
+        ("<a><![CDATA[${A}]]></a>", {"A": "]]]>]]"}, "]]]>]]"),
+        # a value starting with ">" after the section's start
+        ("<a><![CDATA[${A}]]></a>", {"A": ">]]>"}, ">]]>"),
+        # text: "]]>" is not allowed there; an empty value must not make it
+        ("<a>x]]${A}>y</a>", {"A": ""}, "x]]>y"),
+        ("<a>x]${A}]>y</a>", {"A": "]"}, "x]]]>y"),
+        ("<a>${A}${B}>y</a>", {"A": "]", "B": "]"}, "]]>y"),
+    ],
+)
+def test_xml_adjacent_pieces_never_form_a_cdata_end(
+    template: str, values: dict[str, str], text: str
+) -> None:
+    _, root = render_xml(template.replace("${", "${Potentials."), **values)
+    assert list(root) == []
+    assert root.text == text
+
+
+def test_xml_cdata_plain_values_render_as_before() -> None:
+    # Section breaks only where a "]" meets a slot: most documents are unchanged.
+    body, _ = render_xml("<a><![CDATA[${Potentials.A} [${Potentials.B}]]]></a>", A="x>", B="y")
+    assert body == b"<a><![CDATA[x> [y]]]></a>"
+
+
 # --------------------------------------------------------------------------- request shapes
 
 
@@ -599,6 +656,108 @@ def test_xml_value_stays_text(value: str) -> None:
     assert a.attrib == {"k": expected, "j": expected}
     assert (a.text or "") == expected
     assert root[1].text == "z"
+
+
+# Adversarial values: what could close, open or escape markup, a quote, a path.
+# No digits, so that nothing looks like a date-time (reformatted on purpose).
+NASTY_ALPHABET = "]>[<!&;./%'\"?=#+ \\-a\r\n\t\x00\x01\x1f\x7f\ud800\udfff\ufffe\uffff\u2028"
+NASTY_TOKENS = ["]", "]]", ">", "]>", "]]>", "<![CDATA[", "<i/>", "&amp;", "&", ";", ".", "..", "/"]
+nasty_values = st.text(alphabet=NASTY_ALPHABET, max_size=6) | st.lists(
+    st.sampled_from(NASTY_TOKENS), max_size=4
+).map("".join)
+FIELD_NAMES = ("A", "B", "C", "D")
+
+# A template piece: ("$", field name) for a placeholder, ("", text) for a literal.
+Piece = tuple[str, str]
+
+
+def pieces(literal_alphabet: str) -> st.SearchStrategy[list[Piece]]:
+    """Runs of placeholders (often side by side) and short literals, half of them "]"."""
+    slot = st.sampled_from(FIELD_NAMES).map(lambda name: ("$", name))
+    chars = st.sampled_from(literal_alphabet) | st.just("]")
+    literal = st.lists(chars, min_size=1, max_size=3).map(lambda t: ("", "".join(t)))
+    return st.lists(slot | slot | literal, max_size=6)
+
+
+def written(run: list[Piece], escape: Mapping[str, str]) -> str:
+    """A run as written in a template, its literals escaped for their context."""
+    out = []
+    for kind, text in run:
+        if kind == "$":
+            out.append("${Potentials." + text + "}")
+        else:
+            out.append("".join(escape.get(c, c) for c in text))
+    return "".join(out)
+
+
+def meant(run: list[Piece], values: Mapping[str, str]) -> str:
+    """The character data a run stands for: literals as they are, values as sent."""
+    return "".join(_XML_ILLEGAL.sub("\ufffd", values[t]) if k == "$" else t for k, t in run)
+
+
+def literal_runs(run: list[Piece]) -> list[str]:
+    """The literal text between placeholders (adjacent literals joined)."""
+    return "".join("\x00" if k == "$" else t for k, t in run).split("\x00")
+
+
+XML_TEXT_ESCAPES = {"&": "&amp;", "<": "&lt;"}
+# Elements of an XML property template: text, a CDATA section, an attribute, or
+# text around a CDATA section; literals with "]" and ">" to meet the values.
+xml_elements = st.lists(
+    st.one_of(
+        st.tuples(st.just("text"), pieces("]>[!&<;a")),
+        st.tuples(st.just("cdata"), pieces("]>[<!&a")),
+        st.tuples(st.just("attr"), pieces("]>[<&'a")),
+        st.tuples(st.just("mixed"), pieces("]>a"), pieces("]>[a"), pieces("]>a")),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    xml_elements,
+    st.fixed_dictionaries({name: nasty_values for name in FIELD_NAMES}),
+    st.booleans(),
+)
+def test_xml_adjacent_values_keep_the_template_structure(
+    elements: list[tuple[Any, ...]], values: dict[str, str], as_param: bool
+) -> None:
+    parts: list[str] = []
+    expected: list[tuple[str, dict[str, str], str]] = []
+    for i, (kind, *runs) in enumerate(elements):
+        # A "]]>" in the template's own text ends its CDATA section (or is not
+        # well-formed in text): such templates are not what is tested here.
+        if kind in ("text", "cdata", "mixed"):
+            assume(not any("]]>" in lit for run in runs for lit in literal_runs(run)))
+        tag = f"e{i}"
+        if kind == "text":
+            parts.append(f"<{tag}>{written(runs[0], XML_TEXT_ESCAPES)}</{tag}>")
+            expected.append((tag, {}, meant(runs[0], values)))
+        elif kind == "cdata":
+            parts.append(f"<{tag}><![CDATA[{written(runs[0], {})}]]></{tag}>")
+            expected.append((tag, {}, meant(runs[0], values)))
+        elif kind == "attr":
+            parts.append(f'<{tag} v="{written(runs[0], XML_TEXT_ESCAPES)}"/>')
+            expected.append((tag, {"v": meant(runs[0], values)}, ""))
+        else:
+            before, after = written(runs[0], XML_TEXT_ESCAPES), written(runs[2], XML_TEXT_ESCAPES)
+            inside = written(runs[1], {})
+            parts.append(f"<{tag}>{before}<![CDATA[{inside}]]>{after}</{tag}>")
+            expected.append((tag, {}, "".join(meant(run, values) for run in runs)))
+    template = "<r>" + "".join(parts) + "</r>"
+    compiled = compile_(
+        body=BodySpec(format="xml", template=template, param="X" if as_param else None)
+    )
+    body = compiled.render(ctx(record=values)).body
+    if as_param:
+        body = parse_qs(body.decode("ascii"), keep_blank_values=True)["X"][0].encode()
+    root = ElementTree.fromstring(body)
+    assert (root.text or "") == ""
+    got = [(c.tag, c.attrib, c.text or "") for c in root]
+    assert got == expected
+    assert all(len(c) == 0 and (c.tail or "") == "" for c in root)
 
 
 JSON_PROP = compile_(

@@ -18,8 +18,9 @@ Value formatting (SPEC §4):
   separator — except as a whole JSON value, where they stay JSON arrays.
 
 Escaping: a value can never add an XML element or attribute, a JSON key, a query
-or form parameter, a path segment or a header. Characters illegal in XML 1.0 and
-lone surrogates (anywhere) become U+FFFD.
+or form parameter, a path segment or a header — alone, or side by side with
+other values and the template's text (``xmldoc.separate_slots``). Characters
+illegal in XML 1.0 and lone surrogates (anywhere) become U+FFFD.
 
 Modules, each one job:
 

@@ -24,7 +24,7 @@ from crmhooks.templates.url import (
     url_component,
     url_value,
 )
-from crmhooks.templates.xmldoc import xml_contexts
+from crmhooks.templates.xmldoc import separate_slots, xml_contexts
 
 
 class RenderedRequest(msgspec.Struct, frozen=True, gc=False):
@@ -63,6 +63,11 @@ def _compile_document(
     else:
         raise TemplateError(f"unknown body format {fmt!r} (xml or json)")
     _check_well_formed(text, fmt, spans, encoders)
+    if fmt == "xml":
+        separated = separate_slots(text, spans, encoders)
+        if separated is not text:  # literals changed, and with them every span after
+            text, spans = separated, scan(separated)
+            encoders = xml_contexts(text, spans)
     return _segments(text, spans, encoders, resolver, fields, url_encoded)
 
 

@@ -42,13 +42,52 @@ def xml_attribute(value: Any, tz: ZoneInfo) -> str:
     return _XML_ILLEGAL.sub("\ufffd", text)
 
 
+# Ends a CDATA section and opens the next: a parser reads the same character data.
+_CDATA_BREAK: Final = "]]><![CDATA["
+
+
 def xml_cdata(value: Any, tz: ZoneInfo) -> str:
-    """A value inside ``<![CDATA[ … ]]>``: ``]]>`` and \\r close the section around them."""
+    """A value inside ``<![CDATA[ … ]]>``: ``]]>`` and \\r close the section around
+    them, and a value ending in ``]`` closes it after itself (see ``separate_slots``)."""
     text = format_value(value, tz)
     if _CDATA_SPECIAL.search(text) is None:
         return text
     text = text.replace("]]>", "]]]]><![CDATA[>").replace("\r", "]]>&#13;<![CDATA[")
+    if text[-1] == "]":
+        text += _CDATA_BREAK
     return _XML_ILLEGAL.sub("\ufffd", text)
+
+
+def separate_slots(text: str, spans: Sequence[Span], encoders: Sequence[Encoder]) -> str:
+    """``text`` with the literals beside its slots changed so that no ``]]>`` can
+    form across a slot, whatever the values (empty ones too); the same ``text`` when
+    none needs it. Run on a template already checked as well-formed.
+
+    A ``]]>`` split across pieces needs one that ends in ``]`` right before one
+    that starts with ``>`` or ``]>`` (pieces: literals and values). In a CDATA
+    section it would end the section early and the rest would be markup; in text
+    it makes the document ill-formed. In CDATA, a value ending in ``]`` closes
+    its section after itself (``xml_cdata``) and a literal ``]`` right before a
+    slot gets the same break here: then no piece ends in ``]`` at a slot's edge.
+    In text, values never hold ``>`` (it is ``&gt;``), so a literal ``>`` or
+    ``]>`` right after a slot has its ``>`` written ``&gt;``. Both keep the
+    character data a parser reads.
+    """
+    pieces: list[str] = []
+    pos = 0
+    for (start, end, _), encoder in zip(spans, encoders, strict=True):
+        if encoder is xml_cdata and text[start - 1] == "]":
+            pieces += (text[pos:start], _CDATA_BREAK)
+            pos = start
+        elif encoder is xml_text:
+            gt = end + 1 if text.startswith("]", end) else end
+            if text.startswith(">", gt):
+                pieces += (text[pos:gt], "&gt;")
+                pos = gt + 1
+    if not pieces:
+        return text
+    pieces.append(text[pos:])
+    return "".join(pieces)
 
 
 # --------------------------------------------------------------------------- context scanner
