@@ -307,11 +307,27 @@ def test_json_top_level_placeholder() -> None:
         ("<a><?pi ${Potentials.V}?></a>", "processing instruction"),
         ("<a><b></a>", "not well-formed XML"),
         ("${Potentials.V}<a/>", "not well-formed XML"),
+        # A value must not name a reference: here an entity the template declares.
+        ('<!DOCTYPE a [<!ENTITY xe "<b/>">]><a>&${Potentials.V}e;</a>', "entity or character"),
+        ('<a k="&#${Potentials.V};"/>', "entity or character reference"),
+        # The internal subset is one declaration, whatever ">" it holds.
+        ('<!DOCTYPE a [<!ENTITY e SYSTEM "http://x/>${Potentials.V}">]><a/>', "declaration"),
+        ("<!DOCTYPE a [<!ENTITY e 'x'><!-- > ${Potentials.V} -->]><a/>", "declaration"),
     ],
 )
 def test_xml_template_errors(template: str, message: str) -> None:
     with pytest.raises(TemplateError, match=re.escape(message)):
         compile_(body=BodySpec(format="xml", template=template))
+
+
+def test_xml_references_and_doctype_beside_placeholders() -> None:
+    template = (
+        '<!DOCTYPE a [<!-- it\'s > here --><!ENTITY co "Acme Co ">]>'
+        '<a k="&amp;${Potentials.V}&#59;">&co;${Potentials.V}&lt;</a>'
+    )
+    _, root = render_xml(template, V="&lt;")
+    assert root.attrib == {"k": "&&lt;;"}
+    assert root.text == "Acme Co &lt;<"
 
 
 def test_xml_cdata_section_cannot_be_closed_by_a_value() -> None:

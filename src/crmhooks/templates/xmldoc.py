@@ -99,11 +99,13 @@ _XML_ENCODERS: Final[Mapping[int, Encoder]] = {
     _ATTR_SQ: xml_attribute,
     _CDATA: xml_cdata,
 }
+# Where "&" starts an entity or character reference.
+_ESCAPED: Final = frozenset((_TEXT, _ATTR_DQ, _ATTR_SQ))
 _XML_WHERE: Final[Mapping[int, str]] = {
     _TAG: "an XML tag (only quoted attribute values may hold one)",
     _COMMENT: "an XML comment",
     _PI: "an XML processing instruction",
-    _DECL: "an XML declaration",
+    _DECL: "an XML declaration (<!DOCTYPE ...>)",
 }
 
 
@@ -112,6 +114,12 @@ def xml_contexts(text: str, spans: Sequence[Span]) -> list[Encoder]:
     encoders: list[Encoder] = []
     starts = {start: end for start, end, _ in spans}
     state = _TEXT
+    # Inside "&name;" or "&#N;" in text or an attribute value: a value there could
+    # name another reference, such as an entity the template's DOCTYPE declares.
+    in_reference = False
+    # In a declaration: the quote of the literal we are in, and "[" depth (a
+    # DOCTYPE's internal subset holds declarations, quoted ">" and comments).
+    decl_quote, decl_depth = "", 0
     i, n = 0, len(text)
     while i < n:
         end = starts.get(i)
@@ -119,10 +127,19 @@ def xml_contexts(text: str, spans: Sequence[Span]) -> list[Encoder]:
             encoder = _XML_ENCODERS.get(state)
             if encoder is None:
                 raise TemplateError(f"placeholder {text[i:end]} inside {_XML_WHERE[state]}")
+            if in_reference and state in _ESCAPED:
+                raise TemplateError(
+                    f"placeholder {text[i:end]} inside an XML entity or character reference"
+                )
             encoders.append(encoder)
             i = end
             continue
         ch = text[i]
+        if state in _ESCAPED:
+            if ch == "&":
+                in_reference = True
+            elif ch == ";":
+                in_reference = False
         if state == _TEXT:
             if ch == "<":
                 if text.startswith("<!--", i):
@@ -134,6 +151,7 @@ def xml_contexts(text: str, spans: Sequence[Span]) -> list[Encoder]:
                 state = (
                     _PI if text.startswith("<?", i) else _DECL if text.startswith("<!", i) else _TAG
                 )
+                decl_quote, decl_depth = "", 0
         elif state == _TAG:
             if ch == '"':
                 state = _ATTR_DQ
@@ -159,7 +177,25 @@ def xml_contexts(text: str, spans: Sequence[Span]) -> list[Encoder]:
             if text.startswith("?>", i):
                 state, i = _TEXT, i + 2
                 continue
-        elif ch == ">":  # _DECL; a DOCTYPE internal subset cannot hold placeholders anyway
+        elif decl_quote:  # _DECL from here on
+            if ch == decl_quote:
+                decl_quote = ""
+        elif ch in "\"'":
+            decl_quote = ch
+        elif decl_depth and text.startswith(("<!--", "<?"), i):
+            close = "-->" if text.startswith("<!--", i) else "?>"
+            found = text.find(close, i + 2)
+            skip_to = n if found == -1 else found + len(close)
+            for start, end in starts.items():
+                if i <= start < skip_to:
+                    raise TemplateError(f"placeholder {text[start:end]} inside {_XML_WHERE[_DECL]}")
+            i = skip_to
+            continue
+        elif ch == "[":
+            decl_depth += 1
+        elif ch == "]":
+            decl_depth -= 1
+        elif ch == ">" and decl_depth <= 0:
             state = _TEXT
         i += 1
     return encoders
