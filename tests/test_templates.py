@@ -471,6 +471,60 @@ def test_url_placeholders_in_path_and_query_are_encoded() -> None:
     assert Placeholder("Potentials", "Id") in compiled.crm_fields
 
 
+def render_url(url: str, **record: Any) -> str:
+    return compile_(method="GET", url=url).render(ctx(record=record)).url
+
+
+@pytest.mark.parametrize(
+    ("url", "values"),
+    [
+        ("https://h.example.com/ok/${A}/end", {"A": "."}),
+        ("https://h.example.com/ok/${A}/end", {"A": ".."}),
+        ("https://h.example.com/${A}", {"A": ".."}),
+        ("https://h.example.com/ok/${A}", {"A": "."}),
+        ("https://h.example.com/ok/${A}?q=1", {"A": ".."}),
+        ("https://h.example.com/ok/${A}/", {"A": ".."}),
+        # several placeholders, empty ones too, and literals beside them
+        ("https://h.example.com/ok/${A}${B}/end", {"A": ".", "B": "."}),
+        ("https://h.example.com/ok/${A}${B}${C}/end", {"A": "", "B": "..", "C": ""}),
+        ("https://h.example.com/ok/.${A}/end", {"A": "."}),
+        ("https://h.example.com/ok/${A}./end", {"A": ""}),
+        # percent-encoded dots in the template's text, in either case
+        ("https://h.example.com/ok/%2e${A}/end", {"A": "."}),
+        ("https://h.example.com/ok/${A}%2E/end", {"A": "."}),
+        ("https://h.example.com/ok/%2E%2e${A}/end", {"A": ""}),
+    ],
+)
+def test_url_dot_segment_from_a_value_is_refused(url: str, values: dict[str, str]) -> None:
+    # Issue 26.6: "/ok/path/../end" would be normalised to "/ok/end" by the server.
+    with pytest.raises(TemplateError, match=r"^webhook Hook: .*dot segment"):
+        render_url(url.replace("${", "${Potentials."), **values)
+
+
+@pytest.mark.parametrize(
+    ("value", "segment"),
+    [
+        ("...", "..."),
+        (".a", ".a"),
+        ("a..", "a.."),
+        ("", ""),
+        ("%2e", "%252e"),  # a value's "%" is a character, not an escape
+        ("../x", "..%2Fx"),  # "/" cannot split the segment
+        ("..?x#y", "..%3Fx%23y"),
+        (". .", ".%20."),
+    ],
+)
+def test_url_values_that_are_not_dot_segments_are_sent(value: str, segment: str) -> None:
+    url = render_url("https://h.example.com/ok/${Potentials.A}/end?q=${Potentials.A}", A=value)
+    assert url == f"https://h.example.com/ok/{segment}/end?q={quote(value, safe='')}"
+
+
+def test_url_dot_segments_are_checked_only_where_a_value_is() -> None:
+    # The template's own text is the administrator's; a dot value in the query is a value.
+    url = "https://h.example.com/a/../b/${Potentials.A}?q=${Potentials.B}&r=.."
+    assert render_url(url, A="x", B="..") == "https://h.example.com/a/../b/x?q=..&r=.."
+
+
 def test_url_literal_non_ascii_is_encoded() -> None:
     req = compile_(method="GET", url="https://h.example.com/中 文?a=b c").render(ctx())
     assert req.url == "https://h.example.com/%E4%B8%AD%20%E6%96%87?a=b%20c"
@@ -634,6 +688,8 @@ NASTY = [
     "x\udfffy\ud83d\ude00",
     "\ufffe\uffff",
     "2026-12-05",
+    ".",
+    "..",
 ]
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -844,6 +900,16 @@ FORM_PROP = compile_(
 def test_query_value_stays_one_parameter(value: str) -> None:
     plain(value)
     expected = _SURROGATES.sub("\ufffd", value)
+    form = FORM_PROP.render(ctx(record={"V": value})).body.decode("ascii")
+    assert parse_qsl(form, keep_blank_values=True) == [
+        ("x", expected),
+        ("y", f"<{expected}>"),
+        ("k", "v"),
+    ]
+    if value in (".", ".."):  # a whole path segment: refused (issue 26.6)
+        with pytest.raises(TemplateError, match="dot segment"):
+            QUERY_PROP.render(ctx(record={"V": value}))
+        return
     req = QUERY_PROP.render(ctx(record={"V": value}))
     assert req.url.isascii()
     assert not any(c in req.url for c in "\r\n\x00 ")
@@ -857,12 +923,6 @@ def test_query_value_stays_one_parameter(value: str) -> None:
         ("v", expected),
         ("x", expected),
         ("y", "lit"),
-        ("k", "v"),
-    ]
-    form = FORM_PROP.render(ctx(record={"V": value})).body.decode("ascii")
-    assert parse_qsl(form, keep_blank_values=True) == [
-        ("x", expected),
-        ("y", f"<{expected}>"),
         ("k", "v"),
     ]
 

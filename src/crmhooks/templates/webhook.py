@@ -19,6 +19,7 @@ from crmhooks.templates.placeholders import Placeholder, RenderContext, Resolver
 from crmhooks.templates.segments import Fill, Segment, Slot, merge_literals
 from crmhooks.templates.url import (
     FORBIDDEN_IN_HEADERS,
+    PathCheck,
     compile_url,
     then_url_encode,
     url_component,
@@ -148,6 +149,7 @@ class CompiledWebhook:
         "_raw_body",
         "_url",
         "_url_fill",
+        "_url_path",
         "_url_sep",
     )
 
@@ -159,8 +161,9 @@ class CompiledWebhook:
         fields: set[Placeholder] = set()
         problems: list[str] = []  # every part is checked: all problems named at once
 
+        self._url_path: PathCheck | None = None
         try:
-            self._url = compile_url(webhook.url, resolver, fields)
+            self._url, self._url_path = compile_url(webhook.url, resolver, fields)
         except TemplateError as exc:
             message = str(exc)
             problems.append(message if message.startswith("url: ") else f"url: {message}")
@@ -239,6 +242,13 @@ class CompiledWebhook:
         doc_param = None if self._param_prefix is None else self._param_prefix + doc
         query = _join(params, self._custom, doc_param)
         base = self._url_fill.render(ctx)
+        if self._url_path is not None:
+            dots = self._url_path.dot_segment(base)
+            if dots is not None:
+                raise TemplateError(
+                    f"webhook {self._name}: a URL path segment renders as {dots!r}, which "
+                    "servers resolve to another path (a dot segment is never sent)"
+                )
         body = b""
         redacted_body: bytes | None = None
         if self._body_in_query:
