@@ -437,6 +437,7 @@ def test_get_without_parameters_has_no_question_mark() -> None:
         ("https://h.example/p?", "https://h.example/p?k=v"),
         ("https://h.example/p?a=1&", "https://h.example/p?a=1&k=v"),
         ("https://h.example/p", "https://h.example/p?k=v"),
+        ("https://h.example/p?a=?", "https://h.example/p?a=?&k=v"),
     ],
 )
 def test_query_separator(url: str, expected: str) -> None:
@@ -925,6 +926,79 @@ def test_query_value_stays_one_parameter(value: str) -> None:
         ("y", "lit"),
         ("k", "v"),
     ]
+
+
+# Literals of URL templates: dots, percent-encoded ones, and what a path may hold.
+PATH_LITERALS = "a.-~:@!$'()*,;"
+QUERY_LITERALS = "a.-~:/?@!$'()*,;"
+SHOWN_DOTS = ["%2e", "%2E", "%20"]  # escapes written in the template
+
+
+# Values that make or complete a dot segment, often.
+url_values = st.sampled_from(["", ".", ".."]) | nasty_values
+
+
+def url_pieces(alphabet: str) -> st.SearchStrategy[list[Piece]]:
+    """Placeholders (often side by side) and literals, among them written escapes."""
+    slot = st.sampled_from(FIELD_NAMES).map(lambda name: ("$", name))
+    chars = st.sampled_from(alphabet) | st.sampled_from(SHOWN_DOTS) | st.just(".")
+    literal = st.lists(chars, min_size=1, max_size=3).map(lambda t: ("", "".join(t)))
+    return st.lists(slot | slot | literal, max_size=4)
+
+
+def as_sent(run: list[Piece], values: Mapping[str, str], in_url: bool = True) -> str:
+    """What a run stands for once decoded: the values as they are, the literals of a
+    URL template decoded (the text of an entity parameter is a value as a whole)."""
+    return "".join(
+        _SURROGATES.sub("\ufffd", values[t] if k == "$" else unquote(t) if in_url else t)
+        for k, t in run
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(url_pieces(PATH_LITERALS), min_size=1, max_size=4),
+    st.lists(url_pieces(QUERY_LITERALS), max_size=2),
+    st.lists(url_pieces(NASTY_ALPHABET), max_size=2),
+    st.fixed_dictionaries({name: url_values for name in FIELD_NAMES}),
+    st.booleans(),
+)
+def test_url_values_keep_the_template_segments_and_parameters(
+    path: list[list[Piece]],
+    query: list[list[Piece]],
+    entity: list[list[Piece]],
+    values: dict[str, str],
+    get: bool,
+) -> None:
+    url = "https://h.example.com/" + "/".join(written(run, {}) for run in path)
+    if query:
+        url += "?" + "&".join(f"q{i}={written(run, {})}" for i, run in enumerate(query))
+    compiled = compile_(
+        method="GET" if get else "POST",
+        url=url,
+        entity_params={f"e{i}": written(run, {}) for i, run in enumerate(entity)},
+        custom_params={"k": "v"},
+    )
+    segments = [as_sent(run, values) for run in path]
+    with_values = [i for i, run in enumerate(path) if any(k == "$" for k, _ in run)]
+    if any(segments[i] in (".", "..") for i in with_values):
+        with pytest.raises(TemplateError, match="dot segment"):
+            compiled.render(ctx(record=values))
+        return
+    req = compiled.render(ctx(record=values))
+    assert req.url.isascii()
+    assert not any(c in req.url for c in "\r\n\x00 #")
+    parts = urlsplit(req.url)
+    assert parts.netloc == "h.example.com"
+    assert [unquote(seg, errors="strict") for seg in parts.path.split("/")[1:]] == segments
+    params = [(f"q{i}", as_sent(run, values)) for i, run in enumerate(query)]
+    entities = [(f"e{i}", as_sent(run, values, in_url=False)) for i, run in enumerate(entity)]
+    if get:
+        params += [*entities, ("k", "v")]
+    else:
+        form = req.body.decode("ascii")
+        assert parse_qsl(form, keep_blank_values=True, errors="strict") == [*entities, ("k", "v")]
+    assert parse_qsl(parts.query, keep_blank_values=True, errors="strict") == params
 
 
 def _escaped_by_orjson(text: str) -> str:

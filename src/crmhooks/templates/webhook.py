@@ -170,10 +170,13 @@ class CompiledWebhook:
             self._url = ()
         # Where the parameters join the URL; placeholders cannot add a "?" or "&".
         literal_url = "".join(s if type(s) is str else "x" for s in self._url)
-        if "?" not in literal_url:
+        query_at = literal_url.find("?")
+        if query_at == -1:
             self._url_sep = "?"
+        elif query_at == len(literal_url) - 1 or literal_url.endswith("&"):
+            self._url_sep = ""  # "…/p?" or "…/p?a=1&": the parameters follow as they are
         else:
-            self._url_sep = "" if literal_url.endswith(("?", "&")) else "&"
+            self._url_sep = "&"  # also after "…/p?a=?": that "?" is a's value
 
         entity: list[tuple[str, tuple[Segment, ...]]] = []
         for name, template in webhook.entity_params.items():
