@@ -883,6 +883,68 @@ def test_json_whole_value_keeps_type(value: Any) -> None:
     assert set(doc) == {"a", "b", "c", "d"}
 
 
+# Members of a JSON property template: a string of placeholders and literals, a
+# whole value, or an array of whole values side by side.
+json_members = st.lists(
+    st.one_of(
+        st.tuples(st.just("string"), pieces('"\\/<>]&a\u2028')),
+        st.tuples(st.just("whole"), st.sampled_from((*FIELD_NAMES, "T"))),
+        st.tuples(st.just("array"), st.lists(st.sampled_from((*FIELD_NAMES, "T")), max_size=3)),
+    ),
+    max_size=5,
+)
+json_typed = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.lists(nasty_values, max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    json_members,
+    st.fixed_dictionaries({name: nasty_values for name in FIELD_NAMES}),
+    json_typed,
+    st.booleans(),
+)
+def test_json_adjacent_values_keep_the_template_keys(
+    members: list[tuple[Any, ...]], values: dict[str, str], typed: Any, as_param: bool
+) -> None:
+    def fixed(name: str) -> Any:
+        if name != "T":
+            return _SURROGATES.sub("\ufffd", values[name])
+        if isinstance(typed, list):
+            return [_SURROGATES.sub("\ufffd", v) for v in typed]
+        return typed
+
+    def slot(name: str) -> str:
+        return "${Potentials." + name + "}"
+
+    written_members: list[str] = []
+    expected: dict[str, Any] = {}
+    for i, (kind, what) in enumerate(members):
+        if kind == "string":
+            # The template's literals are JSON-escaped as an author writes them.
+            text = "".join(slot(t) if k == "$" else orjson.dumps(t).decode()[1:-1] for k, t in what)
+            written_members.append(f'"m{i}": "{text}"')
+            expected[f"m{i}"] = "".join(fixed(t) if k == "$" else t for k, t in what)
+        elif kind == "whole":
+            written_members.append(f'"m{i}": {slot(what)}')
+            expected[f"m{i}"] = fixed(what)
+        else:
+            written_members.append(f'"m{i}": [{", ".join(slot(n) for n in what)}]')
+            expected[f"m{i}"] = [fixed(n) for n in what]
+    template = "{" + ", ".join(written_members) + "}"
+    compiled = compile_(
+        body=BodySpec(format="json", template=template, param="J" if as_param else None)
+    )
+    body = compiled.render(ctx(record={**values, "T": typed})).body
+    if as_param:
+        body = parse_qs(body.decode("ascii"), keep_blank_values=True)["J"][0].encode()
+    assert orjson.loads(body) == expected
+
+
 QUERY_PROP = compile_(
     method="GET",
     url="https://h.example.com/p/${Potentials.V}/q?a=1&v=${Potentials.V}",
