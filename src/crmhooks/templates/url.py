@@ -55,9 +55,12 @@ class PathCheck:
 
     def dot_segment(self, url: str) -> str | None:
         """The first segment of ``url`` holding a value that is ``.`` or ``..``, or None."""
-        query = url.find("?", self.path_start)
-        path = url[self.path_start :] if query == -1 else url[self.path_start : query]
-        parts = path.split("/")
+        tail = url[self.path_start :]
+        # Most paths and queries have no dot at all: three "in" tests, where the
+        # split and the loop below cost ~0.25 µs more a render.
+        if "." not in tail and "%2e" not in tail and "%2E" not in tail:
+            return None
+        parts = tail.partition("?")[0].split("/")
         for i in self.segments:
             seg = parts[i]
             if (
