@@ -4,7 +4,8 @@
 
 Compare two versions of ``src/`` by running it with ``PYTHONPATH`` set to each
 one's ``src``, alternated a few times (a busy moment of the shared machine
-slows one run, not a version). Every shape is rendered once first and its
+slows one run, not a version). Times are this process's CPU time, so that
+waiting for a core on a shared machine does not count. Every shape is rendered once first and its
 request printed as a sha256 prefix: two versions that render the same bytes
 print the same digests.
 """
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {shape: [] for shape in calls}
     for _ in range(args.repeat):  # shapes take turns, run by run
         for shape, call in calls.items():
-            times[shape].append(timeit.timeit(call, number=args.number, timer=time.perf_counter))
+            times[shape].append(timeit.timeit(call, number=args.number, timer=time.process_time))
     for shape, call in calls.items():
         us = statistics.median(times[shape]) / args.number * 1e6
         print(f"{shape:9} {us:7.3f} µs  {digest(call())}")
