@@ -10,9 +10,9 @@ from xml.etree import ElementTree
 import msgspec
 import orjson
 
-from crmhooks.config import Webhook
 from crmhooks.errors import TemplateError
 from crmhooks.modules import ModuleCatalog
+from crmhooks.settings import Webhook
 from crmhooks.templates.formatting import Encoder, fix_surrogates, json_value
 from crmhooks.templates.jsondoc import json_contexts
 from crmhooks.templates.placeholders import Placeholder, RenderContext, Resolver, Span, scan
