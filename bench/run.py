@@ -57,6 +57,7 @@ from bench.report import (
     table,
     write_json,
 )
+from bench.steady import steady
 
 # Partitions of every events topic: ≥ 6 so that two processors each get several
 # organisations (SPEC §1: one organisation per key, so per partition here).
@@ -114,6 +115,7 @@ class Sizes:
     scale_pairs: int
     sink_load_s: float
     bare_client: int
+    steady: int
 
 
 FULL = Sizes(
@@ -132,6 +134,7 @@ FULL = Sizes(
     scale_pairs=3,
     sink_load_s=3.0,
     bare_client=50_000,
+    steady=1_000_000,
 )
 QUICK = Sizes(
     instant=5_000,
@@ -149,6 +152,7 @@ QUICK = Sizes(
     scale_pairs=1,
     sink_load_s=1.5,
     bare_client=5_000,
+    steady=50_000,
 )
 
 
@@ -883,6 +887,7 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "latency": Bench.latency,
     "timers": Bench.timers,
     "scale": Bench.scale_out,
+    "steady": steady,
 }
 
 
