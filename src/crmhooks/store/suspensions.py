@@ -17,11 +17,12 @@ offline. A keyed hash does not help unless the key is kept from them, and it
 cannot be: the next owner of the partition, on another machine, needs the same
 key, so it would live in the same file and travel in the same topic as the
 fingerprints. So the fingerprint is a plain SHA-256 of the config *without* its
-secrets: a webhook's ``secret`` and the values of its secret parameters
-(``secret_params``: those read from ``${env:…}``) are replaced by ``***``; that
-it has a secret, and the names of the secret parameters, still count. The price:
-a change of a secret alone (an API key rotated after 401s) does not lift a
-suspension; ``crmhooks resume`` does.
+secrets: every value ``Webhook.secret_values`` names (the signing secret, custom
+parameters, references' values, literal header values, the auth password, token
+or client secret, the URL's password: what crmhooks scrubs from what it writes)
+is replaced by ``***`` wherever it appears; which fields hold a secret still
+counts. The price: a change of a secret alone (an API key rotated after 401s)
+does not lift a suspension; ``crmhooks resume`` does.
 
 The fingerprint is the config as canonical JSON (sorted keys, sets sorted), not
 its ``repr``: ``repr`` of a frozenset (``secret_params``) follows the string
@@ -44,7 +45,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from crmhooks.config import Rule, Webhook
+from crmhooks.settings import Rule, Webhook
 from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, WriteBatch
 from crmhooks.store.writer import Writer
 
@@ -67,44 +68,44 @@ REDACTED = "***"
 def fingerprint(rule: Rule | None, webhook: Webhook | None) -> str:
     """Changes whenever the rule's or the webhook's config changes, its secrets apart
     (see the module docstring); None: the rule or webhook no longer exists."""
+    # Longest first: a secret that holds another is masked whole.
+    secrets = () if webhook is None else tuple(sorted(webhook.secret_values(), key=len)[::-1])
     text = orjson.dumps(
-        [_canonical(rule), _canonical(_without_secrets(webhook))],
-        option=orjson.OPT_SORT_KEYS,
+        [_canonical(rule, secrets), _canonical(webhook, secrets)], option=orjson.OPT_SORT_KEYS
     )
     return hashlib.sha256(text).hexdigest()[:32]
 
 
-def _without_secrets(webhook: Webhook | None) -> Webhook | None:
-    if webhook is None:
-        return None
-    return dataclasses.replace(
-        webhook,
-        secret=None if webhook.secret is None else REDACTED,
-        custom_params={
-            name: REDACTED if name in webhook.secret_params else value
-            for name, value in webhook.custom_params.items()
-        },
-    )
+def _masked(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
-def _canonical(value: Any) -> Any:
-    """``value`` as JSON-able data that is the same in every process."""
+def _canonical(value: Any, secrets: tuple[str, ...]) -> Any:
+    """``value`` as JSON-able data that is the same in every process, ``secrets`` masked."""
+    if isinstance(value, str):
+        return _masked(value, secrets)
+    if value is None or isinstance(value, bool | int | float):
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             "_type": type(value).__name__,
-            **{f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)},
+            **{
+                f.name: _canonical(getattr(value, f.name), secrets)
+                for f in dataclasses.fields(value)
+            },
         }
     if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {_masked(str(k), secrets): _canonical(v, secrets) for k, v in value.items()}
     if isinstance(value, set | frozenset):
-        return sorted((_canonical(v) for v in value), key=repr)
+        return sorted((_canonical(v, secrets) for v in value), key=repr)
     if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
+        return [_canonical(v, secrets) for v in value]
     if isinstance(value, date | time):
         return value.isoformat()
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return repr(value)
+    return _masked(repr(value), secrets)
 
 
 class SuspensionTable:
