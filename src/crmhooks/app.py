@@ -133,7 +133,12 @@ class Processor:
         )
         self.suspensions = Suspensions(store, lambda: live.current)
         self.reporter = Reporter(
-            store, self.checkpoint, clock, lambda: live.current.config.kafka, metrics
+            store,
+            self.checkpoint,
+            clock,
+            lambda: live.current.config.kafka,
+            metrics,
+            fatal=lambda exc: store.failed is not None,
         )
         self.dispatcher = Dispatcher(
             live,
@@ -205,6 +210,10 @@ class Processor:
             asyncio.create_task(self.checkpoint.deadline_loop(), name="unstored-deadline"),
             asyncio.create_task(self._purge_loop(), name="purge"),
             asyncio.create_task(self._gauge_loop(), name="gauges"),
+            # A failed store (full or read-only disk, I/O error) raises here: the
+            # process stops taking work at once and exits non-zero with the real error,
+            # for a supervisor to restart it once the disk is fixed (SPEC §10).
+            asyncio.create_task(self.store.until_failed(), name="store-failed"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
@@ -221,19 +230,27 @@ class Processor:
             self.checkpoint.release_reader()  # a consume loop waiting for the budget sees it
             await consume
         finally:
+            self.readiness.set_stopping()
             self.dispatcher.stop()
-            for task in helpers:
+            if not consume.done():  # a part failed: reading stops now, mid-batch or not
+                consume.cancel()
+            for task in [consume, *helpers]:
                 task.cancel()
-            for task in helpers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task  # (what a failed task raised is raised above)
             stopper.cancel()
-            await self.stop_parts()
+            # With a failed store no result of a request in flight can be stored:
+            # waiting for them only delays the exit (they are sent again after restart).
+            grace_s = 0.0 if self.store.failed is not None else None
+            await self.stop_parts(grace_s)
 
-    async def stop_parts(self) -> None:
-        """In-flight requests finish within the grace; what was not finished in time is
-        stored, then every offset committed; unused quota units given back."""
-        await self.dispatcher.drain(self.config.current.config.delivery.shutdown_grace_s)
+    async def stop_parts(self, grace_s: float | None = None) -> None:
+        """In-flight requests finish within the grace (``[delivery] shutdown_grace_s``
+        by default); what was not finished in time is stored, then every offset
+        committed; unused quota units given back."""
+        if grace_s is None:
+            grace_s = self.config.current.config.delivery.shutdown_grace_s
+        await self.dispatcher.drain(grace_s)
         try:
             await self.checkpoint.store_unstored()
             await self.checkpoint.committed()
