@@ -18,6 +18,8 @@ restore and its purge — and the one mechanism they share:
     records.py      record snapshots, ``repeat = "once"`` flags   ``store.records``
     quota.py        quota counters per organisation and day      ``store.quota``
     suspensions.py  suspensions, and the config ``fingerprint``   ``store.suspensions``
+    documents.py    config-topic documents read, where reading    ``store.documents``
+                    stopped, refused ones dead-lettered
     changes.py      ``WriteBatch``, changelog records, the ``Table`` protocol
     files.py        the file's modes, which SQLite errors break it, SQL helpers
 
@@ -47,6 +49,7 @@ from crmhooks.store.changes import (
     ChangelogSource,
     WriteBatch,
 )
+from crmhooks.store.documents import DocumentChange, DocumentTable, Refused
 from crmhooks.store.quota import QuotaTable
 from crmhooks.store.records import RecordTable
 from crmhooks.store.suspensions import SuspensionTable, fingerprint
@@ -57,6 +60,8 @@ __all__ = [
     "ChangelogRecord",
     "ChangelogSink",
     "ChangelogSource",
+    "DocumentChange",
+    "Refused",
     "Store",
     "StoreError",
     "WriteBatch",
@@ -66,7 +71,7 @@ __all__ = [
 
 class Store:
     """The store's parts, composed: ``store.actions``, ``.records``, ``.quota``,
-    ``.suspensions`` and their one ``writer``.
+    ``.suspensions``, ``.documents`` and their one ``writer``.
 
     ``clock`` stamps the rows whose purge goes by age (snapshots, cleared flags).
     """
@@ -77,7 +82,14 @@ class Store:
         self.records = RecordTable(self.writer)
         self.quota = QuotaTable(self.writer)
         self.suspensions = SuspensionTable(self.writer)
-        self.writer.tables = (self.actions, self.records, self.quota, self.suspensions)
+        self.documents = DocumentTable(self.writer)
+        self.writer.tables = (
+            self.actions,
+            self.records,
+            self.quota,
+            self.suspensions,
+            self.documents,
+        )
         # The hot path's one call (every report, every batch of events): the writer's
         # own method, without a frame of delegation.
         self.write = self.writer.write

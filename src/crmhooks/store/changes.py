@@ -12,6 +12,7 @@ encodes and restores its records:
     o  a ``repeat = "once"`` flag
     q  a quota counter                       quota.py
     s  a suspension                          suspensions.py
+    c  a refused config document dead-lettered  documents.py
 """
 
 from __future__ import annotations
