@@ -32,7 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(*run_log_settings(config, _log_level_override(args)))
     _tune_gc()
     with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
-        runner.run(run_processor(config))
+        runner.run(run_processor(config, config_path=args.config))
     return 0
 
 

@@ -105,6 +105,26 @@ class Scheduler:
             out.append(action)
         return out
 
+    def claim(self, actions: Sequence[Action]) -> list[Action]:
+        """Actions to end without a fire (a config change cancels them): those not being
+        fired, taken out of the heap and marked as being ended, so that neither a fire
+        nor a refill takes them meanwhile. ``fired(action, None)`` ends each."""
+        claimed: list[Action] = []
+        for action in actions:
+            aid = action.action_id
+            if aid in self._inflight or not self._owns(action.partition):
+                continue
+            if aid in self._actions:
+                self._heap.remove(aid)
+            else:
+                self._actions[aid] = action
+                self._snapshot_refs[action.record_key] = (
+                    self._snapshot_refs.get(action.record_key, 0) + 1
+                )
+            self._inflight.add(aid)
+            claimed.append(action)
+        return claimed
+
     def next_due_ms(self) -> int | None:
         return self._heap.next_due_ms()
 

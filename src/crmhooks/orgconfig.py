@@ -1,0 +1,277 @@
+"""Organisations' own configurations (config-topic documents, SPEC §3.2): one compiled,
+and the bounded caches of them a process keeps.
+
+A ``CompiledOrg`` is one organisation's document compiled against the config file
+in force (``snapshot.CompiledFile``): its rules indexed, its settings, and the
+file's organisation-less rules and webhooks, which still apply. Immutable, but for
+the webhooks it compiles on first use (``OrgConfigs.target``).
+
+``OrgConfigs`` knows which organisations have a document in force (every one: a
+set of ids, read from the store at start) and keeps the compiled configuration of
+those it saw lately, in a least-recently-used cache of ``ORG_CACHE_SIZE``; their
+compiled webhooks in one of ``TARGET_CACHE_SIZE``. What is not cached is read from
+the store and compiled when it is needed: ``prefetch`` for a batch's organisations
+before its events are decoded (one read for all), ``get`` at once for one that
+was not (an event whose key is not its organisation, an action firing).
+
+A document in the store was valid under the file in force when it was read. Under
+a file reloaded since, it may no longer be (an organisation-less webhook it used
+is gone, lower limits): then what still holds of it is used (``org_document_in_part``)
+and the rest is gone, with a warning naming the organisation and every error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from crmhooks.config import OrgDocument, OrgSettings, Rule, org_document_in_part
+from crmhooks.events import RecordEvent
+from crmhooks.rules import RuleIndex
+from crmhooks.snapshot import CompiledFile, Target
+from crmhooks.store.documents import DocumentTable
+
+log = logging.getLogger(__name__)
+
+# Organisations whose compiled configuration is kept. A document of 5 webhooks and
+# 5 rules takes ~30 KB compiled (its decoded items and the closures of its criteria;
+# measured with the bench's documents), so ~360 MB at most: with the process's own
+# ~100 MB, inside the 500 MB that a process reading 100,000 organisations' documents
+# is given. A process seeing events of more organisations than this (per fetch, the
+# least recently seen go) reads and compiles again each one it sees (~1.5 ms).
+ORG_CACHE_SIZE = 12_000
+# Compiled webhooks (templates, endpoint) kept, of organisations with a document:
+# ~3.7 KB each for the bench's webhooks, ~30 MB. A webhook of an organisation with
+# a document whose compiled form is not kept is compiled again when it fires
+# (~0.1 ms, against ~65 µs for the rest of a delivery).
+TARGET_CACHE_SIZE = 8_192
+
+
+class CompiledOrg:
+    """One organisation's document compiled against the file; swapped whole, never changed."""
+
+    __slots__ = (
+        "_candidates",
+        "_file",
+        "_rules",
+        "_shared_needs",
+        "document",
+        "index",
+        "org_id",
+    )
+
+    def __init__(self, document: OrgDocument, file: CompiledFile) -> None:
+        self.document = document
+        self.org_id = document.org.id
+        self._file = file
+        self.index = RuleIndex(document.rules, file.catalog)
+        self._rules = {r.id: r for r in document.rules}
+        self._candidates: dict[str, tuple[Rule, ...]] = {}
+        self._shared_needs = None if file.shared_index is None else file.shared_index.needs_planning
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledOrg({self.org_id!r}, rules={len(self._rules)}, "
+            f"webhooks={len(self.document.webhooks)})"
+        )
+
+    @property
+    def settings(self) -> OrgSettings:
+        return self.document.org
+
+    def rule(self, rule_id: str) -> Rule | None:
+        found = self._rules.get(rule_id)
+        if found is not None:
+            return found
+        shared = self._file.rules.get(rule_id)
+        return shared if shared is not None and shared.org is None else None
+
+    def candidates(self, module: str) -> tuple[Rule, ...]:
+        """The file's organisation-less rules for ``module``, then the document's."""
+        found = self._candidates.get(module)
+        if found is None:
+            shared = self._file.shared_index
+            found = tuple(() if shared is None else shared.candidates(self.org_id, module))
+            found += tuple(self.index.candidates(self.org_id, module))
+            self._candidates[module] = found  # one entry a module name events use
+        return found
+
+    def needs_planning(self, event: RecordEvent) -> bool:
+        shared = self._shared_needs
+        return (shared is not None and shared(event)) or self.index.needs_planning(event)
+
+    def criteria_met(self, rule: Rule, event: RecordEvent) -> bool:
+        if rule.org is None:
+            return self._file.index.criteria_met(rule, event)
+        return self.index.criteria_met(rule, event)
+
+    def webhook_target(self, name: str) -> Target | None:
+        """The document's webhook ``name`` compiled now (None: the document has none),
+        or the file's organisation-less one (compiled with the file)."""
+        hook = self.document.webhooks.get(name)
+        if hook is None:
+            shared = self._file.targets.get(name)
+            return shared if shared is not None and shared.webhook.org is None else None
+        return Target.of(hook, self._file.catalog)
+
+
+def compile_document(raw: bytes, file: CompiledFile, org_id: str) -> CompiledOrg:
+    """A document from the store compiled against ``file``: what still holds of it
+    (see the module docstring), never an exception."""
+    document, errors = org_document_in_part(raw, file.config, org_id)
+    if errors:
+        log.warning(
+            "organisation %s: its document no longer holds whole under the config file "
+            "in force; what does not is left out: %s",
+            org_id,
+            "; ".join(errors),
+        )
+    if document is None:
+        document = OrgDocument(OrgSettings(org_id))
+    try:
+        return CompiledOrg(document, file)
+    except Exception as exc:  # a document never compiled before: must not stop anything
+        log.error(
+            "organisation %s: its document does not compile (%s); its rules are left out",
+            org_id,
+            exc,
+        )
+        return CompiledOrg(OrgDocument(document.org), file)
+
+
+class OrgConfigs:
+    """Which organisations have a document in force, and the compiled configurations of
+    those seen lately (bounded caches)."""
+
+    def __init__(
+        self,
+        file: CompiledFile,
+        table: DocumentTable | None,
+        ids: Iterable[str] = (),
+        *,
+        size: int = ORG_CACHE_SIZE,
+        target_size: int = TARGET_CACHE_SIZE,
+    ) -> None:
+        self._file = file
+        self._table = table
+        self._ids: set[str] = set(ids)
+        self._cache: OrderedDict[str, CompiledOrg] = OrderedDict()
+        self._targets: OrderedDict[tuple[str, str], tuple[CompiledOrg, Target | None]] = (
+            OrderedDict()
+        )
+        self._size = size
+        self._target_size = target_size
+        self.loads = 0  # documents read and compiled (tests, benchmarks)
+
+    def __repr__(self) -> str:
+        return f"OrgConfigs(documents={len(self._ids)}, compiled={len(self._cache)})"
+
+    def __len__(self) -> int:
+        """Organisations with a document in force."""
+        return len(self._ids)
+
+    def __contains__(self, org_id: object) -> bool:
+        return org_id in self._ids
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+    def rebased(self, file: CompiledFile) -> OrgConfigs:
+        """The same documents against a new config file: compiled again as needed."""
+        return OrgConfigs(
+            file, self._table, self._ids, size=self._size, target_size=self._target_size
+        )
+
+    # -- look-ups ----------------------------------------------------------------------
+
+    def get(self, org_id: str) -> CompiledOrg | None:
+        """The organisation's compiled document; None when it has none (the file applies)."""
+        found = self._cache.get(org_id)
+        if found is not None or org_id not in self._ids:
+            return found
+        return self._load_now(org_id)
+
+    def target(self, compiled: CompiledOrg, name: str) -> Target | None:
+        key = (compiled.org_id, name)
+        entry = self._targets.get(key)
+        if entry is not None and entry[0] is compiled:
+            self._targets.move_to_end(key)
+            return entry[1]
+        try:
+            target = compiled.webhook_target(name)
+        except Exception as exc:  # (validated when read: a TLS file gone since, say)
+            log.error(
+                "organisation %s: webhook %s does not compile (%s): its actions are "
+                "cancelled as removed",
+                compiled.org_id,
+                name,
+                exc,
+            )
+            target = None
+        self._targets[key] = (compiled, target)
+        self._targets.move_to_end(key)
+        while len(self._targets) > self._target_size:
+            self._targets.popitem(last=False)
+        return target
+
+    async def prefetch(self, org_ids: Iterable[str]) -> None:
+        """Have the documents of ``org_ids`` compiled (one store read for the missing
+        ones), and mark them as recently seen."""
+        cache = self._cache
+        missing: list[str] = []
+        for org_id in org_ids:
+            if org_id in cache:
+                cache.move_to_end(org_id)
+            elif org_id in self._ids:
+                missing.append(org_id)
+        if not missing or self._table is None:
+            return
+        raws = await self._table.documents(missing)
+        for org_id in missing:
+            raw = raws.get(org_id)
+            if org_id in self._ids and org_id not in cache:  # (applied meanwhile: newer)
+                if raw is None:
+                    self._ids.discard(org_id)
+                else:
+                    self._put(compile_document(raw, self._file, org_id))
+
+    def _load_now(self, org_id: str) -> CompiledOrg | None:
+        raw = None if self._table is None else self._table.document_now(org_id)
+        if raw is None:
+            self._ids.discard(org_id)
+            return None
+        return self._put(compile_document(raw, self._file, org_id))
+
+    def _put(self, compiled: CompiledOrg) -> CompiledOrg:
+        self.loads += 1
+        self._cache[compiled.org_id] = compiled
+        self._cache.move_to_end(compiled.org_id)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return compiled
+
+    # -- changes -----------------------------------------------------------------------
+
+    def compile(self, document: OrgDocument) -> CompiledOrg:
+        """A new document compiled against the file in force (it raises when it does not
+        compile: the document is refused)."""
+        compiled = CompiledOrg(document, self._file)
+        for name in document.webhooks:
+            compiled.webhook_target(name)  # every webhook compiles, or it raises
+        return compiled
+
+    def apply(self, org_id: str, compiled: CompiledOrg | None) -> None:
+        """``compiled`` in force for ``org_id`` (None: it has no document any more). Kept
+        compiled only if the organisation was: the cache holds those seen lately."""
+        if compiled is None:
+            self._ids.discard(org_id)
+            self._cache.pop(org_id, None)
+            return
+        self._ids.add(org_id)
+        if org_id in self._cache:
+            self._cache[org_id] = compiled
+
+    def org_ids(self) -> Sequence[str]:
+        return list(self._ids)
