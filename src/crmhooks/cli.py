@@ -1,4 +1,4 @@
-"""The command line: run, check-config, preview, explain, replay-dlq, resume, tail."""
+"""The command line: run, check-config, preview, explain, replay-dlq, resume, tail, config."""
 
 from __future__ import annotations
 
@@ -306,6 +306,37 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """``config push|get|rm``: an organisation's document on the config topic (SPEC §3.2)."""
+    import logging
+
+    from crmhooks import config_commands
+    from crmhooks.progress import Progress
+
+    # A broker that cannot be reached is this command's one-line error, not also
+    # aiokafka's own lines about each try.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    config = _load(args.config)
+    if args.action == "push":
+        try:
+            line = asyncio.run(config_commands.push(config, args.config, args.org, args.file))
+        except ConfigError as exc:  # the document's errors, named after its file
+            print(f"{args.file}: {len(exc.errors)} error(s):", file=sys.stderr)
+            for error in exc.errors:
+                print(f"  {error}", file=sys.stderr)
+            return 1
+        print(line)
+    elif args.action == "rm":
+        print(asyncio.run(config_commands.remove(config, args.config, args.org)))
+    else:
+        import orjson
+
+        with Progress("config get") as progress:  # drawn on stderr when it is a terminal
+            shown = asyncio.run(config_commands.get(config, args.config, args.org, progress))
+        print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crmhooks", description=__doc__)
     parser.add_argument("--version", action="version", version=f"crmhooks {__version__}")
@@ -356,6 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dlq", dest="topic", action="store_const", const="dlq", default="results")
     p.add_argument("--limit", type=int, default=0, help="stop after this many records")
     p.set_defaults(func=cmd_tail)
+    p = sub.add_parser("config", help="an organisation's document on the config topic")
+    actions = p.add_subparsers(dest="action", required=True)
+    for name, help_text in (
+        ("push", "check a document (TOML or JSON) and write it to the config topic"),
+        ("get", "print the organisation's document in force, secrets as ***"),
+        ("rm", "write the organisation's tombstone: the config file applies to it again"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--config", required=True, help="the TOML config file")
+        action.add_argument("--org", required=True, help="the organisation's id (the key)")
+        if name == "push":
+            action.add_argument("--file", required=True, help="the document, .toml or .json")
+        action.set_defaults(func=cmd_config)
     return parser
 
 

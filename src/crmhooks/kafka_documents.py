@@ -15,7 +15,7 @@ from typing import NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import KafkaIOError, ProduceError
@@ -52,6 +52,10 @@ async def _within(what: str, settings: KafkaSettings, awaitable: Awaitable[T]) -
         raise KafkaIOError(
             f"{what}: no answer from Kafka at {settings.bootstrap_servers} "
             f"within {COMMAND_TIMEOUT_S:.0f} s"
+        ) from None
+    except KafkaConnectionError:
+        raise KafkaIOError(
+            f"{what}: cannot connect to Kafka at {settings.bootstrap_servers}"
         ) from None
     except KafkaError as exc:
         raise KafkaIOError(f"{what}: Kafka at {settings.bootstrap_servers}: {exc}") from exc
@@ -170,24 +174,25 @@ class ConfigTopicReader:
             found = await self._topic_partitions(self.topic)
             if not found:
                 raise KafkaIOError(f"config topic {self.topic} has no partitions")
-            self._assign(found, positions)
+            await self._assign(found, positions)
             tps = [TopicPartition(self.topic, p) for p in self._partitions]
             ends = await self.consumer.end_offsets(tps)
         except KafkaError as exc:
             raise KafkaIOError(f"cannot read config topic {self.topic}: {exc}") from exc
         return {tp.partition: int(offset) for tp, offset in ends.items()}
 
-    def _assign(self, partitions: list[int], positions: Mapping[int, int]) -> None:
+    async def _assign(self, partitions: list[int], positions: Mapping[int, int]) -> None:
         consumer = self.consumer
         self._partitions = sorted(partitions)
         tps = [TopicPartition(self.topic, p) for p in self._partitions]
         consumer.assign(tps)
+        fresh = [tp for tp in tps if not positions.get(tp.partition)]
         for tp in tps:
             start = positions.get(tp.partition)
             if start:
                 consumer.seek(tp, start)
-            else:
-                consumer.seek_to_beginning(tp)
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
 
     async def more_partitions(self, positions: Mapping[int, int]) -> bool:
         """Whether the topic has partitions not read yet (then read from now on, from
@@ -201,7 +206,7 @@ class ConfigTopicReader:
         here = dict(positions)
         for tp in self.consumer.assignment():
             here.setdefault(tp.partition, await self.consumer.position(tp))
-        self._assign(found, here)
+        await self._assign(found, here)
         return True
 
     async def fetch(self, timeout_ms: int, max_records: int) -> list[DocumentRecord]:
