@@ -10,8 +10,9 @@ render (``RecordEvent``), kept while an action of the record is in memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from crmhooks.actions import Action
@@ -43,6 +44,11 @@ class Scheduler:
         self._snapshot_refs: dict[str, int] = {}
         self._inflight: set[str] = set()
         self._loaded_until_ms = 0
+        # Reads of pending actions under way (a window's refill, an assignment), and
+        # the actions ended meanwhile: what such a read saw pending may have ended
+        # after the store answered, and is not pushed again (``_schedule_loaded``).
+        self._reads = 0
+        self._ended_during_reads: set[str] = set()
         self.changed = asyncio.Event()  # set when an action is pushed
 
     def __repr__(self) -> str:
@@ -82,6 +88,11 @@ class Scheduler:
             self._heap.remove(aid)
             if aid not in self._inflight:
                 self._forget(aid)
+                self._ended(aid)
+
+    def _ended(self, action_id: str) -> None:
+        if self._reads:
+            self._ended_during_reads.add(action_id)
 
     def _forget(self, action_id: str) -> None:
         action = self._actions.pop(action_id, None)
@@ -137,6 +148,8 @@ class Scheduler:
             self.push(retry)
         elif action.action_id not in self._heap:
             self._forget(action.action_id)
+            if retry is None:
+                self._ended(action.action_id)
 
     # -- records --------------------------------------------------------------------
 
@@ -161,9 +174,20 @@ class Scheduler:
 
     async def load(self, partitions: Sequence[int]) -> int:
         """A partition is assigned: its actions due within the window; how many."""
-        loaded = await self._store.load_pending(sorted(partitions), self._loaded_until_ms)
-        await self._schedule_loaded(loaded)
+        with self._reading():
+            loaded = await self._store.load_pending(sorted(partitions), self._loaded_until_ms)
+            await self._schedule_loaded(loaded)
         return len(loaded)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        self._reads += 1
+        try:
+            yield
+        finally:
+            self._reads -= 1
+            if not self._reads:
+                self._ended_during_reads.clear()
 
     def drop_partitions(self, partitions: set[int]) -> None:
         """Revoked: their actions leave memory (but those being fired, which end)."""
@@ -178,7 +202,9 @@ class Scheduler:
 
         Fires run meanwhile: an action may have finished, or moved for a retry, since
         the rows were read. So the statuses are read again last, and from then on
-        nothing awaits until every action is pushed or dropped.
+        nothing awaits until every action is pushed or dropped; one that ended after
+        the store answered (its end written, then the attempt's report, or a sweep,
+        forgot it) is known from ``_ended_during_reads``.
         """
         mine = [a for a in loaded if self._owns(a.partition)]
         if not mine:
@@ -195,6 +221,7 @@ class Scheduler:
             if (
                 statuses.get(action.action_id) == "pending"
                 and action.action_id not in self._actions  # in the heap, queued or firing
+                and action.action_id not in self._ended_during_reads
                 and self._owns(action.partition)
             ):
                 self.push(action)
@@ -205,9 +232,13 @@ class Scheduler:
             await self._clock.sleep_until(self._loaded_until_ms - HORIZON_MS // 2)
             start = self._loaded_until_ms
             until = self._clock.now_ms() + HORIZON_MS
-            loaded = await self._store.load_pending(partitions(), until, from_ms=start)
+            # The new window is memory's before the read: an action pushed while it
+            # runs (a retry whose report was written meanwhile) stays in the heap, where
+            # the read may not see it; one it sees as well is not pushed twice.
             self._loaded_until_ms = until
-            await self._schedule_loaded(loaded)
+            with self._reading():
+                loaded = await self._store.load_pending(partitions(), until, from_ms=start)
+                await self._schedule_loaded(loaded)
 
 
 def event_or_none(data: dict[str, Any] | None) -> RecordEvent | None:
