@@ -186,9 +186,13 @@ async def processor(
 
 async def settle(p: Processor) -> None:
     """Until nothing is being fired, reported or swept, and the heap holds what is due
-    now (bounded)."""
-    for _ in range(5000):
-        await asyncio.sleep(0)
+    now (bounded: the store's reads run on a thread of their own)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 20.0
+    turns = 0
+    while loop.time() < give_up:
+        turns += 1
+        await asyncio.sleep(0 if turns % 50 else 0.001)
         if (
             p.dispatcher.idle
             and p.reporter.idle
@@ -222,7 +226,8 @@ async def run(path: Path, first: dict[str, Any], plan: list[tuple[str, Any]], se
                     **({"previous": {"Stage": "x", "Closing Date": "x"}}
                        if value["operation"] == "edit" else {}),
                 )  # fmt: skip
-                await p._process_batch(fetched([Rec(0, n, orjson.dumps(data))]))
+                async with p._lock:  # as the consume loop does
+                    await p._process_batch(fetched([Rec(0, n, orjson.dumps(data))]))
             elif kind == "file":
                 p.config.swap(file_config(value))
                 p.config_changed()

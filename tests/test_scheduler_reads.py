@@ -95,3 +95,18 @@ async def test_an_action_ended_while_it_was_read_is_not_pushed_again() -> None:
     assert len(scheduler) == 0
     clock.advance(10_000)
     assert scheduler.due(clock.now_ms()) == []
+
+
+async def test_an_action_due_now_is_kept_when_the_window_lags_behind_the_clock() -> None:
+    """The refill had not run yet when an instant action (sent before it is stored, so
+    in no store a refill could read) was pushed, due now, past the window."""
+    clock = FakeClock(NOW_MS)
+    scheduler = Scheduler(cast(Store, SlowStore([])), clock, lambda p: True)
+    scheduler.start(NOW_MS)
+    clock.advance(2 * HORIZON_MS)  # the loop stalled: no refill meanwhile
+    instant = action(3, clock.now_ms())
+    scheduler.push(instant)
+    later = action(4, clock.now_ms() + 1_000)  # beyond the window: the store's, as before
+    scheduler.push(later)
+    assert [a.action_id for a in scheduler.due(clock.now_ms())] == ["a3"]
+    assert len(scheduler) == 1

@@ -377,10 +377,16 @@ class Processor:
         events.inc("planned", plan.planned)
         events.inc("dead_lettered", plan.dead_lettered)
         events.inc("ignored", plan.read - plan.planned - plan.dead_lettered)
-        # 1. store, 2. produce, 3. flush (see the module docstring for why).
-        await self.store.write(plan.batch)
-        await self.reporter.produce(plan.out)
-        self.scheduler.drop(plan.heap_gone)
+        # The actions the batch ends are held from here until they are stored ended:
+        # neither a fire nor a refill takes one meanwhile (one final status each).
+        ending = self.scheduler.claim(plan.ended)
+        try:
+            # 1. store, 2. produce, 3. flush (see the module docstring for why).
+            await self.store.write(plan.batch)
+            await self.reporter.produce(plan.out)
+        finally:
+            for action in ending:
+                self.scheduler.fired(action, None)
         # 4. commit, once the instant actions sent unstored are finished or stored.
         unstored = [(a, raw) for a, raw in plan.unstored if a.action_id not in plan.heap_gone]
         self.checkpoint.add_batch(plan.next_offsets, now_ms, unstored)

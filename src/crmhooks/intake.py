@@ -46,6 +46,7 @@ class BatchPlan:
     out: list[Produced] = field(default_factory=list)  # 2. to produce
     heap_new: list[Action] = field(default_factory=list)  # to push, in plan order
     heap_gone: set[str] = field(default_factory=set)  # ended: out of the heap
+    ended: list[Action] = field(default_factory=list)  # those actions
     unstored: list[tuple[Action, bytes]] = field(default_factory=list)  # sent before stored
 
 
@@ -113,7 +114,8 @@ class Intake:
                         todo.append((partition, rec, event, module))
         plan.planned = len(todo)
         if todo:
-            await self._plan_events(snapshot, todo, now_ms, plan)
+            with self._scheduler.reading():
+                await self._plan_events(snapshot, todo, now_ms, plan)
         return plan
 
     async def _plan_events(
@@ -141,9 +143,14 @@ class Intake:
                 if any(r.scheduled for r in candidates)
             )
         )
+        # An action being fired (or ended while these reads ran) is its fire's to end:
+        # the event neither supersedes, cancels nor moves it (one final status each).
+        # Asked again after the last await below: a fire may begin meanwhile.
+        ends_elsewhere = self._scheduler.ends_elsewhere
         if keys:
             for action in await self._store.pending_for_records(keys):
-                states[action.record_key].pending[action.action_id] = action
+                if not ends_elsewhere(action.action_id):
+                    states[action.record_key].pending[action.action_id] = action
         once_keys = [
             once_key(r.id, record_key)
             for record_key, candidates in zip(record_keys, rules, strict=True)
@@ -207,16 +214,19 @@ class Intake:
                 if action.kind == "scheduled":
                     out.append(reporter.result(action, "scheduled"))
             for action in plan.moved:
+                if ends_elsewhere(action.action_id):  # (fired since it was read: see above)
+                    continue
                 batch.moved.append((action.action_id, action.due_ms, action.attempt))
                 into.heap_new.append(action)
                 out.append(reporter.result(action, "scheduled", reason="rescheduled"))
             for fin in plan.finished:
                 a = fin.action
-                if known.get(a.action_id, "pending") != "pending":
+                if known.get(a.action_id, "pending") != "pending" or ends_elsewhere(a.action_id):
                     continue
                 batch.new_actions.append(a)  # no-op when stored already; a tombstone if not
                 batch.finished.append((a.action_id, fin.status, now_ms))
                 into.heap_gone.add(a.action_id)
+                into.ended.append(a)
                 out.append(reporter.result(a, fin.status, reason=fin.reason))
 
 

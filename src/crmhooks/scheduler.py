@@ -66,8 +66,10 @@ class Scheduler:
 
     def push(self, action: Action) -> None:
         """Schedule ``action`` (new, moved, or a retry); beyond the window, the store
-        keeps it and the refill loads it when its window comes."""
-        if action.due_ms >= self._loaded_until_ms:
+        keeps it and the refill loads it when its window comes. One due now is always
+        kept, even when the window lags behind the clock (a stalled loop): an instant
+        action sent before it is stored is in no store a refill could read."""
+        if action.due_ms >= self._loaded_until_ms and action.due_ms > self._clock.now_ms():
             self._forget(action.action_id)
             if action.record_key not in self._snapshot_refs:
                 self._snapshots.pop(action.record_key, None)  # nothing due soon needs it
@@ -119,11 +121,16 @@ class Scheduler:
     def claim(self, actions: Sequence[Action]) -> list[Action]:
         """Actions to end without a fire (a config change cancels them): those not being
         fired, taken out of the heap and marked as being ended, so that neither a fire
-        nor a refill takes them meanwhile. ``fired(action, None)`` ends each."""
+        nor a refill takes them meanwhile. ``fired(action, None)`` ends each. Read them
+        from the store under ``reading()``: one a fire ended meanwhile is left out."""
         claimed: list[Action] = []
         for action in actions:
             aid = action.action_id
-            if aid in self._inflight or not self._owns(action.partition):
+            if (
+                aid in self._inflight
+                or aid in self._ended_during_reads  # (claimed under ``reading``)
+                or not self._owns(action.partition)
+            ):
                 continue
             if aid in self._actions:
                 self._heap.remove(aid)
@@ -135,6 +142,12 @@ class Scheduler:
             self._inflight.add(aid)
             claimed.append(action)
         return claimed
+
+    def ends_elsewhere(self, action_id: str) -> bool:
+        """Whether the action is being fired or ended by a sweep (its fire or the sweep
+        ends it), or ended during the current reads (``reading``): an event must not
+        end it too."""
+        return action_id in self._inflight or action_id in self._ended_during_reads
 
     def next_due_ms(self) -> int | None:
         return self._heap.next_due_ms()
@@ -174,13 +187,15 @@ class Scheduler:
 
     async def load(self, partitions: Sequence[int]) -> int:
         """A partition is assigned: its actions due within the window; how many."""
-        with self._reading():
+        with self.reading():
             loaded = await self._store.load_pending(sorted(partitions), self._loaded_until_ms)
             await self._schedule_loaded(loaded)
         return len(loaded)
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[None]:
+    def reading(self) -> Iterator[None]:
+        """Around a read of pending actions from the store and what is done with them:
+        the actions that end meanwhile are known (``_ended_during_reads``)."""
         self._reads += 1
         try:
             yield
@@ -236,7 +251,7 @@ class Scheduler:
             # runs (a retry whose report was written meanwhile) stays in the heap, where
             # the read may not see it; one it sees as well is not pushed twice.
             self._loaded_until_ms = until
-            with self._reading():
+            with self.reading():
                 loaded = await self._store.load_pending(partitions(), until, from_ms=start)
                 await self._schedule_loaded(loaded)
 

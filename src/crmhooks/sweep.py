@@ -124,14 +124,17 @@ class Sweeper:
             for partition in partitions:
                 after = 0
                 while True:
-                    rows = await self._store.actions.pending_of(
-                        combo, partition, after, SWEEP_CHUNK
-                    )
-                    if not rows:
-                        break
-                    after = rows[-1][0]
-                    async with self._lock:
-                        cancelled += await self._cancel([a for _, a in rows])
+                    # Under ``reading``: an action a fire ends after this read is not
+                    # cancelled a second time.
+                    with self._scheduler.reading():
+                        rows = await self._store.actions.pending_of(
+                            combo, partition, after, SWEEP_CHUNK
+                        )
+                        if not rows:
+                            break
+                        after = rows[-1][0]
+                        async with self._lock:
+                            cancelled += await self._cancel([a for _, a in rows])
                     if len(rows) < SWEEP_CHUNK:
                         break
         if cancelled:
