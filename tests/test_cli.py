@@ -229,7 +229,10 @@ def test_preview_of_the_commission_webhook_is_a_form_post_with_the_key_redacted(
     assert headers["User-Agent"].startswith("crmhooks/")
     assert headers["webhook-id"] == "evt-000123:commission-on-close:CreatorCommission"
     assert headers["webhook-signature"] == "v1,***"
-    assert body.startswith("deal=Big%20deal&apikey=***&zc_ownername=acme&XMLString=%3CZohoCreator")
+    assert headers["X-Api-Key"] == "***"  # from ${env:CREATOR_HEADER_KEY}
+    assert headers["X-Deal-Name"] == "Big deal"  # record data, shown
+    assert headers["Authorization"].startswith("Bearer *** (an OAuth2 token from https://")
+    assert body.startswith("deal=Big%20deal&apikey=***&zc_ownername=***&XMLString=%3CZohoCreator")
     form = parse_qs(body, keep_blank_values=True)
     assert form["apikey"] == ["***"]
     root = ET.fromstring(form["XMLString"][0])

@@ -14,10 +14,11 @@ from zoneinfo import ZoneInfo
 from crmhooks import __version__
 from crmhooks.actions import action_ids
 from crmhooks.config import Config, config_warnings, load_config
-from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent
+from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent, TemplateError
 from crmhooks.events import RecordEvent, decode_event
 from crmhooks.explain import StoredState
 from crmhooks.logs import LOG_LEVELS, configure_logging
+from crmhooks.showing import shown_request
 from crmhooks.templates import CompiledWebhook, RenderContext
 
 
@@ -190,21 +191,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
         organization=event.organization,
         time_zone=ZoneInfo(config.org(event.org_id).time_zone),
     )
-    request = CompiledWebhook(webhook, config.catalog).render(ctx)
-    # redacted_body is set exactly when the body carries secret parameters (a form
-    # body); a raw body never does: ${env:...} is only allowed in custom_params.
-    body = request.body if request.redacted_body is None else request.redacted_body
-    lines = [f"{request.method} {request.redacted_url}"]
-    lines += [f"{name}: {value}" for name, value in request.headers.items()]
-    lines += [
-        f"User-Agent: crmhooks/{__version__}",
-        "Accept-Encoding: identity",
-        f"webhook-id: {_preview_action_id(config, event, webhook.name)}",
-        "webhook-timestamp: <epoch seconds when sent>",
-    ]
-    if webhook.secret is not None:
-        lines.append("webhook-signature: v1,***")
-    lines += ["", body.decode("utf-8", "replace")]
+    try:
+        request = CompiledWebhook(webhook, config.catalog).render(ctx)
+    except TemplateError as exc:  # a header or URL this event would break
+        print(f"preview: webhook {webhook.name}: {exc}", file=sys.stderr)
+        return 1
+    action_id = _preview_action_id(config, event, webhook.name)
+    lines = shown_request(request, webhook, action_id, "<epoch seconds when sent>")
     print("\n".join(lines))
     return 0
 

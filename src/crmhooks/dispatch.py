@@ -28,6 +28,7 @@ from crmhooks.actions import Action
 from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.delivery import Outcome, Transport
+from crmhooks.endpoints import scrub
 from crmhooks.errors import TemplateError
 from crmhooks.events import RecordEvent
 from crmhooks.metrics import Metrics
@@ -220,7 +221,9 @@ class Dispatcher:
         try:
             request = self._render(target, action, event)
         except TemplateError as exc:
-            await self._reporter.internal_error(action, event, f"template failed: {exc}")
+            # Its text names the part, never a value; scrubbed all the same (SPEC §3.1).
+            message = scrub(f"template failed: {exc}", target.endpoint.secrets)
+            await self._reporter.internal_error(action, event, message)
             return False
         storing = quota.take(action.org_id, day, action.partition, limit)
         if storing is not None:
@@ -232,7 +235,7 @@ class Dispatcher:
         if outcome.sent_at_ms is None:  # refused before sending: not counted, not retried
             await quota.give_back(action.org_id, day, action.partition)
             if outcome.error_class != "ssrf_blocked":  # a header or URL we could not send
-                message = f"request not sent: {outcome.error}"
+                message = scrub(f"request not sent: {outcome.error}", target.endpoint.secrets)
                 await self._reporter.internal_error(action, event, message)
                 return False
         self._settle(action, request, outcome)
