@@ -52,7 +52,7 @@ class HeaderSet:
     Content-Type) and the template's, in config order. Constant values are made
     once; those with placeholders are rendered per request."""
 
-    __slots__ = ("_const", "_dynamic", "_items", "_name", "_secret", "_shown_const")
+    __slots__ = ("_items", "_name", "_secret", "const", "dynamic", "shown_const")
 
     def __init__(
         self,
@@ -90,7 +90,7 @@ class HeaderSet:
             )
         self._items = tuple(items)
         self._secret = frozenset(secret)
-        self._dynamic = any(not isinstance(value, str) for _, value in items)
+        self.dynamic = any(not isinstance(value, str) for _, value in items)
         const: dict[str, str] = {}
         shown: dict[str, str] = {}
         for name, value in items:
@@ -99,8 +99,9 @@ class HeaderSet:
                 shown[name] = REDACTED if name in secret else value
             elif name in secret:
                 shown[name] = REDACTED
-        self._const: Mapping[str, str] = MappingProxyType(const)
-        self._shown_const: Mapping[str, str] | None = (
+        # Without placeholders (most webhooks): the same mappings for every request.
+        self.const: Mapping[str, str] = MappingProxyType(const)
+        self.shown_const: Mapping[str, str] | None = (
             MappingProxyType(shown) if secret and not self._dynamic_shown() else None
         )
 
@@ -109,8 +110,8 @@ class HeaderSet:
 
     def render(self, ctx: RenderContext) -> Mapping[str, str]:
         """The headers for one request; TemplateError naming a header that would break."""
-        if not self._dynamic:
-            return self._const
+        if not self.dynamic:
+            return self.const
         out: dict[str, str] = {}
         for name, value in self._items:
             if isinstance(value, str):
@@ -126,8 +127,8 @@ class HeaderSet:
         """``rendered`` with secret values as ``***``; None when none is secret."""
         if not self._secret:
             return None
-        if self._shown_const is not None:
-            return self._shown_const
+        if self.shown_const is not None:
+            return self.shown_const
         return {name: REDACTED if name in self._secret else v for name, v in rendered.items()}
 
     def __repr__(self) -> str:

@@ -297,7 +297,9 @@ class CompiledWebhook:
             if query:
                 url = base + self._url_sep + query
                 if self._query_secret:
-                    redacted = shown_base + self._url_sep + self._shown_query(ctx, params)
+                    redacted = (
+                        shown_base + self._url_sep + self._shown_query(ctx, params, doc_param)
+                    )
                 elif shown_base is not base:
                     redacted = shown_base + self._url_sep + query
                 else:
@@ -312,11 +314,16 @@ class CompiledWebhook:
             url, redacted = base, shown_base
             body = query.encode("ascii")  # all percent-encoded
             if self._query_secret:
-                redacted_body = self._shown_query(ctx, params).encode("ascii")
+                redacted_body = self._shown_query(ctx, params, doc_param).encode("ascii")
         for bad in FORBIDDEN_IN_HEADERS:
             if bad in url:  # values are percent-encoded; this guards against our own bugs
                 raise TemplateError(f"webhook {self._name}: rendered URL contains {bad!r}")
-        headers = self._headers.render(ctx)
+        header_set = self._headers
+        if header_set.dynamic:
+            headers = header_set.render(ctx)
+            shown_headers = header_set.shown(headers)
+        else:
+            headers, shown_headers = header_set.const, header_set.shown_const
         return RenderedRequest(
             method=self._method,
             url=url,
@@ -324,17 +331,16 @@ class CompiledWebhook:
             body=body,
             redacted_url=redacted,
             redacted_body=redacted_body,
-            redacted_headers=self._headers.shown(headers),
+            redacted_headers=shown_headers,
         )
 
-    def _shown_query(self, ctx: RenderContext, params: list[str]) -> str:
-        """The parameters with every secret as ***."""
+    def _shown_query(self, ctx: RenderContext, params: list[str], doc_param: str | None) -> str:
+        """The parameters with every secret as ***: only the parts holding one are
+        rendered again."""
         if self._entity_shown is not None:
             params = [prefix + fill.render(ctx) for prefix, fill in self._entity_shown]
-        doc_param: str | None = None
-        if self._param_prefix is not None:
-            fill = self._body_fill if self._body_shown is None else self._body_shown
-            doc_param = self._param_prefix + (fill.render(ctx) if self._body else "")
+        if self._param_prefix is not None and self._body_shown is not None:
+            doc_param = self._param_prefix + self._body_shown.render(ctx)
         return _join(params, self._custom_redacted, doc_param)
 
     def __repr__(self) -> str:
