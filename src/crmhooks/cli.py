@@ -1,4 +1,5 @@
-"""The command line: run, check-config, preview, explain, replay-dlq, resume, tail."""
+"""The command line: run, check-config, preview, send-test, explain, replay-dlq, resume,
+redeliver, tail."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from crmhooks import __version__
 from crmhooks.actions import action_ids
-from crmhooks.config import Config, config_warnings, load_config
+from crmhooks.config import Config, Webhook, config_warnings, load_config
 from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent, TemplateError
 from crmhooks.events import RecordEvent, decode_event
 from crmhooks.explain import StoredState
@@ -152,34 +153,25 @@ def _preview_action_id(config: Config, event: RecordEvent, webhook: str) -> str:
     return f"{event.event_id}:<rule>:{webhook}"  # no rule sends it (yet)
 
 
-def cmd_preview(args: argparse.Namespace) -> int:
-    """Print the request a webhook would send for an event (SPEC §4), secrets as ***.
-
-    Line 1 is ``METHOD URL`` (query string included), then the headers: the
-    template's and those delivery adds (the timestamp and signature depend on
-    the moment of sending; the signature is never shown), a blank line, the body.
-    """
-    config = _load(args.config)
-    try:
-        webhook = config.webhooks.get(args.webhook)
-        if webhook is None:
-            known = ", ".join(sorted(config.webhooks)) or "none"
-            raise _PreviewError(
-                f"no webhook named {args.webhook!r} in {args.config} (known: {known})"
-            )
-        event = _preview_event(args.event, config.kafka.max_event_bytes)
-        module = config.catalog.canonical(event.module)
-        if module != webhook.module:
-            raise _PreviewError(
-                f"event file {args.event} is a {event.module} event; "
-                f"webhook {webhook.name} is for {webhook.module}"
-            )
-    except _PreviewError as exc:
-        print(f"preview: {exc}", file=sys.stderr)
-        return _PREVIEW_USAGE_ERROR
+def _webhook_and_event(
+    config: Config, args: argparse.Namespace, command: str
+) -> tuple[Webhook, RecordEvent, RenderContext]:
+    """The webhook and event a command names, and the context it renders from;
+    _PreviewError naming what is wrong with either."""
+    webhook = config.webhooks.get(args.webhook)
+    if webhook is None:
+        known = ", ".join(sorted(config.webhooks)) or "none"
+        raise _PreviewError(f"no webhook named {args.webhook!r} in {args.config} (known: {known})")
+    event = _preview_event(args.event, config.kafka.max_event_bytes)
+    module = config.catalog.canonical(event.module)
+    if module is None or module != webhook.module:
+        raise _PreviewError(
+            f"event file {args.event} is a {event.module} event; "
+            f"webhook {webhook.name} is for {webhook.module}"
+        )
     if webhook.org is not None and webhook.org != event.org_id:
         print(
-            f"preview: note: webhook {webhook.name} belongs to {webhook.org}; "
+            f"{command}: note: webhook {webhook.name} belongs to {webhook.org}; "
             f"it is never sent for events of {event.org_id}",
             file=sys.stderr,
         )
@@ -191,15 +183,48 @@ def cmd_preview(args: argparse.Namespace) -> int:
         organization=event.organization,
         time_zone=ZoneInfo(config.org(event.org_id).time_zone),
     )
+    return webhook, event, ctx
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Print the request a webhook would send for an event (SPEC §4), secrets as ***.
+
+    Line 1 is ``METHOD URL`` (query string included), then the headers: the
+    template's and those delivery adds (the timestamp and signature depend on
+    the moment of sending; the signature is never shown), a blank line, the body.
+    """
+    config = _load(args.config)
+    try:
+        webhook, event, ctx = _webhook_and_event(config, args, "preview")
+    except _PreviewError as exc:
+        print(f"preview: {exc}", file=sys.stderr)
+        return _PREVIEW_USAGE_ERROR
     try:
         request = CompiledWebhook(webhook, config.catalog).render(ctx)
     except TemplateError as exc:  # a header or URL this event would break
-        print(f"preview: webhook {webhook.name}: {exc}", file=sys.stderr)
+        print(f"preview: {exc}", file=sys.stderr)
         return 1
     action_id = _preview_action_id(config, event, webhook.name)
     lines = shown_request(request, webhook, action_id, "<epoch seconds when sent>")
     print("\n".join(lines))
     return 0
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    """Render and really send one request now (SPEC §11); exit 0 when delivered.
+
+    Exit 1 when it was not delivered (any error class, a template error, an
+    invalid config), 2 for an unknown webhook or a bad event file (as preview).
+    """
+    from crmhooks.sendtest import send_test
+
+    config = _load(args.config)
+    try:
+        webhook, _, ctx = _webhook_and_event(config, args, "send-test")
+    except _PreviewError as exc:
+        print(f"send-test: {exc}", file=sys.stderr)
+        return _PREVIEW_USAGE_ERROR
+    return asyncio.run(send_test(config, webhook, ctx, sys.stdout))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -331,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", required=True)
     p.add_argument("--event", required=True, help="a JSON file holding one record event")
     p.set_defaults(func=cmd_preview)
+    p = command("send-test", "render and really send one request now; print it and the outcome")
+    p.add_argument("--webhook", required=True)
+    p.add_argument("--event", required=True, help="a JSON file holding one record event")
+    p.set_defaults(func=cmd_send_test)
     p = command("explain", "why each rule of an event's organisation matched it or not")
     p.add_argument("--event", required=True, help="a JSON file holding one record event")
     p.set_defaults(func=cmd_explain)
