@@ -209,7 +209,7 @@ async def test_an_action_unfinished_past_the_deadline_is_stored_as_pending(
             ]
         transport.gate.set()
         await until(lambda: len(kafka.results) == 2 and fires_over(p), "both reported delivered")
-        await until(lambda: not p.store._queue, "the store is idle")
+        await until(lambda: not p.store.writer.queued, "the store is idle")
         await asyncio.sleep(0.02)
         assert sorted(await rows(p.store, "actions")) == [
             ("evt-1:won:Hook", "delivered"),
