@@ -307,11 +307,14 @@ class Dispatcher:
         now_ms = self._clock.now_ms()
         if retry is not None and unstored is not None:
             batch.new_actions.append(retry)  # stored for the first time, for its retry
-            batch.snapshots.append((action.record_key, action.partition, unstored[2]))
+            # With its own event: the retry renders what the first attempt did (SPEC §5).
+            batch.action_events.append((action.action_id, action.partition, unstored[2]))
         elif retry is not None:
             batch.moved.append((action.action_id, retry.due_ms, retry.attempt))
         elif unstored is not None:  # stored for the first time, finished
             batch.done.append((action, status, now_ms))
+            if status != "delivered":  # rare: kept so that `crmhooks redeliver` renders it
+                batch.action_events.append((action.action_id, action.partition, unstored[2]))
         else:
             batch.finished.append((action.action_id, status, now_ms))
         group.results.append(

@@ -185,12 +185,14 @@ class Intake:
                         continue  # finished before: a reprocessed event never sends again
                     batch.rearmed.append(action)  # replayed after its cause was fixed
                 into.heap_new.append(action)
-                scheduler.keep(action.record_key, event)
+                scheduler.keep(action, event)
                 if action.kind == "instant" and status is None:
                     into.unstored.append((action, raw))  # sent first, stored when finished
                     continue
                 batch.new_actions.append(action)
-                if not snapshot_stored:  # an instant action stored: renders after a restart
+                if action.kind == "instant":  # stored (replayed, read again): with its event
+                    batch.action_events.append((action.action_id, partition, raw))
+                elif not snapshot_stored:
                     snapshot_stored = True
                     batch.snapshots.append((record_key, partition, raw))
                 if action.kind == "scheduled":

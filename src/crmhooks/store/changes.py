@@ -10,6 +10,7 @@ encodes and restores its records:
     d  the actions of one transaction stored finished at their first write
     r  a record's latest snapshot            records.py
     o  a ``repeat = "once"`` flag
+    e  the event that triggered an instant action   events.py
     q  a quota counter                       quota.py
     s  a suspension                          suspensions.py
 """
@@ -68,6 +69,9 @@ class WriteBatch:
     done: list[tuple[Action, str, int]] = field(default_factory=list)
     # (record_key, partition, the event as JSON)
     snapshots: list[tuple[str, int, bytes]] = field(default_factory=list)
+    # (action_id, partition, the event as JSON): an instant action's triggering event,
+    # for an instant action stored without being delivered (events.py)
+    action_events: list[tuple[str, int, bytes]] = field(default_factory=list)
     # (state key of workflow.once_key, partition, matched)
     once_state: list[tuple[str, int, bool]] = field(default_factory=list)
     # (org_id, day, partition, delta)
@@ -100,6 +104,7 @@ CHANGE_LISTS = (
     "finished",
     "done",
     "snapshots",
+    "action_events",
     "once_state",
     "quota",
     "suspensions",
