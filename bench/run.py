@@ -48,6 +48,7 @@ from bench.harness import (
     raw_consume_rate,
     render_toml,
 )
+from bench.receivers import SCENARIOS as RECEIVER_SCENARIOS
 from bench.report import (
     Figure,
     at_least,
@@ -888,6 +889,8 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "timers": Bench.timers,
     "scale": Bench.scale_out,
     "steady": steady,
+    # Issue 24's, through the processor: HTTPS, 1,000 origins, a cached OAuth2 token.
+    **RECEIVER_SCENARIOS,
 }
 
 

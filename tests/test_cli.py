@@ -31,8 +31,10 @@ SMS_KEY = "sms-key-SECRET-2"
 HEADER_KEY = "header-key-SECRET-3"
 CLIENT_SECRET = "client-SECRET-4"
 DEMO_CLIENT_SECRET = "demo-client-SECRET-5"
+CREATOR_TICKET = "creator-ticket-SECRET-6"
 ENV = {
     "DEMO_CLIENT_SECRET": DEMO_CLIENT_SECRET,
+    "CREATOR_API_TICKET": CREATOR_TICKET,
     "CREATOR_SIGNING_SECRET": SIGNING_SECRET,
     "CREATOR_API_KEY": CREATOR_KEY,
     "CREATOR_HEADER_KEY": HEADER_KEY,
@@ -48,6 +50,7 @@ SECRET_FORMS = [
     HEADER_KEY,
     CLIENT_SECRET,
     DEMO_CLIENT_SECRET,
+    CREATOR_TICKET,
 ]
 
 
@@ -231,17 +234,15 @@ def test_preview_of_the_commission_webhook_is_a_form_post_with_the_key_redacted(
     code, out, err = preview(capsys, "CreatorCommission", event, config=str(PRODUCTION))
     assert code == 0, err
     first, headers, body = split_preview(out)
-    assert first == "POST https://creator.example.com/api/xml/write"
+    # The seed's scenario 1: the Creator XML API, key, ticket and owner name.
+    assert first == "POST https://creator.zoho.com/api/xml/write"
     assert headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert headers["User-Agent"].startswith("crmhooks/")
     assert headers["webhook-id"] == "evt-000123:commission-on-close:CreatorCommission"
     assert headers["webhook-signature"] == "v1,***"
-    assert headers["X-Api-Key"] == "***"  # from ${env:CREATOR_HEADER_KEY}
-    assert headers["X-Deal-Name"] == "Big deal"  # record data, shown
-    assert headers["Authorization"].startswith("Bearer *** (an OAuth2 token from https://")
-    assert body.startswith("deal=Big%20deal&apikey=***&zc_ownername=***&XMLString=%3CZohoCreator")
+    assert body.startswith("apikey=***&ticket=***&zc_ownername=***&XMLString=%3CZohoCreator")
     form = parse_qs(body, keep_blank_values=True)
-    assert form["apikey"] == ["***"]
+    assert form["apikey"] == form["ticket"] == form["zc_ownername"] == ["***"]
     root = ET.fromstring(form["XMLString"][0])
     fields = {f.attrib["name"]: f.findtext("value") for f in root.iter("field")}
     assert fields == {
@@ -359,7 +360,7 @@ def test_preview_accepts_a_module_alias_and_notes_another_org(
     event = write_event(tmp_path, seed_event(module="Deals", org_id="org-other"))
     code, out, err = preview(capsys, "CreatorCommission", event, config=str(PRODUCTION))
     assert code == 0
-    assert out.startswith("POST https://creator.example.com/api/xml/write\n")
+    assert out.startswith("POST https://creator.zoho.com/api/xml/write\n")
     assert "belongs to org-acme; it is never sent for events of org-other" in err
 
 

@@ -612,6 +612,7 @@ def test_load_config_reports_unreadable_and_invalid_toml(tmp_path: Path) -> None
 EXAMPLE_ENV = {
     "CREATOR_SIGNING_SECRET": SECRET,
     "CREATOR_API_KEY": "creator-key",
+    "CREATOR_API_TICKET": "creator-ticket",
     "CREATOR_HEADER_KEY": "header-key",
     "CREATOR_CLIENT_SECRET": "client-secret",
     "SMS_API_KEY": "sms-key",
@@ -640,10 +641,8 @@ def test_main_example_needs_its_secrets() -> None:
         "is not set",
         "webhooks[CreatorCommission].custom_params.apikey: environment variable CREATOR_API_KEY "
         "is not set",
-        "webhooks[CreatorCommission].headers.X-Api-Key: environment variable CREATOR_HEADER_KEY "
-        "is not set",
-        "webhooks[CreatorCommission].auth.client_secret: environment variable "
-        "CREATOR_CLIENT_SECRET is not set",
+        "webhooks[CreatorCommission].custom_params.ticket: environment variable "
+        "CREATOR_API_TICKET is not set",
         "webhooks[PaymentDueSms].body.template: environment variable SMS_API_KEY is not set",
     )
 

@@ -296,6 +296,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    """Ask the owner of a finished action's partition to send it again (SPEC §11)."""
+    from crmhooks.redeliver import request_redelivery, store_file
+
+    config = _load(args.config)
+    print(asyncio.run(request_redelivery(config, store_file(config), args.action)))
+    return 0
+
+
 def cmd_replay_dlq(args: argparse.Namespace) -> int:
     from crmhooks.progress import Progress
     from crmhooks.tools import replay_dlq
@@ -371,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", required=True)
     p.add_argument("--webhook", required=True)
     p.set_defaults(func=cmd_resume)
+    p = command("redeliver", "send a finished action again, as a new attempt of the same id")
+    p.add_argument("--action", required=True, help="the action_id (as in results)")
+    p.set_defaults(func=cmd_redeliver)
     p = command("tail", "print result records (or dead letters) as a table")
     p.add_argument("--org", help="only this organisation")
     p.add_argument("--event", help="only this event_id")

@@ -635,13 +635,18 @@ async def produce_records(
     bootstrap_servers: str,
     records: Sequence[tuple[str, bytes | None, bytes]],
     headers: Sequence[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
 ) -> None:
-    """Produce records with a short-lived producer and wait for every acknowledgement."""
+    """Produce records with a short-lived producer and wait for every acknowledgement;
+    ``partition``: to that partition (else the key's)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5)
     try:
         await producer.start()
         extra = list(headers) if headers else None
-        futures = [await producer.send(t, value=v, key=k, headers=extra) for t, k, v in records]
+        futures = [
+            await producer.send(t, value=v, key=k, headers=extra, partition=partition)
+            for t, k, v in records
+        ]
         await asyncio.gather(*futures)
     except KafkaError as exc:
         raise ProduceError(f"produce to {bootstrap_servers} failed: {exc}") from exc

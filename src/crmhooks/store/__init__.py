@@ -179,6 +179,9 @@ class Store:
     async def action_statuses(self, action_ids: Sequence[str]) -> dict[str, str]:
         return await self.actions.statuses(action_ids)
 
+    async def actions_with_status(self, action_ids: Sequence[str]) -> dict[str, tuple[Action, str]]:
+        return await self.actions.with_status(action_ids)
+
     async def get_actions(self, action_ids: Sequence[str]) -> dict[str, Action]:
         return await self.actions.pending(action_ids)
 

@@ -62,6 +62,9 @@ class WriteBatch:
     moved: list[tuple[str, int, int]] = field(default_factory=list)
     # replayed from the dead-letter topic: a finished, undelivered action made pending again
     rearmed: list[Action] = field(default_factory=list)
+    # `crmhooks redeliver`: a finished action made pending again, due at its due_ms, its
+    # attempts so far kept in its attempt (the next one continues the count)
+    redelivered: list[Action] = field(default_factory=list)
     # (action_id, final status, finished_ms)
     finished: list[tuple[str, str, int]] = field(default_factory=list)
     # (action, final status, finished_ms): stored for the first time, already finished
@@ -101,6 +104,7 @@ CHANGE_LISTS = (
     "new_actions",
     "moved",
     "rearmed",
+    "redelivered",
     "finished",
     "done",
     "snapshots",
