@@ -9,9 +9,12 @@ with a cached OAuth2 token — each through ``crmhooks run`` with the config key
   client over TLS, 64 in flight, to the same sink (``bench.transport_scenarios``'s
   ``bare_runner``). Target ≥ 1.0 ×.
 - ``origins``: one sink listening on 1,000 origins (127.0.0.2–127.0.0.251 × 4 ports
-  from ``BENCH_ORIGINS_PORT``, default 23400; quick 200), 20 deliveries each (quick
-  5), in rounds over the origins: 1,000 webhooks, each with a rule of its own
+  from ``BENCH_ORIGINS_PORT``, default 23400), 20 deliveries each (quick 3), in
+  rounds over the origins: 1,000 webhooks, each with a rule of its own
   organisation (one rule to match per event, as a CRM's many tenants would have).
+  The processor fires up to ``max_in_flight`` (512) at once: an origin's second
+  request made while its first is in flight opens a second connection, so the
+  quick run (3 rounds, read in two fetches) opens more a delivery than the full one.
   Ceiling: the bare client to the same URLs, with no limit on connections. Both
   report the connections opened per delivery (the sink counts the connections
   that carried a webhook).
@@ -54,8 +57,8 @@ if TYPE_CHECKING:
 
 CONCURRENCY = 64  # the bare client's requests in flight, as in the instant scenario
 HTTPS_EVENTS = (30_000, 5_000)  # full, quick: the Python TLS sink is slower than the C one
-ORIGINS = (1_000, 200)
-PER_ORIGIN = (20, 5)
+ORIGINS = (1_000, 1_000)  # full, quick
+PER_ORIGIN = (20, 3)
 ORIGINS_PORT = int(os.environ.get("BENCH_ORIGINS_PORT", "23400"))
 BODY_TEMPLATE = (
     '{"deal":"${Potentials.Potential Name}","amount":${Potentials.Amount},'
@@ -261,6 +264,7 @@ async def origins(bench: Bench) -> None:
             config["webhooks"] = [
                 {**hook(f"H{i}", f"{u}"), "org": f"o{i}"} for i, u in enumerate(urls)
             ]
+            config["orgs"] = [{"id": f"o{i}"} for i in range(count)]
             config["rules"] = [
                 {"id": f"r{i}", "org": f"o{i}", "module": "Potentials", "instant": f"H{i}"}
                 for i in range(count)

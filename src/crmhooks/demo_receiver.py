@@ -111,9 +111,18 @@ def make_app(stream: TextIO = sys.stdout, oauth2: OAuth2Server | None = None) ->
         text = {200: "ok\n", 401: "a valid bearer token is needed\n"}.get(status, "try later\n")
         return web.Response(status=status, text=text)
 
+    async def token(request: web.Request) -> web.Response:
+        assert oauth2 is not None
+        response = await oauth2.token(request)
+        granted = "a token granted" if response.status == 200 else "no token"
+        print(
+            f"── token request → answering {response.status}: {granted} ──", file=stream, flush=True
+        )
+        return response
+
     app = web.Application()
     if oauth2 is not None:
-        app.router.add_post(TOKEN_PATH, oauth2.token)
+        app.router.add_post(TOKEN_PATH, token)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

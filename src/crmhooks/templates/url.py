@@ -89,13 +89,11 @@ def _origin_segment(origin: str) -> Segment:
     """``scheme://user:password@host:port``: a password is a secret (SPEC §3.1), shown
     as ***; the rest is literal."""
     scheme_end = origin.find("://") + 3
-    userinfo, at, _ = origin[scheme_end:].rpartition("@")
+    userinfo, at, hostport = origin[scheme_end:].rpartition("@")
     user, colon, password = userinfo.partition(":")
     if not at or not colon or not password:
         return origin
-    return SecretText(
-        origin, f"{origin[:scheme_end]}{user}:{REDACTED}@{origin[scheme_end:].rpartition('@')[2]}"
-    )
+    return SecretText(origin, f"{origin[:scheme_end]}{user}:{REDACTED}@{hostport}")
 
 
 def compile_url(
