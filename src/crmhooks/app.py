@@ -59,7 +59,7 @@ from crmhooks.config import Config
 from crmhooks.delivery import Outcome, Transport
 from crmhooks.errors import InvalidEvent, KafkaIOError, TemplateError
 from crmhooks.events import RecordEvent, decode_wanted_event, event_from_json
-from crmhooks.kafka_io import BatchRecord, Fetched, KafkaIO
+from crmhooks.kafka_io import BatchRecord, Fetched, KafkaIO, Skipped
 from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.rules import RuleIndex
@@ -214,9 +214,9 @@ class Processor:
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            done, _ = await asyncio.wait(
-                [consume, stopper, *helpers], return_when=asyncio.FIRST_COMPLETED
-            )
+            # kio.broken: Kafka can no longer be written to (no producer can be made).
+            waited: list[asyncio.Future[Any]] = [consume, stopper, kio.broken, *helpers]
+            done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -464,6 +464,10 @@ class Processor:
         for partition, records in fetched:
             if partition not in owned:
                 continue  # revoked since the fetch: the new owner reads it again
+            if isinstance(records, Skipped):  # offsets the consumer could not decode
+                out.append(self._skipped(records, now_ms))
+                next_offsets[partition] = records.next_offset
+                continue
             read += len(records)
             next_offsets[partition] = records[-1].offset + 1
             for rec in records:
@@ -627,6 +631,21 @@ class Processor:
                 out.append(
                     (results_topic, key, encode(result_record(a, fin.status, reason=fin.reason)))
                 )
+
+    def _skipped(self, skipped: Skipped, now_ms: int) -> Produced:
+        self.stats["dead_letters"] += 1
+        letter = dead_letter(
+            error_code="internal_process_error",
+            message=skipped.message,
+            failed_at_ms=now_ms,
+            topic=self.config.kafka.events_topic,
+            partition=skipped.partition,
+            offset=skipped.first_offset,
+            key=None,
+            event=None,
+            raw=None,
+        )
+        return (self.config.kafka.dlq_topic, None, encode(letter))
 
     def _poison(self, partition: int, rec: BatchRecord, exc: InvalidEvent, now_ms: int) -> Produced:
         self.stats["dead_letters"] += 1

@@ -57,6 +57,18 @@ class KafkaSettings:
     # Compacted topic holding the store's changes, so a partition's timers, quota
     # counts and rule state follow it to another machine. "" = "<group_id>.changelog".
     changelog_topic: str = ""
+    # What crmhooks produces (results, dead letters, changelog): none | gzip | snappy |
+    # lz4 | zstd. None by default: each delivery's records are produced on the hot
+    # path (compressing costs CPU there); a topic or broker can compress on its own.
+    compression_type: str = "none"
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str = ""  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)  # a secret: in no repr
+    ssl_ca_file: str = ""  # PEM; "" = the system's CAs
+    ssl_cert_file: str = ""  # PEM client certificate (mutual TLS)
+    ssl_key_file: str = ""
+    config_topic: str = ""
 
     @property
     def changelog(self) -> str:

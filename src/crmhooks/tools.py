@@ -20,7 +20,7 @@ async def replay_dlq(config: Config, error_code: str | None, idle_timeout_s: flo
     """
     k = config.kafka
     out: list[tuple[str, bytes | None, bytes]] = []
-    async for rec in read_topic(k.bootstrap_servers, k.dlq_topic, idle_timeout_s=idle_timeout_s):
+    async for rec in read_topic(k, k.dlq_topic, idle_timeout_s=idle_timeout_s):
         if rec.value is None:
             continue
         letter = orjson.loads(rec.value)
@@ -34,7 +34,7 @@ async def replay_dlq(config: Config, error_code: str | None, idle_timeout_s: flo
             continue
         out.append((k.events_topic, rec.key, value))
     if out:
-        await produce_records(k.bootstrap_servers, out, headers=[(REPLAY_HEADER, b"1")])
+        await produce_records(k, out, headers=[(REPLAY_HEADER, b"1")])
     return len(out)
 
 
@@ -96,7 +96,7 @@ async def tail_results(
     name = k.dlq_topic if dlq else k.results_topic
     print(DLQ_HEADER if dlq else RESULT_HEADER, file=stream, flush=True)
     printed = 0
-    async for rec in read_topic(k.bootstrap_servers, name, follow=follow):
+    async for rec in read_topic(k, name, follow=follow):
         if rec.value is None:
             continue
         r = orjson.loads(rec.value)
