@@ -6,12 +6,15 @@ producer for refused credentials."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     KafkaConnectionError,
+    LeaderNotAvailableError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
     OutOfOrderSequenceNumber,
@@ -23,8 +26,9 @@ from hypothesis import strategies as st
 from crmhooks import kafka_producer
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import KafkaIOError, ProduceError
-from crmhooks.kafka_io import ALONE_BYTES, KafkaIO, keyed_partitioner
+from crmhooks.kafka_io import ALONE_BYTES, KafkaIO, ensure_topics, keyed_partitioner, read_topic
 from crmhooks.kafka_producer import Producer, send_again
+from tests.support import unique_kafka
 
 # The fake broker answers a request this much later: batches are in flight meanwhile.
 ACK_S = 0.005
@@ -297,3 +301,77 @@ async def test_a_large_record_goes_alone_so_its_refusal_fails_no_other(
 def test_batches_not_written_are_sent_again_refused_ones_are_not(error: BaseException) -> None:
     assert send_again(error)
     assert not send_again(MessageSizeTooLargeError())
+
+
+# --- against the real broker: the failure this guards against, and the recovery ------
+
+
+def _idempotent(bootstrap: str) -> AIOKafkaProducer:
+    # A batch expires after request_timeout_ms without a partition leader: 1 s here.
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", request_timeout_ms=1000
+    )
+
+
+def _no_leader_for(producer: AIOKafkaProducer, tp: TopicPartition) -> Callable[[], None]:
+    """Fault injection: the producer sees no leader for ``tp`` (as while a broker
+    restarts), until the returned function is called."""
+    cluster = producer.client.cluster
+    real = cluster.leader_for_partition
+
+    def leader(partition: TopicPartition) -> int | None:
+        return -1 if partition == tp else real(partition)
+
+    cluster.leader_for_partition = leader
+    return lambda: setattr(cluster, "leader_for_partition", real)
+
+
+async def _topic() -> tuple[KafkaSettings, str]:
+    kafka = unique_kafka(partitions=1)
+    await ensure_topics(kafka, [kafka.results_topic], 1)
+    return kafka, kafka.results_topic
+
+
+@pytest.mark.kafka
+async def test_aiokafka_alone_refuses_every_batch_after_one_expired() -> None:
+    """What the Producer exists for: aiokafka gave the expired batch a sequence number
+    the broker never saw, and the partition's next batch is refused for ever."""
+    kafka, topic = await _topic()
+    producer = _idempotent(kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        await (await producer.send(topic, b"r-0", partition=0))  # the broker knows its sequence
+        heal = _no_leader_for(producer, TopicPartition(topic, 0))
+        with pytest.raises(LeaderNotAvailableError):  # expired, never written
+            await (await producer.send(topic, b"r-1", partition=0))
+        heal()
+        for _ in range(2):
+            with pytest.raises(OutOfOrderSequenceNumber):
+                await (await producer.send(topic, b"r-2", partition=0))
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.kafka
+async def test_after_an_expired_batch_a_new_producer_writes_everything_in_order() -> None:
+    kafka, topic = await _topic()
+    made: list[AIOKafkaProducer] = []
+
+    def make() -> AIOKafkaProducer:
+        made.append(_idempotent(kafka.bootstrap_servers))
+        return made[-1]
+
+    producer = Producer(make, "test")
+    await producer.start()
+    try:
+        await producer.outbox(topic, 0).add(b"k", b"r-0")
+        _no_leader_for(made[0], TopicPartition(topic, 0))  # for good: that producer is left
+        first = producer.outbox(topic, 0).add(b"k", b"r-1")
+        second = producer.outbox(topic, 0).add(b"k", b"r-2")
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert producer.restarts == 1
+        assert len(made) == 2
+    finally:
+        await producer.stop()
+    values = [rec.value async for rec in read_topic(kafka, topic)]
+    assert values == [b"r-0", b"r-1", b"r-2"]
