@@ -226,6 +226,13 @@ class _Outbox:
         self._queue.extendleft(reversed(rebuilt))
         self._flush_soon()
 
+    def close(self) -> None:
+        """Stop handing batches over; what was not handed over fails its callers."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self.fail_all(ProduceError(f"produce to {self.topic} stopped"))
+
     def fail_all(self, error: BaseException) -> None:
         for pending in [*self._again, *self._sent, *self._queue]:
             _fail(pending, error)
@@ -293,6 +300,8 @@ class Producer:
             )
         except (TimeoutError, ProduceError) as err:
             log.warning("records not handed to the producer before stop: %s", err)
+        for outbox in self._outboxes.values():
+            outbox.close()
         self._outboxes.clear()
         try:
             # Flushes what is still buffered; bounded, as batches wait for ever for a
