@@ -352,6 +352,9 @@ def test_run_picks_uvloop_when_installed_and_asyncio_on_request(
     assert cli._loop_factory("auto") is uvloop.new_event_loop
     assert cli._loop_factory("uvloop") is uvloop.new_event_loop
     assert cli._loop_factory("asyncio") is None
+    # Kafka over TLS: asyncio's loop unless uvloop is asked for by name (its TLS stalls).
+    assert cli._loop_factory("auto", tls=True) is None
+    assert cli._loop_factory("uvloop", tls=True) is uvloop.new_event_loop
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
     assert cli._loop_factory("auto") is None
     with pytest.raises(CrmhooksError, match="uvloop is not installed"):
