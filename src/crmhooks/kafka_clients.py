@@ -61,7 +61,7 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
     if protocol in ("SSL", "SASL_SSL"):
         options["ssl_context"] = ssl_context(settings)
     if protocol.startswith("SASL_"):
-        mechanism = settings.sasl_mechanism.upper()
+        mechanism = (settings.sasl_mechanism or "").upper()  # (None on main's settings)
         if mechanism not in SASL_MECHANISMS:
             raise KafkaIOError(
                 f"kafka.sasl_mechanism: {settings.sasl_mechanism!r} is not one of "
