@@ -440,12 +440,13 @@ class KafkaIO:
         is sent again by the producer itself, once it is back.)
         """
         producer = self.producer
+        known = producer.partitions  # looked up without an await: once per record
         attempts = 0
         remaining = list(records)
         while remaining:
             futures: list[asyncio.Future[int]] = []
             for topic, key, value in remaining:
-                partitions = await producer.partitions_of(topic)
+                partitions = known.get(topic) or await producer.partitions_of(topic)
                 partition = keyed_partitioner(key, partitions, partitions)
                 futures.append(producer.outbox(topic, partition).add(key, value))
             await wait_all(futures)

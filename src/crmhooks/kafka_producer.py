@@ -261,7 +261,7 @@ class Producer:
         self._describe = describe  # where it writes, for messages
         self._producer: AIOKafkaProducer | None = None
         self._outboxes: dict[tuple[str, int], _Outbox] = {}
-        self._partitions: dict[str, list[int]] = {}
+        self.partitions: dict[str, list[int]] = {}  # of the topics produced to
         self.usable = asyncio.Event()  # clear while a new producer is being made
         self.unsettled = 0  # batches being handed to the current producer or in it
         self._all_settled = asyncio.Event()
@@ -312,13 +312,13 @@ class Producer:
         self._producer = None
 
     async def partitions_of(self, topic: str) -> list[int]:
-        found = self._partitions.get(topic)
+        found = self.partitions.get(topic)
         if found is None:
             try:
                 found = sorted(await self.producer.partitions_for(topic))
             except KafkaError as exc:
                 raise ProduceError(f"produce to {topic} failed: {exc!r}") from exc
-            self._partitions[topic] = found
+            self.partitions[topic] = found
         return found
 
     def outbox(self, topic: str, partition: int) -> _Outbox:
