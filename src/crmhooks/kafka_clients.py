@@ -128,6 +128,9 @@ async def start_error(settings: KafkaSettings, exc: BaseException, doing: str) -
     except TimeoutError:
         host, port = _first_server(settings)
         reason = f"Kafka at {host}:{port}: no answer within {EXPLAIN_TIMEOUT_S:.0f} s"
+    except Exception as probe:  # aiokafka.conn changed: say what aiokafka said
+        log.debug("explaining the failed start failed: %r", probe)
+        reason = None
     if reason is None:  # it connects now: a broker just started, or one of several down
         reason = f"cannot connect to Kafka at {where}: {exc}"
     return KafkaIOError(f"{reason} ({doing})")
