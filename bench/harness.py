@@ -574,9 +574,9 @@ class Processor:
         self.config = config
         self.log = log
         self.store = store  # its own SQLite file (CRMHOOKS_STORE_PATH), else the config's
-        # [kafka] settings of its own (a secured listener), laid over the config file's
-        # by tests.kafka_run: this branch's config loader does not read the security
-        # keys yet (the config rewrite does; then the file's keys are enough).
+        # [kafka] settings of its own (a secured listener), in its config file: the
+        # environment's CRMHOOKS_BOOTSTRAP_SERVERS (the bench's PLAINTEXT listener)
+        # must not override the file's address then.
         self.kafka = dict(kafka or {})
         self.proc: asyncio.subprocess.Process | None = None
         self.profiler: asyncio.subprocess.Process | None = None
@@ -600,9 +600,6 @@ class Processor:
                 **({"CRMHOOKS_STORE_PATH": str(self.store)} if self.store else {}),
             }
             if self.kafka:
-                command = ["-m", "tests.kafka_run", orjson.dumps(self.kafka).decode()]
-                if not wrap:
-                    command.insert(0, str(PYTHON))
                 env.pop("CRMHOOKS_BOOTSTRAP_SERVERS", None)  # the config names its listener
             self.proc = await asyncio.create_subprocess_exec(
                 *wrap,

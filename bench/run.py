@@ -58,6 +58,7 @@ from bench.report import (
     table,
     write_json,
 )
+from bench.steady import steady
 
 # Partitions of every events topic: ≥ 6 so that two processors each get several
 # organisations (SPEC §1: one organisation per key, so per partition here).
@@ -117,6 +118,7 @@ class Sizes:
     bare_client: int
     security_pairs: int  # PLAINTEXT then SASL_SSL runs, alternated (instant and filtering)
     zstd_pairs: int
+    steady: int
 
 
 FULL = Sizes(
@@ -137,6 +139,7 @@ FULL = Sizes(
     bare_client=50_000,
     security_pairs=3,
     zstd_pairs=3,
+    steady=1_000_000,
 )
 QUICK = Sizes(
     instant=5_000,
@@ -156,6 +159,7 @@ QUICK = Sizes(
     bare_client=5_000,
     security_pairs=1,
     zstd_pairs=1,
+    steady=50_000,
 )
 
 
@@ -1048,6 +1052,7 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "latency": Bench.latency,
     "timers": Bench.timers,
     "scale": Bench.scale_out,
+    "steady": steady,
 }
 
 

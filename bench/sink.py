@@ -10,7 +10,9 @@ not the processor's or the bench driver's. Every request is answered
 - ``/_reset`` → forget counts and samples
 
 The bench runs bench/sink.c, the same server in C, unless given ``--sink python``
-(tests/test_bench_sink.py holds both to the same behaviour).
+(tests/test_bench_sink.py holds both to the same behaviour). Only this one speaks
+TLS (``--tls-cert``/``--tls-key``) and listens on several addresses at once
+(``--listen HOST:PORT``, repeated), for ``bench.transport_scenarios``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import os
 import re
 import socket
+import ssl
 import time
 from pathlib import Path
 from typing import cast
@@ -107,31 +110,47 @@ class SinkProtocol(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
 
-async def serve(port: int, port_file: Path | None) -> None:
+async def serve(
+    port: int,
+    port_file: Path | None,
+    listen: list[str] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> None:
     stats = Stats()
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    # A deep accept queue: the capacity test opens many connections at once.
-    sock.listen(1024)
-    server = await loop.create_server(lambda: SinkProtocol(stats), sock=sock)
+    servers: list[asyncio.AbstractServer] = []
+    first_port = 0
+    for where in listen or [f"127.0.0.1:{port}"]:
+        host, _, at = where.rpartition(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(at)))
+        # A deep accept queue: the capacity test opens many connections at once.
+        sock.listen(1024)
+        first_port = first_port or sock.getsockname()[1]
+        servers.append(await loop.create_server(lambda: SinkProtocol(stats), sock=sock, ssl=tls))
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(sock.getsockname()[1]))
+        tmp.write_text(str(first_port))
         os.replace(tmp, port_file)
-    async with server:
-        await server.serve_forever()
+    await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path)
+    parser.add_argument("--listen", action="append", help="HOST:PORT, repeatable")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve https")
+    parser.add_argument("--tls-key", type=Path)
     args = parser.parse_args()
+    tls = None
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     with contextlib.suppress(KeyboardInterrupt):
         # uvloop: the sink takes as little of the shared cores as it can.
-        uvloop.run(serve(args.port, args.port_file))
+        uvloop.run(serve(args.port, args.port_file, args.listen, tls))
 
 
 if __name__ == "__main__":

@@ -9,29 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from crmhooks import app as app_module
-from crmhooks.app import INSTANT_COMMIT_WAIT_MS, Processor
+from crmhooks import checkpoint as checkpoint_module
+from crmhooks.app import Processor
+from crmhooks.checkpoint import INSTANT_COMMIT_WAIT_MS
 from crmhooks.clock import FakeClock
 from crmhooks.config import Config, config_from_mapping
 from crmhooks.delivery import Outcome
-from crmhooks.errors import ProduceError
-from crmhooks.kafka_io import BatchRecord, Fetched
+from crmhooks.endpoints import Endpoint
 from crmhooks.store import Store
 from crmhooks.templates import RenderedRequest
+from tests.fakes import NOW_MS, FakeKafka, GatedTransport, Rec, fetched, rec, until
 from tests.support import event
 
-NOW_MS = 1_764_320_400_000
 
-
-def config(quota: dict[str, int] | None = None, per_host: int | None = None) -> Config:
+def config(
+    quota: dict[str, int] | None = None,
+    per_host: int | None = None,
+    url: str = "http://receiver.test/hook",
+) -> Config:
     return config_from_mapping(
         {
             **({"quota": quota} if quota is not None else {}),
@@ -40,7 +42,7 @@ def config(quota: dict[str, int] | None = None, per_host: int | None = None) -> 
             "webhooks": [
                 {
                     "name": "Hook",
-                    "url": "http://receiver.test/hook",
+                    "url": url,
                     "module": "Potentials",
                     "body": {"format": "json", "template": '{"d":"${Potentials.Potential Name}"}'},
                 }
@@ -58,118 +60,38 @@ def config(quota: dict[str, int] | None = None, per_host: int | None = None) -> 
     )
 
 
-@dataclass
-class Rec:
-    partition: int
-    offset: int
-    value: bytes
-    key: bytes | None = b"org-acme"
-    headers: Sequence[tuple[str, bytes]] = ()
-
-
-def rec(n: int, offset: int, partition: int = 0) -> Rec:
-    return Rec(partition, offset, orjson.dumps(event(n)))
-
-
-def fetched(records: list[Rec]) -> Fetched:
-    """As ``KafkaIO.fetch`` returns ``records``: each partition with its records."""
-    by_partition: dict[int, list[BatchRecord]] = {}
-    for r in records:
-        by_partition.setdefault(r.partition, []).append(r)
-    return list(by_partition.items())
-
-
-@dataclass
-class FakeKafka:
-    committed: dict[int, int] = field(default_factory=dict)
-    results: list[dict[str, Any]] = field(default_factory=list)
-    changelog_keys: list[bytes] = field(default_factory=list)
-    fetches: int = 0
-
-    async def commit(self, next_offsets: dict[int, int]) -> None:
-        self.committed.update(next_offsets)
-
-    produce_calls: int = 0
-    produce_failures: int = 0  # the next ones fail
-
-    async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        self.produce_calls += 1
-        if self.produce_failures:
-            self.produce_failures -= 1
-            raise ProduceError("broker away")
-        self.results += [orjson.loads(v) for _, _, v in records]
-
-    async def produce_changelog(
-        self, records: Sequence[tuple[int, bytes, bytes | None]]
-    ) -> Awaitable[dict[int, int]]:
-        self.changelog_keys += [k for _, k, _ in records]
-
-        async def acked() -> dict[int, int]:
-            return {}
-
-        return acked()
-
-    async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
-        self.fetches += 1
-        await asyncio.sleep(0.001)  # nothing more to read
-        return []
-
-
-class GatedTransport:
-    """Answers 200 to every request once ``gate`` is set."""
-
-    def __init__(self, open_now: bool = True) -> None:
-        self.gate = asyncio.Event()
-        if open_now:
-            self.gate.set()
-        self.sent: list[str] = []
-
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
-        self.sent.append(action_id)
-        await self.gate.wait()
-        return Outcome(None, 200, None, 1.0, NOW_MS)
-
-
 @contextlib.asynccontextmanager
 async def processor(
     tmp_path: Path,
     transport: GatedTransport,
     quota: dict[str, int] | None = None,
     per_host: int | None = None,
+    url: str = "http://receiver.test/hook",
 ) -> AsyncIterator[tuple[Processor, FakeKafka, FakeClock]]:
     kafka = FakeKafka()
     clock = FakeClock(NOW_MS)
     async with Store(tmp_path / "s.db") as store:
         store.changelog = kafka.produce_changelog
-        p = Processor(config(quota, per_host), store, transport, clock)
-        p._kio = kafka  # type: ignore[assignment]
-        p._owned = {0, 1}
-        p._loaded_until_ms = NOW_MS + app_module.HORIZON_MS
+        p = Processor(config(quota, per_host, url), store, transport, clock)
+        p.attach(kafka, {0, 1})
         loops = [
-            asyncio.create_task(p._fire_loop()),
-            asyncio.create_task(p._ticket_loop()),
+            asyncio.create_task(p.dispatcher.loop()),
+            asyncio.create_task(p.checkpoint.deadline_loop()),
         ]
         try:
             yield p, kafka, clock
         finally:
-            p._stopping = True
+            p.dispatcher.stop()
             transport.gate.set()  # requests still held are answered, so their tasks end
             for task in loops:
                 task.cancel()
-            await asyncio.gather(*loops, *p._fire_tasks, *p._report_tasks, return_exceptions=True)
+            await asyncio.gather(*loops, return_exceptions=True)
+            await p.dispatcher.drain(5.0)
 
 
 def fires_over(p: Processor) -> bool:
     """No action being fired, nor an attempt's report being written."""
-    return not p._fire_tasks and not p._report_tasks
-
-
-async def until(check: Any, what: str) -> None:
-    for _ in range(500):  # bounded: a few loop turns each
-        if check():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
+    return p.dispatcher.idle and p.reporter.idle
 
 
 async def send_two(p: Processor, transport: GatedTransport) -> None:
@@ -203,7 +125,7 @@ async def test_a_delivered_instant_action_is_stored_once_finished(tmp_path: Path
         assert kafka.changelog_keys == [b"q\x1forg-acme\x1f2025-11-28", b"d\x1fevt-1:won:Hook"]
         assert [r["status"] for r in kafka.results] == ["delivered"]
         assert p.stats["results"] == 1  # counted where instant results are produced
-        assert p._unstored == {}
+        assert p.checkpoint.unstored_ids() == []
         # Read again (a crash after the commit was lost): finished, never sent again.
         await p._process_batch(fetched([rec(1, 10)]))
         await asyncio.sleep(0.02)
@@ -228,6 +150,28 @@ async def test_a_repeated_key_refuses_an_event_a_rule_acts_on_and_no_other(
         assert letter["error_code"] == "internal_process_error"
         assert letter["source"]["offset"] == 10
         assert letter["message"] == "invalid event: duplicate key 'Stage' in $.record"
+
+
+async def test_a_dot_segment_from_a_value_is_a_dead_letter_and_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    """Issue 26.6: "/deals/../hook" would reach another path of the receiver."""
+    transport = GatedTransport()
+    dots = orjson.dumps(event(1, record={"Potential Name": ".."}))
+    url = "http://receiver.test/deals/${Potentials.Potential Name}/hook"
+    async with processor(tmp_path, transport, url=url) as (p, kafka, _):
+        await p._process_batch(fetched([Rec(0, 10, dots), rec(2, 11)]))
+        await until(lambda: kafka.committed == {0: 12}, "the offsets are committed")
+        assert transport.sent == ["evt-2:won:Hook"]
+        [letter] = [r for r in kafka.results if "error_code" in r]
+        assert letter["error_code"] == "internal_process_error"
+        assert letter["action_id"] == "evt-1:won:Hook"
+        assert letter["source"]["offset"] == 10
+        assert "template failed: webhook Hook: " in letter["message"]
+        assert "'..'" in letter["message"]
+        assert "dot segment" in letter["message"]
+        final = {r["action_id"]: r["status"] for r in kafka.results if "status" in r}
+        assert final == {"evt-1:won:Hook": "failed", "evt-2:won:Hook": "delivered"}
 
 
 async def test_commits_stay_in_order_behind_an_unfinished_action(tmp_path: Path) -> None:
@@ -265,7 +209,7 @@ async def test_an_action_unfinished_past_the_deadline_is_stored_as_pending(
             ]
         transport.gate.set()
         await until(lambda: len(kafka.results) == 2 and fires_over(p), "both reported delivered")
-        await until(lambda: not p.store._queue, "the store is idle")
+        await until(lambda: not p.store.writer.queued, "the store is idle")
         await asyncio.sleep(0.02)
         assert sorted(await rows(p.store, "actions")) == [
             ("evt-1:won:Hook", "delivered"),
@@ -320,7 +264,7 @@ class OneByOneTransport(GatedTransport):
     def answer(self, action_id: str) -> None:
         self.answered.setdefault(action_id, asyncio.Event()).set()
 
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
         self.sent.append(action_id)
         answered = self.answered.setdefault(action_id, asyncio.Event())
         waits = {asyncio.ensure_future(answered.wait()), asyncio.ensure_future(self.gate.wait())}
@@ -366,13 +310,13 @@ async def test_a_busy_host_is_served_by_as_many_tasks_as_it_has_slots(
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport, per_host=2) as (p, kafka, _):
         started: list[str] = []
-        start_fire = p._start_fire
+        start_fire = p.dispatcher._start
 
         def counted(host: str, action: Any) -> None:
             started.append(action.action_id)
             start_fire(host, action)
 
-        monkeypatch.setattr(p, "_start_fire", counted)
+        monkeypatch.setattr(p.dispatcher, "_start", counted)
         await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 7)]))
         await until(lambda: len(transport.sent) == 2, "two requests out: the host's limit")
         await asyncio.sleep(0.02)
@@ -403,10 +347,10 @@ async def test_stopping_finishes_what_is_in_flight_and_sends_no_more(tmp_path: P
     async with processor(tmp_path, transport, per_host=1) as (p, kafka, _):
         await p._process_batch(fetched([rec(n, 10 + n) for n in range(1, 4)]))
         await until(lambda: len(transport.sent) == 1, "the first request is out")
-        p._stopping = True
+        p.dispatcher.stop()
         transport.gate.set()
-        await p._drain_fires(5.0)
-        await p._store_unstored()
+        await p.dispatcher.drain(5.0)
+        await p.checkpoint.store_unstored()
         assert transport.sent == ["evt-1:won:Hook"]  # the host's waiting ones: not sent
         assert [r["status"] for r in kafka.results] == ["delivered"]
         assert sorted(await rows(p.store, "actions")) == [
@@ -434,41 +378,47 @@ async def test_events_of_instant_rules_only_read_no_pending_actions(
         assert read == []
 
 
-async def test_a_report_that_cannot_be_produced_leaves_its_group_to_the_deadline(
+async def test_a_report_that_cannot_be_produced_is_tried_again_never_the_request(
     tmp_path: Path,
 ) -> None:
+    """SPEC §10: a request may repeat only after a crash. The broker refuses the
+    results three times: the report is tried again (after 0.5, 1 and 2 s), the
+    requests are not sent again, and the batch commits once the report is written."""
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, clock):
         await send_two(p, transport)
-        kafka.produce_failures = 1
+        kafka.produce_failures = 3
         transport.gate.set()
-        await until(lambda: fires_over(p), "both attempts end (in error)")
-        assert kafka.results == []
-        assert sorted(p._unstored) == ["evt-1:won:Hook", "evt-2:won:Hook"]  # not lost
-        assert kafka.committed == {}
-        clock.advance(INSTANT_COMMIT_WAIT_MS)
-        await until(lambda: kafka.committed == {0: 12}, "stored as pending, then committed")
+        for left, pause_ms in ((2, 500), (1, 1000), (0, 2000)):
+            await until(lambda left=left: kafka.produce_failures == left, "a produce fails")
+            await asyncio.sleep(0.01)
+            assert kafka.committed == {}
+            clock.advance(pause_ms)
+        await until(lambda: kafka.committed == {0: 12}, "reported, stored, then committed")
+        assert [r["status"] for r in kafka.results] == ["delivered", "delivered"]
+        assert transport.sent == ["evt-1:won:Hook", "evt-2:won:Hook"]  # each sent once
+        await until(lambda: fires_over(p), "both attempts end")
         statuses = dict(await rows(p.store, "actions"))
-        assert set(statuses) == {"evt-1:won:Hook", "evt-2:won:Hook"}
+        assert statuses == {"evt-1:won:Hook": "delivered", "evt-2:won:Hook": "delivered"}
 
 
 async def test_reading_pauses_over_the_budget_and_resumes_below_half(
     tmp_path: Path, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(app_module, "UNSTORED_BUDGET", 4)
+    monkeypatch.setattr(checkpoint_module, "UNSTORED_BUDGET", 4)
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
         await p._process_batch(fetched([rec(n, n) for n in range(3)]))
-        assert p._reading.is_set()
+        assert p.checkpoint.may_read()
         await p._process_batch(fetched([rec(n, n) for n in range(3, 5)]))
-        assert not p._reading.is_set()  # 5 read and unsettled: over 4
+        assert not p.checkpoint.may_read()  # 5 read and unsettled: over 4
         stop = asyncio.Event()
         consume = asyncio.create_task(p._consume_loop(stop))
         await asyncio.sleep(0.02)
         assert kafka.fetches == 0  # nothing fetched over the budget
         transport.gate.set()
         await until(lambda: kafka.fetches > 0, "reading goes on below half the budget")
-        assert p._reading.is_set()
+        assert p.checkpoint.may_read()
         await until(lambda: kafka.committed == {0: 5}, "all committed")
         stop.set()
         await asyncio.wait_for(consume, 5)
@@ -507,7 +457,7 @@ async def test_past_the_deadline_an_action_being_finished_is_waited_for_not_spun
 
         kafka.produce_all = slow_produce_all  # type: ignore[method-assign]
         calls = 0
-        store_unstored = p._store_unstored
+        store_unstored = p.checkpoint.store_unstored
 
         async def counted(before_ms: int | None = None) -> None:
             nonlocal calls
@@ -516,10 +466,13 @@ async def test_past_the_deadline_an_action_being_finished_is_waited_for_not_spun
                 raise RuntimeError("the ticket loop spins")
             await store_unstored(before_ms)
 
-        p._store_unstored = counted  # type: ignore[method-assign]
+        p.checkpoint.store_unstored = counted  # type: ignore[method-assign]
         try:
             await p._process_batch(fetched([rec(1, 10)]))
-            await until(lambda: "evt-1:won:Hook" not in p._unstored, "the result is being produced")
+            await until(
+                lambda: not p.checkpoint.is_unstored("evt-1:won:Hook"),
+                "the result is being produced",
+            )
             clock.advance(INSTANT_COMMIT_WAIT_MS)
             for _ in range(20):
                 await asyncio.sleep(0.005)  # the event loop runs on

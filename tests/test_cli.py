@@ -16,6 +16,7 @@ import pytest
 from crmhooks import cli
 from crmhooks.cli import main
 from crmhooks.errors import CrmhooksError
+from crmhooks.settings import KafkaSettings, LogSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.toml"))
@@ -27,9 +28,13 @@ PRODUCTION = ROOT / "config" / "crmhooks.toml"
 SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 CREATOR_KEY = "creator+key/SECRET=1&x"
 SMS_KEY = "sms-key-SECRET-2"
+HEADER_KEY = "header-key-SECRET-3"
+CLIENT_SECRET = "client-SECRET-4"
 ENV = {
     "CREATOR_SIGNING_SECRET": SIGNING_SECRET,
     "CREATOR_API_KEY": CREATOR_KEY,
+    "CREATOR_HEADER_KEY": HEADER_KEY,
+    "CREATOR_CLIENT_SECRET": CLIENT_SECRET,
     "SMS_API_KEY": SMS_KEY,
 }
 SECRET_FORMS = [
@@ -38,6 +43,8 @@ SECRET_FORMS = [
     CREATOR_KEY,
     quote(CREATOR_KEY, safe=""),
     SMS_KEY,
+    HEADER_KEY,
+    CLIENT_SECRET,
 ]
 
 
@@ -382,3 +389,96 @@ def test_run_tunes_the_garbage_collector_for_a_long_running_server() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# --- logging -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Any:
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+def fake_run(monkeypatch: pytest.MonkeyPatch, log_settings: Any) -> None:
+    """`run` with a config holding ``log_settings`` as its [log], and a processor that logs."""
+    import logging
+    import types
+
+    import crmhooks.runner
+
+    async def run_processor(config: Any) -> None:
+        log = logging.getLogger("crmhooks.app")
+        log.info("planned %s", "Stage\nforged")
+        log.warning("receiver said %s", "Bad\x1b[2J Gateway")
+
+    config = types.SimpleNamespace(log=log_settings, kafka=KafkaSettings())  # (run reads both)
+    monkeypatch.setattr(cli, "_load", lambda path: config)
+    monkeypatch.setattr(cli, "_tune_gc", lambda: None)
+    monkeypatch.setattr(crmhooks.runner, "run_processor", run_processor)
+    monkeypatch.delenv("CRMHOOKS_LOG_LEVEL", raising=False)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_run_logs_as_the_configs_log_section_says(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    fake_run(monkeypatch, LogSettings(format="json", level="INFO"))
+    code, _, err = run(capsys, "run", "--config", "x.toml", "--event-loop", "asyncio")
+    assert code == 0
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert [(r["level"], r["msg"]) for r in lines] == [
+        ("INFO", "planned Stage\nforged"),
+        ("WARNING", "receiver said Bad\x1b[2J Gateway"),
+    ]
+    assert "\x1b" not in err
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_log_level_flag_and_env_win_over_the_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import types
+
+    fake_run(monkeypatch, types.SimpleNamespace(format="text", level="DEBUG"))
+    monkeypatch.setenv("CRMHOOKS_LOG_LEVEL", "warning")
+    code, _, err = run(capsys, "run", "--config", "x.toml", "--event-loop", "asyncio")
+    assert code == 0
+    assert err.count("\n") == 1
+    assert "WARNING crmhooks.app: receiver said Bad\\x1b[2J" in err
+    code, _, err = run(
+        capsys, "--log-level", "error", "run", "--config", "x.toml", "--event-loop", "asyncio"
+    )
+    assert code == 0
+    assert err == ""
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_without_a_log_section_run_logs_text_at_info(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run(monkeypatch, LogSettings())  # the defaults of a config without [log]
+    code, _, err = run(capsys, "run", "--config", "x.toml", "--event-loop", "asyncio")
+    assert code == 0
+    first, second = err.splitlines()
+    assert first.endswith(" INFO crmhooks.app: planned Stage\\nforged")
+    assert second.endswith(" WARNING crmhooks.app: receiver said Bad\\x1b[2J Gateway")
+
+
+def test_a_bad_log_level_in_the_environment_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CRMHOOKS_LOG_LEVEL", "loud")
+    code, _, err = run(capsys, "check-config", "--config", str(PRODUCTION))
+    assert code == 1
+    assert err == (
+        "crmhooks: CRMHOOKS_LOG_LEVEL='loud': expected one of DEBUG, INFO, WARNING, ERROR\n"
+    )

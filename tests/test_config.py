@@ -253,7 +253,12 @@ INVALID: list[tuple[str, Callable[[Raw], None], str, str]] = [
     ),
     ("wh-url-port", _set("webhooks[0].url", "https://x.example:99999/a"), f"{WH}.url", "valid"),
     ("wh-url-crlf", _set("webhooks[0].url", "https://x.example/a\r\nX: y"), f"{WH}.url", "control"),
-    ("wh-url-env", _set("webhooks[0].url", "https://x.example/${env:K}"), f"{WH}.url", "env"),
+    (
+        "wh-url-env",
+        _set("webhooks[0].url", "https://x.example/${env:K}"),
+        f"{WH}.url",
+        "environment variable K is not set",
+    ),
     ("wh-url-missing", _set("webhooks[0].url", DELETE), f"{WH}.url", "required"),
     ("wh-method", _set("webhooks[0].method", "PUT"), f"{WH}.method", "POST or GET"),
     ("wh-calls", _set("webhooks[0].module", "Calls"), f"{WH}.module", "does not allow webhooks"),
@@ -273,9 +278,9 @@ INVALID: list[tuple[str, Callable[[Raw], None], str, str]] = [
     ("body-unknown", _set("webhooks[0].body.params", "x"), f"{WH}.body.params", "unknown"),
     (
         "body-env",
-        _set("webhooks[0].body.template", "<a>${env:CREATOR_API_KEY}</a>"),
+        _set("webhooks[0].body.template", "<a>${env:NOPE_KEY}</a>"),
         f"{WH}.body.template",
-        "only allowed in custom_params and secret",
+        "environment variable NOPE_KEY is not set",
     ),
     (
         "entity-long",
@@ -286,9 +291,9 @@ INVALID: list[tuple[str, Callable[[Raw], None], str, str]] = [
     ("entity-type", _set("webhooks[0].entity_params.deal", 5), f"{WH}.entity_params.deal", "str"),
     (
         "entity-env",
-        _set("webhooks[0].entity_params.deal", "${env:CREATOR_API_KEY}"),
+        _set("webhooks[0].entity_params.deal", "${env:NOPE_KEY}"),
         f"{WH}.entity_params.deal",
-        "only allowed",
+        "environment variable NOPE_KEY is not set",
     ),
     ("params-table", _set("webhooks[0].custom_params", ["a"]), f"{WH}.custom_params", "table"),
     ("param-dup", _set("webhooks[0].custom_params.deal", "x"), WH, "'deal' is defined more"),
@@ -606,6 +611,8 @@ def test_load_config_reports_unreadable_and_invalid_toml(tmp_path: Path) -> None
 EXAMPLE_ENV = {
     "CREATOR_SIGNING_SECRET": SECRET,
     "CREATOR_API_KEY": "creator-key",
+    "CREATOR_HEADER_KEY": "header-key",
+    "CREATOR_CLIENT_SECRET": "client-secret",
     "SMS_API_KEY": "sms-key",
 }
 
@@ -631,6 +638,10 @@ def test_main_example_needs_its_secrets() -> None:
         "is not set",
         "webhooks[CreatorCommission].custom_params.apikey: environment variable CREATOR_API_KEY "
         "is not set",
+        "webhooks[CreatorCommission].headers.X-Api-Key: environment variable CREATOR_HEADER_KEY "
+        "is not set",
+        "webhooks[CreatorCommission].auth.client_secret: environment variable "
+        "CREATOR_CLIENT_SECRET is not set",
         "webhooks[PaymentDueSms].custom_params.apikey: environment variable SMS_API_KEY is not set",
     )
 

@@ -30,6 +30,7 @@ from crmhooks.delivery import (
     parse_retry_after,
     split_url,
 )
+from crmhooks.endpoints import PLAIN, Endpoint
 from crmhooks.signing import sign
 from crmhooks.templates import RenderedRequest
 
@@ -165,7 +166,7 @@ async def send_one(
     rec: Receiver, path: str, clock: FakeClock | None = None, **overrides: float | int | bool
 ) -> Outcome:
     async with HttpTransport(settings(**overrides), clock or FakeClock(NOW_MS)) as transport:
-        return await transport.send("evt-1:rule:Hook", post(rec.url(path)), None)
+        return await transport.send("evt-1:rule:Hook", post(rec.url(path)), PLAIN)
 
 
 @pytest.mark.parametrize(
@@ -261,7 +262,7 @@ async def test_connection_refused() -> None:
         port = sock.getsockname()[1]
     # The socket is closed, never listened: nothing accepts on this port.
     async with HttpTransport(settings(), FakeClock(NOW_MS)) as transport:
-        outcome = await transport.send("a", post(f"http://127.0.0.1:{port}/x"), None)
+        outcome = await transport.send("a", post(f"http://127.0.0.1:{port}/x"), PLAIN)
     assert outcome.error_class == "connection_error"
     assert outcome.error == f"connection refused: 127.0.0.1:{port}"
     assert outcome.http_status is None
@@ -298,7 +299,7 @@ async def test_headers_and_exact_body(receiver: Receiver) -> None:
         redacted_url=receiver.url("/hook?apikey=***&b=2"),
     )
     async with HttpTransport(settings(), clock) as transport:
-        outcome = await transport.send("evt-9:r:W", request, None)
+        outcome = await transport.send("evt-9:r:W", request, PLAIN)
     assert outcome.delivered
     [seen] = receiver.seen
     assert seen.body == body
@@ -313,7 +314,7 @@ async def test_headers_and_exact_body(receiver: Receiver) -> None:
 async def test_get_without_body(receiver: Receiver) -> None:
     request = RenderedRequest("GET", receiver.url("/q?x=1"), {}, b"", receiver.url("/q?x=1"))
     async with HttpTransport(settings(), FakeClock(NOW_MS)) as transport:
-        outcome = await transport.send("a", request, None)
+        outcome = await transport.send("a", request, PLAIN)
     assert outcome.delivered
     [seen] = receiver.seen
     assert (seen.method, seen.query, seen.body) == ("GET", "x=1", b"")
@@ -322,7 +323,7 @@ async def test_get_without_body(receiver: Receiver) -> None:
 async def test_keep_alive_reuses_one_connection(receiver: Receiver) -> None:
     async with HttpTransport(settings(), FakeClock(NOW_MS)) as transport:
         for n in range(3):
-            assert (await transport.send(f"a{n}", post(receiver.url("/ok")), None)).delivered
+            assert (await transport.send(f"a{n}", post(receiver.url("/ok")), PLAIN)).delivered
     peers = {s.peer for s in receiver.seen}
     assert len(receiver.seen) == 3
     assert len(peers) == 1
@@ -330,7 +331,7 @@ async def test_keep_alive_reuses_one_connection(receiver: Receiver) -> None:
 
 async def test_header_injection_is_not_sent(receiver: Receiver) -> None:
     async with HttpTransport(settings(), FakeClock(NOW_MS)) as transport:
-        outcome = await transport.send("evt\r\nX-Evil: 1", post(receiver.url("/ok")), None)
+        outcome = await transport.send("evt\r\nX-Evil: 1", post(receiver.url("/ok")), PLAIN)
     assert outcome.error_class == "connection_error"
     assert outcome.sent_at_ms is None
     assert outcome.error == "not sent: CR/LF/NUL in header webhook-id"
@@ -339,7 +340,9 @@ async def test_header_injection_is_not_sent(receiver: Receiver) -> None:
 
 async def test_invalid_secret_is_not_sent_unsigned(receiver: Receiver) -> None:
     async with HttpTransport(settings(), FakeClock(NOW_MS)) as transport:
-        outcome = await transport.send("a", post(receiver.url("/ok")), "whsec_not base64!")
+        outcome = await transport.send(
+            "a", post(receiver.url("/ok")), Endpoint(secret="whsec_not base64!")
+        )
     assert outcome.error_class == "connection_error"
     assert outcome.sent_at_ms is None
     assert outcome.error is not None
@@ -352,7 +355,7 @@ async def test_secret_in_url_never_reaches_the_error(port: int) -> None:
     url = f"http://127.0.0.1:{port}/x?apikey=SECRET"
     request = RenderedRequest("GET", url, {}, b"", url.replace("SECRET", "***"))
     async with HttpTransport(settings(), FakeClock(NOW_MS)) as transport:
-        outcome = await transport.send("a", request, None)
+        outcome = await transport.send("a", request, PLAIN)
     assert outcome.error_class == "connection_error"
     assert outcome.error is not None
     assert "SECRET" not in outcome.error
@@ -361,7 +364,7 @@ async def test_secret_in_url_never_reaches_the_error(port: int) -> None:
 async def test_send_outside_context_is_a_programming_error() -> None:
     transport = HttpTransport(settings(), FakeClock(NOW_MS))
     with pytest.raises(RuntimeError, match="outside 'async with'"):
-        await transport.send("a", post("http://127.0.0.1:1/"), None)
+        await transport.send("a", post("http://127.0.0.1:1/"), PLAIN)
 
 
 async def test_hung_host_does_not_delay_other_hosts() -> None:
@@ -371,7 +374,7 @@ async def test_hung_host_does_not_delay_other_hosts() -> None:
         config = settings(max_in_flight=8, max_in_flight_per_host=per_host, total_timeout_s=10.0)
         async with HttpTransport(config, FakeClock(NOW_MS)) as transport:
             stuck = [
-                asyncio.create_task(transport.send(f"h{n}", post(hung.url("/hang")), None))
+                asyncio.create_task(transport.send(f"h{n}", post(hung.url("/hang")), PLAIN))
                 for n in range(hung_requests)
             ]
             await asyncio.wait_for(hung.hanging_reached[per_host].wait(), 5)
@@ -380,7 +383,7 @@ async def test_hung_host_does_not_delay_other_hosts() -> None:
             fine = await asyncio.wait_for(
                 asyncio.gather(
                     *(
-                        transport.send(f"ok{n}", post(healthy.url("/ok")), None)
+                        transport.send(f"ok{n}", post(healthy.url("/ok")), PLAIN)
                         for n in range(healthy_requests)
                     )
                 ),
@@ -446,6 +449,8 @@ def reference_head(
     host_header: str,
     target: str,
     auth: str | None,
+    strong: bool,
+    proxy_auth: str | None,
     action_id: str,
     request: RenderedRequest,
     secret: str | None,
@@ -459,6 +464,8 @@ def reference_head(
         lower = name.lower()
         if lower.startswith("webhook-") or lower in delivery_module._OWN_HEADERS:
             continue
+        if strong and lower == "authorization":  # the webhook's auth replaces it
+            continue
         given.add(lower)
         headers.append((name, value))
     headers += [("User-Agent", user_agent), ("Accept-Encoding", "identity")]
@@ -467,6 +474,8 @@ def reference_head(
         headers.append(("webhook-signature", sign(secret, action_id, timestamp_s, request.body)))
     if auth is not None and "authorization" not in given:
         headers.append(("Authorization", auth))
+    if proxy_auth is not None:
+        headers.append(("Proxy-Authorization", proxy_auth))
     if "accept" not in given:
         headers.append(("Accept", "*/*"))
     if request.body and "content-type" not in given:
@@ -498,6 +507,7 @@ HEADER_NAMES = st.sampled_from(
         "Bad Name",
         "X-Ü",
         "X-A",
+        "proxy-authorization",
     ]
 )
 HEADER_VALUES = st.sampled_from(["application/json", "*/*", "k3y", "", "a\r\nX: 1", "ü", "x\0"])
@@ -507,7 +517,9 @@ HEADER_VALUES = st.sampled_from(["application/json", "*/*", "k3y", "", "a\r\nX: 
     headers=st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=5),
     method=st.sampled_from(["POST", "GET", "PUT", "HEAD"]),
     body=st.sampled_from([b"", b"<a/>", "é".encode()]),
-    auth=st.sampled_from([None, "Basic dTpw"]),
+    auth=st.sampled_from([None, "Basic dTpw", "Bearer t0k"]),
+    strong=st.booleans(),
+    proxy_auth=st.sampled_from([None, "Basic cHg6cw=="]),
     secret=st.sampled_from([None, "whsec_" + base64.b64encode(b"k" * 24).decode()]),
     action_id=st.sampled_from(["evt-1:r:W", "e:r:W#2"]),
     timestamp_s=st.integers(0, 2**33),
@@ -517,6 +529,8 @@ def test_request_heads_are_those_built_header_by_header(
     method: str,
     body: bytes,
     auth: str | None,
+    strong: bool,
+    proxy_auth: str | None,
     secret: str | None,
     action_id: str,
     timestamp_s: int,
@@ -529,14 +543,15 @@ def test_request_heads_are_those_built_header_by_header(
     ua = f"crmhooks/{crmhooks.__version__}"
     try:
         expected: bytes | str = reference_head(
-            ua, origin.host_header, target, auth, action_id, request, secret, timestamp_s
-        )
+            ua, origin.host_header, target, auth, strong, proxy_auth, action_id, request, secret,
+            timestamp_s,
+        )  # fmt: skip
     except ValueError as exc:
         expected = str(exc)
     for _ in range(2):  # built, then remembered
         try:
             got: bytes | str = transport._head(
-                origin, target, auth, action_id, request, secret, timestamp_s
+                origin, target, auth, strong, proxy_auth, action_id, request, secret, timestamp_s
             )
         except ValueError as exc:
             got = str(exc)

@@ -99,7 +99,7 @@ async def fetch(
         [get(path, server.port)],
         deadline=loop.time() + timeout_s,
         cap=CAP,
-        conn=pool.take_idle(target),
+        conn=pool.take_idle(target.key),
     )
 
 
@@ -187,10 +187,10 @@ async def test_idle_connection_closed_by_the_receiver_is_not_used(server: RawSer
     pool = Http1Pool(connect_timeout_s=1.0)
     assert (await fetch(pool, server, "/then-close")).complete
     for _ in range(100):  # bounded: until the close reached us
-        if pool.take_idle(origin(server.port)) is None:
+        if pool.take_idle(origin(server.port).key) is None:
             break
         await asyncio.sleep(0.01)
-    assert pool.take_idle(origin(server.port)) is None
+    assert pool.take_idle(origin(server.port).key) is None
     assert (await fetch(pool, server, "/a")).body == b"ok"
     await pool.close()
     assert server.connections == 2
@@ -366,3 +366,53 @@ def test_split_url(url: str, expected: tuple[tuple[str, str, int, str], str, str
 def test_split_url_refuses(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         split_url(url)
+
+
+async def test_two_responses_in_one_packet_the_first_decides(server: RawServer) -> None:
+    """SPEC §6 (issue 26): a second response to one request is a protocol error."""
+    server.replies["/twice"] = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 500 Internal Server Error\r\nX-Second: 1\r\nContent-Length: 4\r\n\r\nfail"
+    )
+    server.replies["/twice-bad-first"] = (
+        b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    )
+    pool = Http1Pool(connect_timeout_s=1.0)
+    first = await fetch(pool, server, "/twice")
+    assert (first.status, first.reason, first.body, first.complete) == (200, "OK", b"ok", True)
+    assert "x-second" not in first.headers
+    assert pool.take_idle(origin(server.port).key) is None  # closed, never reused
+    second = await fetch(pool, server, "/twice-bad-first")
+    assert (second.status, second.reason, second.body) == (503, "Busy", b"busy")
+    assert (await fetch(pool, server, "/a")).body == b"ok"
+    await pool.close()
+    assert server.connections == 3
+
+
+async def test_bytes_after_the_response_before_the_next_request_close_it(
+    server: RawServer,
+) -> None:
+    gate = asyncio.Event()
+
+    async def late_second(writer: asyncio.StreamWriter) -> None:
+        writer.write(OK)
+        await writer.drain()
+        await gate.wait()
+        writer.write(b"HTTP/1.1 500 Late\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    server.replies["/late"] = late_second
+    pool = Http1Pool(connect_timeout_s=1.0)
+    response = await fetch(pool, server, "/late")
+    assert (response.status, response.body) == (200, b"ok")
+    assert "idle=1" in repr(pool)
+    gate.set()
+    for _ in range(100):  # bounded: until the stray bytes reached us
+        if "idle=0" in repr(pool):
+            break
+        await asyncio.sleep(0.01)
+    assert repr(pool) == "Http1Pool(connections=0, idle=0)"
+    assert (await fetch(pool, server, "/a")).body == b"ok"
+    await pool.close()
+    assert server.connections == 2

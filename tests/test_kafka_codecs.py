@@ -146,7 +146,7 @@ async def test_an_aborted_transaction_is_never_acted_on_a_committed_one_is(
 async def test_a_batch_the_consumer_cannot_decode_is_a_dead_letter_and_reading_goes_on(
     tmp_path: Path,
 ) -> None:
-    """The processor runs without the compression library (tests.kafka_run): a zstd
+    """The processor runs without the compression library (tests.no_codecs): a zstd
     batch between two plain events is skipped with a dead letter naming its offsets."""
     kafka = unique_kafka(partitions=1)
     await ensure_topics(kafka, [kafka.events_topic, kafka.results_topic, kafka.dlq_topic], 1)
@@ -179,15 +179,14 @@ async def test_a_batch_the_consumer_cannot_decode_is_a_dead_letter_and_reading_g
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.kafka_run",
-            "{}",
+            "tests.no_codecs",
             "run",
             "--config",
             str(config_path),
             cwd=REPO,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "CRMHOOKS_TEST_NO_CODECS": "1"},
+            env=os.environ.copy(),
         )
         try:
             letters = await wait_for_records(config, kafka.dlq_topic, lambda ds: len(ds) >= 1)

@@ -164,8 +164,8 @@ async def test_mutual_tls_without_a_client_certificate_is_refused_clearly() -> N
 async def run_crmhooks(
     kafka: KafkaSettings, overrides: dict[str, str], tmp_path: Path
 ) -> tuple[int, str, float]:
-    """`crmhooks run` with the [kafka] ``overrides`` (tests.kafka_run): its exit status,
-    its stderr, and how long it ran (killed after 30 s)."""
+    """`crmhooks run` with ``overrides`` in its config file's [kafka] table: its exit
+    status, its stderr, and how long it ran (killed after 30 s)."""
     config_path = tmp_path / "crmhooks.toml"
     toml = crash_config_toml(
         kafka,
@@ -175,13 +175,13 @@ async def run_crmhooks(
         offset="1h",
         retry_delay_s=1.0,
     )
-    config_path.write_text(toml)
+    keys = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in overrides.items())
+    config_path.write_text(toml.replace("[kafka]\n", f"[kafka]\n{keys}", 1))
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.kafka_run",
-        orjson.dumps(overrides).decode(),
+        "crmhooks.cli",
         "run",
         "--config",
         str(config_path),

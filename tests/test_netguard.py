@@ -6,6 +6,7 @@ Public addresses appear only as verdicts: nothing here connects anywhere but 127
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from crmhooks import delivery
 from crmhooks.clock import FakeClock
 from crmhooks.config import DeliverySettings
 from crmhooks.delivery import HttpTransport
+from crmhooks.endpoints import PLAIN
 from crmhooks.errors import DeliveryRefused
 from crmhooks.netguard import check_url, is_blocked_ip, parse_legacy_ipv4
 from crmhooks.templates import RenderedRequest
@@ -294,7 +296,7 @@ async def test_guard_refuses_loopback_and_sends_nothing(receiver: Receiver) -> N
             f"http://[::ffff:127.0.0.1]:{receiver.port}/hook",
             f"http://receiver.test:{receiver.port}/hook",
         ):
-            outcome = await transport.send("a1", _request(url), None)
+            outcome = await transport.send("a1", _request(url), PLAIN)
             assert outcome.error_class == "ssrf_blocked", url
             assert outcome.sent_at_ms is None
             assert outcome.http_status is None
@@ -306,7 +308,7 @@ async def test_guard_refuses_loopback_and_sends_nothing(receiver: Receiver) -> N
 async def test_guard_dns_failure_is_connection_error(receiver: Receiver) -> None:
     settings = DeliverySettings(allow_private_networks=False, total_timeout_s=2.0)
     async with HttpTransport(settings, FakeClock(), resolver=FakeResolver({})) as transport:
-        outcome = await transport.send("a1", _request("http://nowhere.test/"), None)
+        outcome = await transport.send("a1", _request("http://nowhere.test/"), PLAIN)
     assert outcome.error_class == "connection_error"
     assert outcome.error is not None
     assert outcome.error.startswith("DNS lookup failed")
@@ -323,7 +325,7 @@ class HangingResolver:
 async def test_guard_dns_lookup_counts_against_the_total_timeout() -> None:
     settings = DeliverySettings(allow_private_networks=False, total_timeout_s=0.2)
     async with HttpTransport(settings, FakeClock(), resolver=HangingResolver()) as transport:
-        outcome = await transport.send("a1", _request("http://slow-dns.test/"), None)
+        outcome = await transport.send("a1", _request("http://slow-dns.test/"), PLAIN)
     assert outcome.error_class == "timeout"
     assert outcome.error == "DNS lookup timed out after 0.2 s"
     assert outcome.sent_at_ms is None
@@ -334,7 +336,7 @@ async def test_guard_connects_to_the_vetted_address_with_the_host_name(
 ) -> None:
     vetted_calls: list[str] = []
 
-    async def vet(url: str, resolver: object) -> list[str]:
+    async def vet(url: str, resolver: object, allowed: object = ()) -> list[str]:
         # As if receiver.test resolved to a public address: the loopback receiver
         # stands in for it, so the guard's wiring is what is tested here.
         vetted_calls.append(url)
@@ -346,7 +348,7 @@ async def test_guard_connects_to_the_vetted_address_with_the_host_name(
     url = f"http://receiver.test:{receiver.port}/hook"
     async with HttpTransport(settings, FakeClock(1_000_000), resolver=resolver) as transport:
         for _ in range(3):
-            assert (await transport.send("a1", _request(url), None)).delivered
+            assert (await transport.send("a1", _request(url), PLAIN)).delivered
     assert receiver.hosts == [f"receiver.test:{receiver.port}"] * 3
     # One connection, vetted once: the idle connection's address was vetted when made.
     assert vetted_calls == [url]
@@ -357,7 +359,7 @@ async def test_guard_vets_again_for_every_new_connection(
 ) -> None:
     answers = ["127.0.0.1", "10.1.2.3"]
 
-    async def vet(url: str, resolver: object) -> list[str]:
+    async def vet(url: str, resolver: object, allowed: object = ()) -> list[str]:
         address = answers.pop(0)
         reason = is_blocked_ip(address)
         if address != "127.0.0.1" and reason is not None:
@@ -368,11 +370,65 @@ async def test_guard_vets_again_for_every_new_connection(
     settings = DeliverySettings(allow_private_networks=False, total_timeout_s=2.0)
     url = f"http://rebind.test:{receiver.port}/close"
     async with HttpTransport(settings, FakeClock(1_000_000)) as transport:
-        first = await transport.send("a1", _request(url), None)
+        first = await transport.send("a1", _request(url), PLAIN)
         assert first.delivered
         # The receiver closed the connection: the next request must connect, and so
         # vet again, and the name now answers with a private address.
-        second = await transport.send("a2", _request(url), None)
+        second = await transport.send("a2", _request(url), PLAIN)
     assert second.error_class == "ssrf_blocked"
     assert second.sent_at_ms is None
     assert answers == []
+
+
+# --- allowed networks ([delivery] allowed_networks) ---------------------------------
+
+ALLOWED = [ipaddress.ip_network("10.20.0.0/16"), ipaddress.ip_network("fd00:20::/32")]
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("10.20.1.5", True),
+        ("10.20.255.255", True),
+        ("10.21.0.1", False),
+        ("192.168.1.1", False),
+        ("127.0.0.1", False),
+        ("::ffff:10.20.1.5", True),  # a dual-stack resolver's form of an allowed address
+        ("::ffff:10.21.1.5", False),
+        ("fd00:20::7", True),
+        ("fd00:21::7", False),
+        ("fd00:20::7%eth0", False),  # a zone id is refused all the same
+        (PUBLIC_V4, True),
+    ],
+)
+def test_allowed_networks_pass_the_guard(address: str, allowed: bool) -> None:
+    assert (is_blocked_ip(address, ALLOWED) is None) is allowed
+    if address != PUBLIC_V4:
+        assert is_blocked_ip(address) is not None  # blocked without the allowance
+
+
+async def test_check_url_with_allowed_networks() -> None:
+    resolver = FakeResolver(
+        {
+            "sms.internal": ["10.20.0.9"],
+            "mixed.internal": ["10.20.0.9", "10.30.0.1"],
+        }
+    )
+    assert await check_url("http://10.20.0.9/send", resolver, ALLOWED) == ["10.20.0.9"]
+    assert await check_url("http://sms.internal/send", resolver, ALLOWED) == ["10.20.0.9"]
+    with pytest.raises(DeliveryRefused, match=r"10\.30\.0\.1 is private"):
+        await check_url("http://mixed.internal/send", resolver, ALLOWED)
+    with pytest.raises(DeliveryRefused, match="localhost"):
+        await check_url("http://localhost/", resolver, [ipaddress.ip_network("127.0.0.0/8")])
+
+
+async def test_guard_lets_an_allowed_network_through(receiver: Receiver) -> None:
+    settings = DeliverySettings(allow_private_networks=False, total_timeout_s=2.0)
+    loopback = [ipaddress.ip_network("127.0.0.1/32")]
+    async with HttpTransport(settings, FakeClock(), allowed_networks=loopback) as transport:
+        allowed = await transport.send("a1", _request(f"http://127.0.0.1:{receiver.port}/"), PLAIN)
+        other = await transport.send("a2", _request(f"http://127.0.0.2:{receiver.port}/"), PLAIN)
+        assert "1 allowed networks" in repr(transport)
+    assert allowed.delivered
+    assert other.error_class == "ssrf_blocked"
+    assert len(receiver.hosts) == 1

@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from crmhooks.clock import FakeClock
 from crmhooks.config import DeliverySettings
 from crmhooks.delivery import HttpTransport
+from crmhooks.endpoints import Endpoint
 from crmhooks.signing import secret_key, sign
 from crmhooks.templates import RenderedRequest
 
@@ -65,9 +66,9 @@ async def test_signature_verifies_across_a_retry(receiver: Receiver) -> None:
     )
     settings = DeliverySettings(allow_private_networks=True, total_timeout_s=2.0)
     async with HttpTransport(settings, clock) as transport:
-        first = await transport.send("evt-1:rule:Hook", request, SECRET)
+        first = await transport.send("evt-1:rule:Hook", request, Endpoint(secret=SECRET))
         clock.advance(2_000)  # the retry, later
-        second = await transport.send("evt-1:rule:Hook", request, SECRET)
+        second = await transport.send("evt-1:rule:Hook", request, Endpoint(secret=SECRET))
     assert (first.error_class, second.error_class) == ("server_error", None)
 
     (h1, b1), (h2, b2) = receiver.requests

@@ -1,11 +1,10 @@
-"""The command line: run, check-config, preview, replay-dlq, resume, tail."""
+"""The command line: run, check-config, preview, explain, replay-dlq, resume, tail."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -14,9 +13,11 @@ from zoneinfo import ZoneInfo
 
 from crmhooks import __version__
 from crmhooks.actions import action_ids
-from crmhooks.config import Config, load_config
+from crmhooks.config import Config, config_warnings, load_config
 from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent
 from crmhooks.events import RecordEvent, decode_event
+from crmhooks.explain import StoredState
+from crmhooks.logs import LOG_LEVELS, configure_logging
 from crmhooks.templates import CompiledWebhook, RenderContext
 
 
@@ -28,11 +29,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     from crmhooks.runner import run_processor
 
     config = _load(args.config)
+    configure_logging(*run_log_settings(config, _log_level_override(args)))
     _tune_gc()
     tls = config.kafka.security_protocol.upper() in ("SSL", "SASL_SSL")
     with asyncio.Runner(loop_factory=_loop_factory(args.event_loop, tls=tls)) as runner:
         runner.run(run_processor(config))
     return 0
+
+
+def run_log_settings(config: Config, level_override: str | None) -> tuple[str, str]:
+    """(format, level) for `crmhooks run`: the config's [log] section; a level given by
+    --log-level or CRMHOOKS_LOG_LEVEL wins over the file's (as the environment's
+    connection settings do), so one run can be made verbose without editing it."""
+    level = level_override or config.log.level
+    return config.log.format, level.upper()
+
+
+LOG_LEVEL_ENV = "CRMHOOKS_LOG_LEVEL"
+
+
+def _log_level_override(args: argparse.Namespace) -> str | None:
+    """--log-level, else CRMHOOKS_LOG_LEVEL, else None (the config's, or INFO)."""
+    if args.log_level:
+        return str(args.log_level)
+    env = os.environ.get(LOG_LEVEL_ENV, "").strip()
+    if not env:
+        return None
+    if env.upper() not in LOG_LEVELS:
+        raise CrmhooksError(f"{LOG_LEVEL_ENV}={env!r}: expected one of {', '.join(LOG_LEVELS)}")
+    return env.upper()
 
 
 # Collections for a long-running server that allocates a few hundred short-lived
@@ -87,8 +112,11 @@ def _count(n: int, noun: str) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Exit 0 with a one-line summary; an invalid config raises ConfigError (main: exit 1)."""
+    """Exit 0 with a one-line summary (and warnings on stderr); an invalid config raises
+    ConfigError (main: exit 1)."""
     config = _load(args.config)
+    for warning in config_warnings(config):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     instant = sum(1 for rule in config.rules if rule.instant is not None)
     scheduled = sum(len(rule.scheduled) for rule in config.rules)
     print(
@@ -190,6 +218,61 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """For each rule of the event's organisation and module: matched or not, and why."""
+    import time
+
+    from crmhooks.explain import explain_event, render
+
+    config = _load(args.config)
+    try:
+        event = _preview_event(args.event, config.kafka.max_event_bytes)
+    except _PreviewError as exc:
+        print(f"explain: {exc}", file=sys.stderr)
+        return _PREVIEW_USAGE_ERROR
+    state = _stored_state(config, event)
+    now_ms = int(time.time() * 1000)
+    print(
+        render(config, event, explain_event(config, event, now_ms=now_ms, state=state), state),
+        end="",
+    )
+    return 0
+
+
+def _stored_state(config: Config, event: RecordEvent) -> StoredState | None:
+    """The store's repeat=once flags and suspensions for the event, when the config's
+    store is on this machine (never created here); None when it is not, or unreadable."""
+    from crmhooks.rules import RuleIndex
+    from crmhooks.store import Store
+    from crmhooks.workflow import once_key
+
+    path = Path(config.store.path)
+    if not path.is_file():
+        return None
+    rules = RuleIndex(config.rules, config.catalog).candidates(event.org_id, event.module)
+
+    async def read() -> StoredState:
+        async with Store(path) as store:
+            keys = {once_key(r.id, event.record_key): r.id for r in rules if r.repeat == "once"}
+            flags = await store.once_states(list(keys)) if keys else {}
+            table = await store.suspension_table()
+        return StoredState(
+            source=f"the store {path}",
+            once_met={keys[k]: met for k, met in flags.items()},
+            suspended=frozenset(
+                (rule, webhook)
+                for (org, rule, webhook), (_, suspended, _) in table.items()
+                if org == event.org_id and suspended
+            ),
+        )
+
+    try:
+        return asyncio.run(read())
+    except CrmhooksError as exc:
+        print(f"explain: note: store not read ({exc})", file=sys.stderr)
+        return None
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from crmhooks.store import Store
 
@@ -205,10 +288,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_replay_dlq(args: argparse.Namespace) -> int:
+    from crmhooks.progress import Progress
     from crmhooks.tools import replay_dlq
 
     config = _load(args.config)
-    count = asyncio.run(replay_dlq(config, args.error_code, args.timeout_s))
+    with Progress("replay-dlq") as progress:  # drawn on stderr when it is a terminal
+        count = asyncio.run(replay_dlq(config, args.error_code, args.timeout_s, progress))
     print(f"replayed {count} dead-lettered event(s) to {config.kafka.events_topic}")
     return 0
 
@@ -236,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        default=os.environ.get("CRMHOOKS_LOG_LEVEL", "INFO").upper(),
+        choices=LOG_LEVELS,
+        default=None,
+        help=f"default: env {LOG_LEVEL_ENV}, else the config's [log] level (run), else INFO",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -261,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", required=True)
     p.add_argument("--event", required=True, help="a JSON file holding one record event")
     p.set_defaults(func=cmd_preview)
+    p = command("explain", "why each rule of an event's organisation matched it or not")
+    p.add_argument("--event", required=True, help="a JSON file holding one record event")
+    p.set_defaults(func=cmd_explain)
     p = command("replay-dlq", "re-publish dead-lettered events to the events topic")
     p.add_argument("--error-code", help="only dead letters with this error_code")
     p.add_argument("--timeout-s", type=float, default=5.0, help="stop after this long idle")
@@ -281,13 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
     try:
+        # Text until `run` has read its config's [log] settings; other commands stay text.
+        configure_logging("text", _log_level_override(args) or "INFO")
         result: int = args.func(args)
     except ConfigError as exc:
         print(f"{args.config}: {len(exc.errors)} error(s):", file=sys.stderr)

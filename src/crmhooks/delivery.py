@@ -1,7 +1,9 @@
-"""HTTP delivery: the request we send, SSRF guard, signing, outcome classes.
+"""HTTP delivery: the request we send, SSRF guard, auth, signing, outcome classes.
 
 Connections and the wire are ``http1``'s; its exceptions, and the OS's, are
 translated here into an ``Outcome`` and never escape ``HttpTransport.send``.
+Every text an Outcome carries is scrubbed of the endpoint's secrets and has the
+receiver's control characters escaped.
 """
 
 from __future__ import annotations
@@ -27,19 +29,30 @@ import msgspec
 
 from crmhooks import __version__
 from crmhooks.aio import Slots
+from crmhooks.auth import OAuth2ClientCredentials, OAuth2Tokens, Token, parse_token_response
 from crmhooks.clock import Clock
 from crmhooks.config import DeliverySettings
-from crmhooks.errors import DeliveryRefused
+from crmhooks.endpoints import (
+    ClientTls,
+    Endpoint,
+    escape_controls,
+    scrub,
+    scrub_list,
+    token_endpoint_context,
+)
+from crmhooks.errors import AuthFailed, DeliveryRefused
 from crmhooks.http1 import (
     BadResponse,
     ConnectFailed,
     ConnectTimeout,
     Http1Pool,
     Origin,
+    Proxy,
+    ProxyRefused,
     Response,
     ServerDisconnected,
 )
-from crmhooks.netguard import Resolver, SystemResolver, check_url
+from crmhooks.netguard import AllowedNetworks, Resolver, SystemResolver, check_url
 from crmhooks.signing import sign
 from crmhooks.templates import RenderedRequest
 
@@ -56,8 +69,9 @@ ERROR_CLASSES: frozenset[str] = frozenset(
         "server_error",  # 5xx
         "redirect",  # 3xx, never followed
         "timeout",
-        "connection_error",
-        "ssrf_blocked",
+        "connection_error",  # also TLS failures: certificate, handshake, a client cert refused
+        "ssrf_blocked",  # also a token endpoint the guard refuses
+        "auth_error",  # the OAuth2 token endpoint gave no token
     }
 )
 
@@ -91,7 +105,9 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
     http_status: int | None
     error: str | None  # human-readable, e.g. "HTTP 503 Service Unavailable"
     latency_ms: float
-    sent_at_ms: int | None  # None when nothing was sent (ssrf_blocked)
+    # None when nothing was sent (ssrf_blocked, a request that cannot be sent);
+    # auth_error: when the token request was made (the attempt counts).
+    sent_at_ms: int | None
     retry_after_s: float | None = None  # Retry-After of a 429/503, seconds
     response_excerpt: str | None = None  # first bytes of the response body, decoded
     response_bytes: int = 0  # bytes of the response body read (at most 64 KiB)
@@ -105,9 +121,9 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
 class Transport(Protocol):
     """Sends one rendered request for one action and classifies the result."""
 
-    async def send(
-        self, action_id: str, request: RenderedRequest, secret: str | None
-    ) -> Outcome: ...
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
+        """``endpoint``: the webhook's signing secret, auth, TLS and secrets to scrub."""
+        ...
 
 
 def classify_status(status: int) -> str | None:
@@ -170,32 +186,69 @@ class HttpTransport:
 
     With the SSRF guard on (``allow_private_networks = false``) every new
     connection first resolves its host through ``resolver`` (default:
-    getaddrinfo), vets every address, and connects only to the vetted ones: no
-    second lookup in which a rebinding name could answer 127.0.0.1. A request
-    that finds an idle connection to its origin reuses it without a lookup: that
-    connection's address was vetted when it was made.
+    getaddrinfo), vets every address (``allowed_networks`` pass), and connects
+    only to the vetted ones: no second lookup in which a rebinding name could
+    answer 127.0.0.1. A request that finds an idle connection to its origin
+    reuses it without a lookup: that connection's address was vetted when it was
+    made. Idle connections are keyed by origin, the endpoint's TLS identity
+    (client certificate, CA) and the proxy.
+
+    ``proxy`` (``[delivery] proxy``, "http://host:port"; never the environment's
+    HTTP_PROXY): https requests go through a CONNECT tunnel to the vetted
+    address (the proxy never resolves the name; SNI and the certificate check
+    use it), http requests in absolute form naming the vetted address (the Host
+    header names the host). OAuth2 token requests take the same way.
     """
 
     def __init__(
-        self, settings: DeliverySettings, clock: Clock, *, resolver: Resolver | None = None
+        self,
+        settings: DeliverySettings,
+        clock: Clock,
+        *,
+        resolver: Resolver | None = None,
+        proxy: str | Proxy | None = None,
+        allowed_networks: AllowedNetworks = (),
     ) -> None:
         self._settings = settings
         self._clock = clock
         self._resolver: Resolver = resolver if resolver is not None else SystemResolver()
         self._guarded = not settings.allow_private_networks
+        self._allowed = tuple(allowed_networks)
+        self._proxy = Proxy.from_url(proxy) if isinstance(proxy, str) and proxy else proxy or None
+        # The proxy's credentials: kept out of every text, like an endpoint's secrets.
+        self._own_secrets: tuple[str, ...] = ()
+        if self._proxy is not None and self._proxy.authorization is not None:
+            secret = {self._proxy.authorization, self._proxy.authorization.split(" ", 1)[1]}
+            if self._proxy.password:
+                secret.add(self._proxy.password)
+            self._own_secrets = scrub_list(secret)
         self._pool: Http1Pool | None = None
         self._global = Slots(settings.max_in_flight)
         self._hosts: dict[str, _HostSlot] = {}
         self._user_agent = f"crmhooks/{__version__}"
+        self._tokens: OAuth2Tokens[ClientTls | None] = OAuth2Tokens(clock, self._fetch_token)
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
         guard = "on" if self._guarded else "off (private networks allowed)"
+        if self._guarded and self._allowed:
+            guard += f", {len(self._allowed)} allowed networks"
+        proxy = f", proxy={self._proxy}" if self._proxy is not None else ""
         return (
-            f"HttpTransport({state}, ssrf_guard={guard}, "
+            f"HttpTransport({state}, ssrf_guard={guard}{proxy}, "
             f"max_in_flight={self._settings.max_in_flight}, "
             f"per_host={self._settings.max_in_flight_per_host}, hosts_in_flight={len(self._hosts)})"
         )
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections made since the start (to receivers, token endpoints, proxies)."""
+        return self._pool.connections_opened if self._pool is not None else 0
+
+    @property
+    def token_requests(self) -> int:
+        """OAuth2 token requests started since the start."""
+        return self._tokens.fetches
 
     async def __aenter__(self) -> HttpTransport:
         self._pool = Http1Pool(connect_timeout_s=self._settings.connect_timeout_s)
@@ -211,7 +264,7 @@ class HttpTransport:
             await self._pool.close()
             self._pool = None
 
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
+    async def send(self, action_id: str, request: RenderedRequest, endpoint: Endpoint) -> Outcome:
         """One attempt; every failure becomes an Outcome (RuntimeError if not entered).
 
         It first takes a slot of the request's host, then one of the process (see
@@ -223,16 +276,20 @@ class HttpTransport:
             raise RuntimeError("HttpTransport used outside 'async with'")
         slot: _HostSlot | None = None
         origin_key = ""
+        secrets = endpoint.secrets
         try:
             try:
                 origin, target, auth = split_url(request.url)
             except ValueError as exc:
                 outcome = _not_sent(
                     "connection_error",
-                    f"invalid URL {request.redacted_url}: {exc}",
+                    self._clean(f"invalid URL {request.redacted_url}: {exc}", request, secrets),
                     time.perf_counter(),
                 )
             else:
+                if auth is not None or self._own_secrets:
+                    # The URL's password, the proxy's: out of texts as the endpoint's are.
+                    secrets = _with_url(secrets, request.url, self._own_secrets)
                 origin_key = origin.key
                 slot = self._hosts.get(origin_key)
                 if slot is None:
@@ -251,9 +308,37 @@ class HttpTransport:
                     if waiter is not None:
                         await self._global.wait(waiter)
                     try:
-                        outcome = await self._attempt(
-                            pool, origin, target, auth, action_id, request, secret
-                        )
+                        route = origin_key
+                        if endpoint.tls is not None or self._proxy is not None:
+                            route = self._route(origin_key, endpoint.tls)
+                        grant = endpoint.auth
+                        if grant is None:
+                            outcome = await self._attempt(
+                                pool, origin, route, target, auth, action_id, request, endpoint,
+                                secrets,
+                            )  # fmt: skip
+                        elif isinstance(grant, OAuth2ClientCredentials):
+                            # A good cached token: one exchange, as without auth (no
+                            # coroutine, timer or clock read more); see _attempt_oauth2.
+                            cached = self._tokens.cached(grant)
+                            first: Outcome | None = None
+                            if cached is not None:
+                                first = await self._attempt(
+                                    pool, origin, route, target, cached[1], action_id, request,
+                                    endpoint, _with_token(secrets, cached[0]), strong=True,
+                                )  # fmt: skip
+                            if first is not None and first.http_status != 401:
+                                outcome = first
+                            else:
+                                outcome = await self._attempt_oauth2(
+                                    pool, origin, route, target, grant, action_id, request,
+                                    endpoint, secrets, cached, first,
+                                )  # fmt: skip
+                        else:
+                            outcome = await self._attempt(
+                                pool, origin, route, target, grant.header, action_id, request,
+                                endpoint, secrets, strong=True,
+                            )  # fmt: skip
                     finally:
                         self._global.give()
                 finally:
@@ -263,7 +348,7 @@ class HttpTransport:
             outcome = Outcome(
                 error_class="connection_error",
                 http_status=None,
-                error=_scrub(f"unexpected {type(exc).__name__}: {exc}", request),
+                error=self._clean(f"unexpected {type(exc).__name__}: {exc}", request, secrets),
                 latency_ms=0.0,
                 sent_at_ms=None,
             )
@@ -277,35 +362,48 @@ class HttpTransport:
             log.debug(
                 "delivery action_id=%s url=%s class=%s status=%s latency_ms=%.1f",
                 action_id,
-                request.redacted_url,
+                scrub(request.redacted_url, secrets),
                 outcome.error_class or "delivered",
                 outcome.http_status,
                 outcome.latency_ms,
             )
         return outcome
 
+    def _route(self, origin_key: str, tls: ClientTls | None) -> str:
+        """The pool key of an origin's connections with this TLS identity and proxy."""
+        route = origin_key if tls is None else f"{origin_key} {tls.identity}"
+        return route if self._proxy is None else f"{route} via {self._proxy}"
+
     async def _attempt(
         self,
         pool: Http1Pool,
         origin: Origin,
+        route: str,
         target: str,
         auth: str | None,
         action_id: str,
         request: RenderedRequest,
-        secret: str | None,
+        endpoint: Endpoint,
+        secrets: tuple[str, ...],
+        *,
+        strong: bool = False,
+        deadline: float | None = None,
     ) -> Outcome:
+        """One exchange; ``auth``: the Authorization value (``strong``: it replaces a
+        template's Authorization header; the URL's user:pass does not). ``deadline``:
+        the attempt's (loop time), when it began before this exchange."""
         settings = self._settings
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.total_timeout_s
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + settings.total_timeout_s
         started = time.perf_counter()
-        conn = pool.take_idle(origin)
+        conn = pool.take_idle(route)
         vetted: list[str] | None = None
         if conn is None and self._guarded:
             try:
                 async with asyncio.timeout_at(deadline):
-                    vetted = await check_url(request.url, self._resolver)
+                    vetted = await check_url(request.url, self._resolver, self._allowed)
             except DeliveryRefused as exc:
-                return _not_sent("ssrf_blocked", str(exc), started)
+                return _not_sent("ssrf_blocked", self._clean(str(exc), request, secrets), started)
             except TimeoutError:
                 return _not_sent(
                     "timeout",
@@ -313,39 +411,204 @@ class HttpTransport:
                     started,
                 )
             except OSError as exc:
-                return _not_sent("connection_error", f"DNS lookup failed: {exc}", started)
+                message = self._clean(f"DNS lookup failed: {exc}", request, secrets)
+                return _not_sent("connection_error", message, started)
         sent_at_ms = self._clock.now_ms()
+        proxy = self._proxy
+        proxy_auth: str | None = None
         try:
-            head = self._head(origin, target, auth, action_id, request, secret, sent_at_ms // 1000)
+            if proxy is not None and origin.scheme == "http":
+                # Absolute form, naming the address the guard vetted (when it did):
+                # the proxy resolves nothing a rebinding name could answer.
+                if conn is None:
+                    conn = await pool.connect(origin, deadline, vetted, key=route, proxy=proxy)
+                target = f"http://{conn.authority}{target}"
+                proxy_auth = proxy.authorization
+            head = self._head(
+                origin, target, auth, strong, proxy_auth, action_id, request, endpoint.secret,
+                sent_at_ms // 1000,
+            )  # fmt: skip
         except ValueError as exc:  # a secret that is not whsec_ base64, a CR in a header
             if conn is not None:
                 pool.put_back(conn)
-            return _not_sent("connection_error", f"not sent: {exc}", started)
+            message = self._clean(f"not sent: {exc}", request, secrets)
+            return _not_sent("connection_error", message, started)
+        except Exception as exc:  # connecting to the proxy
+            return self._failed(exc, request, secrets, started, sent_at_ms)
         try:
+            if conn is None:
+                tls = endpoint.tls
+                conn = await pool.connect(
+                    origin,
+                    deadline,
+                    vetted,
+                    key=route,
+                    tls=tls.context if tls is not None else None,
+                    proxy=proxy,
+                )
             response = await pool.request(
                 origin,
                 (head, request.body) if request.body else (head,),
                 deadline=deadline,
                 cap=MAX_RESPONSE_BYTES,
                 conn=conn,
-                addresses=vetted,
             )
         except Exception as exc:
-            error_class, message = self._translate(exc, origin)
-            return Outcome(
-                error_class=error_class,
-                http_status=None,
-                error=_scrub(message, request),
-                latency_ms=_elapsed_ms(started),
-                sent_at_ms=sent_at_ms,
-            )
-        return self._from_response(response, _elapsed_ms(started), sent_at_ms)
+            return self._failed(exc, request, secrets, started, sent_at_ms)
+        return self._from_response(response, _elapsed_ms(started), sent_at_ms, secrets)
+
+    def _failed(
+        self,
+        exc: Exception,
+        request: RenderedRequest,
+        secrets: tuple[str, ...],
+        started: float,
+        sent_at_ms: int,
+    ) -> Outcome:
+        error_class, message = self._translate(exc)
+        return Outcome(
+            error_class=error_class,
+            http_status=None,
+            error=self._clean(message, request, secrets),
+            latency_ms=_elapsed_ms(started),
+            sent_at_ms=sent_at_ms,
+        )
+
+    async def _attempt_oauth2(
+        self,
+        pool: Http1Pool,
+        origin: Origin,
+        route: str,
+        target: str,
+        grant: OAuth2ClientCredentials,
+        action_id: str,
+        request: RenderedRequest,
+        endpoint: Endpoint,
+        secrets: tuple[str, ...],
+        cached: tuple[str, str] | None,
+        refused: Outcome | None,
+    ) -> Outcome:
+        """The attempt with a new token (SPEC §6): none was cached, or the receiver
+        answered ``refused`` (401) to the ``cached`` one. A 401 to a new token gets
+        one more token and one more try; all within the attempt's ``total_timeout_s``.
+        """
+        tries = 2
+        started = time.perf_counter()
+        if cached is not None and refused is not None:
+            self._tokens.refused(grant, cached[0])
+            tries = 1
+            started -= refused.latency_ms / 1000
+        deadline = asyncio.get_running_loop().time() + self._settings.total_timeout_s
+        deadline -= time.perf_counter() - started
+        outcome: Outcome | None = None
+        for _ in range(tries):
+            fetched = await self._token(grant, endpoint, request, secrets, started, deadline)
+            if isinstance(fetched, Outcome):
+                return fetched
+            token, header = fetched
+            outcome = await self._attempt(
+                pool, origin, route, target, header, action_id, request, endpoint,
+                _with_token(secrets, token), strong=True, deadline=deadline,
+            )  # fmt: skip
+            if outcome.http_status != 401:
+                break
+            self._tokens.refused(grant, token)
+        assert outcome is not None
+        return msgspec.structs.replace(outcome, latency_ms=_elapsed_ms(started))
+
+    async def _token(
+        self,
+        grant: OAuth2ClientCredentials,
+        endpoint: Endpoint,
+        request: RenderedRequest,
+        secrets: tuple[str, ...],
+        started: float,
+        deadline: float,
+    ) -> tuple[str, str] | Outcome:
+        """(token, Authorization value), or the attempt's Outcome when there is none."""
+        timeout_s = self._settings.total_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._tokens.header(grant, endpoint.tls)
+        except DeliveryRefused as exc:
+            message = f"token endpoint {grant.token_url}: {exc}"
+            return _not_sent("ssrf_blocked", self._clean(message, request, secrets), started)
+        except AuthFailed as exc:
+            message = str(exc)
+        except TimeoutError:
+            message = f"no answer within {timeout_s} s"
+        except Exception as exc:
+            message = self._translate(exc)[1]
+        # sent_at: the token request went out; the attempt counts (and is retried).
+        return Outcome(
+            error_class="auth_error",
+            http_status=None,
+            error=self._clean(f"token endpoint {grant.token_url}: {message}", request, secrets),
+            latency_ms=_elapsed_ms(started),
+            sent_at_ms=self._clock.now_ms(),
+        )
+
+    async def _fetch_token(self, grant: OAuth2ClientCredentials, tls: ClientTls | None) -> Token:
+        """POST the grant to its token endpoint, as a webhook request goes: guard, proxy.
+
+        AuthFailed for an answer without a token; DeliveryRefused, TimeoutError and
+        http1's exceptions as they come.
+        """
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("HttpTransport used outside 'async with'")
+        deadline = asyncio.get_running_loop().time() + self._settings.total_timeout_s
+        try:
+            origin, target, _ = split_url(grant.token_url)
+            context = token_endpoint_context(tls)
+        except ValueError as exc:
+            raise AuthFailed(f"cannot be used: {exc}") from None
+        route = origin.key if context is None else f"{origin.key} token{id(context)}"
+        if self._proxy is not None:
+            route = f"{route} via {self._proxy}"
+        conn = pool.take_idle(route)
+        vetted: list[str] | None = None
+        if conn is None and self._guarded:
+            async with asyncio.timeout_at(deadline):
+                vetted = await check_url(grant.token_url, self._resolver, self._allowed)
+        headers, body = grant.token_request()
+        lines = [f"Host: {origin.host_header}", f"User-Agent: {self._user_agent}"]
+        lines += ["Accept-Encoding: identity", *(f"{k}: {v}" for k, v in headers.items())]
+        proxy = self._proxy
+        if proxy is not None and origin.scheme == "http":
+            if conn is None:
+                conn = await pool.connect(origin, deadline, vetted, key=route, proxy=proxy)
+            target = f"http://{conn.authority}{target}"
+            if proxy.authorization is not None:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        lines.append(f"Content-Length: {len(body)}")
+        head = f"POST {target} HTTP/1.1\r\n" + "\r\n".join(lines) + "\r\n\r\n"
+        response = await pool.request(
+            origin,
+            (head.encode(), body),
+            deadline=deadline,
+            cap=MAX_RESPONSE_BYTES,
+            conn=conn,
+            addresses=vetted,
+            key=route,
+            tls=context,
+            proxy=proxy,
+        )
+        if not response.complete:
+            raise AuthFailed(f"the token endpoint's answer (HTTP {response.status}) was cut short")
+        return parse_token_response(response.status, response.body)
+
+    def _clean(self, message: str, request: RenderedRequest, secrets: tuple[str, ...]) -> str:
+        """An outcome's error text: no secret in it, no control character from a receiver."""
+        return escape_controls(scrub(_scrub(message, request), secrets))
 
     def _head(
         self,
         origin: Origin,
         target: str,
         auth: str | None,
+        strong: bool,
+        proxy_auth: str | None,
         action_id: str,
         request: RenderedRequest,
         secret: str | None,
@@ -363,6 +626,8 @@ class HttpTransport:
             request.method,
             origin.host_header,
             auth,
+            strong,
+            proxy_auth,
             bool(body),
             tuple(request.headers.items()),
             self._user_agent,
@@ -384,7 +649,9 @@ class HttpTransport:
             f"webhook-timestamp: {timestamp_s}\r\n{signature}{suffix}{length}\r\n"
         ).encode()
 
-    def _from_response(self, response: Response, latency_ms: float, sent_at_ms: int) -> Outcome:
+    def _from_response(
+        self, response: Response, latency_ms: float, sent_at_ms: int, secrets: tuple[str, ...]
+    ) -> Outcome:
         status = response.status
         error_class = classify_status(status)
         error: str | None = None
@@ -395,10 +662,15 @@ class HttpTransport:
             if error_class == "redirect":
                 location = response.headers.get("location", "")[:EXCERPT_CHARS]
                 error += f" (redirect to {location or 'nowhere'} not followed)"
+            # What the receiver wrote: no secret it echoes, no control character.
+            error = escape_controls(scrub(error, secrets))
             retry_after = response.headers.get("retry-after")
             if status in RETRY_AFTER_STATUSES and retry_after is not None:
                 retry_after_s = parse_retry_after(retry_after, self._clock.now_ms())
         body = response.body
+        excerpt = _excerpt(body)
+        if secrets and excerpt is not None:
+            excerpt = scrub(excerpt, secrets)
         return Outcome(
             error_class=error_class,
             http_status=status,
@@ -406,12 +678,12 @@ class HttpTransport:
             latency_ms=latency_ms,
             sent_at_ms=sent_at_ms,
             retry_after_s=retry_after_s,
-            response_excerpt=_excerpt(body),
+            response_excerpt=excerpt,
             response_bytes=len(body),
             response_truncated=not response.complete and len(body) >= MAX_RESPONSE_BYTES,
         )
 
-    def _translate(self, exc: Exception, origin: Origin) -> tuple[str, str]:
+    def _translate(self, exc: Exception) -> tuple[str, str]:
         """An exception of a request (http1's, or the OS's) → (error_class, sentence)."""
         settings = self._settings
         if isinstance(exc, ConnectTimeout):
@@ -434,10 +706,16 @@ class HttpTransport:
             if refused:
                 return "connection_error", f"connection refused: {exc.target}"
             return "connection_error", f"cannot connect to {exc.target}: {os_error}"
+        if isinstance(exc, ProxyRefused):
+            return "connection_error", str(exc)
         if isinstance(exc, ServerDisconnected):
-            return "connection_error", "server disconnected before responding"
+            return "connection_error", str(exc)
         if isinstance(exc, ConnectionResetError):
+            if isinstance(exc.__context__, ssl.SSLError):
+                return "connection_error", f"TLS error: {exc.__context__}"
             return "connection_error", f"connection reset: {exc}"
+        if isinstance(exc, ssl.SSLError):
+            return "connection_error", f"TLS error: {exc}"
         if isinstance(exc, BadResponse):
             return "connection_error", f"invalid HTTP response: {exc}"
         if isinstance(exc, OSError):
@@ -454,6 +732,7 @@ _OWN_HEADERS = frozenset(
         "content-length",
         "transfer-encoding",
         "connection",
+        "proxy-authorization",
     }
 )
 # Methods whose empty body needs no Content-Length (RFC 9110 §8.6).
@@ -467,6 +746,8 @@ def _static_head(
     method: str,
     host_header: str,
     auth: str | None,
+    strong: bool,
+    proxy_auth: str | None,
     has_body: bool,
     template_headers: tuple[tuple[str, str], ...],
     user_agent: str,
@@ -474,14 +755,20 @@ def _static_head(
     """The header lines before ``webhook-id`` (Host, the template's, ours) and those
     after ``webhook-signature`` (Authorization, Accept, Content-Type), checked.
 
-    The same for every request of a webhook to one origin, so remembered; the
-    arguments are what they depend on. ValueError names a header we cannot send.
+    ``auth``: the Authorization value; with ``strong`` (the webhook's auth) it
+    replaces a template's Authorization header, else (the URL's user:pass) a
+    template's wins. ``proxy_auth``: Proxy-Authorization, for absolute-form
+    requests through a proxy. The same for every request of a webhook to one
+    origin, so remembered; the arguments are what they depend on. ValueError
+    names a header we cannot send.
     """
     before: list[tuple[str, str]] = []
     given: set[str] = set()
     for name, value in template_headers:
         lower = name.lower()
         if lower.startswith("webhook-") or lower in _OWN_HEADERS:
+            continue
+        if strong and lower == "authorization":
             continue
         given.add(lower)
         before.append((name, value))
@@ -490,6 +777,8 @@ def _static_head(
     after: list[tuple[str, str]] = []
     if auth is not None and "authorization" not in given:
         after.append(("Authorization", auth))
+    if proxy_auth is not None:
+        after.append(("Proxy-Authorization", proxy_auth))
     if "accept" not in given:
         after.append(("Accept", "*/*"))
     if has_body and "content-type" not in given:
@@ -581,3 +870,28 @@ def _scrub(message: str, request: RenderedRequest) -> str:
     if request.url and request.url != request.redacted_url:
         message = message.replace(request.url, request.redacted_url)
     return message
+
+
+@functools.lru_cache(maxsize=256)
+def _with_token(secrets: tuple[str, ...], token: str) -> tuple[str, ...]:
+    """An endpoint's texts to scrub and an OAuth2 access token's, made once per token."""
+    return scrub_list({*secrets, token})
+
+
+@functools.lru_cache(maxsize=1024)
+def _with_url(secrets: tuple[str, ...], url: str, own: tuple[str, ...]) -> tuple[str, ...]:
+    """An endpoint's texts to scrub, its URL's password and the proxy's, made once."""
+    return scrub_list({*secrets, *_url_secrets(url), *own})
+
+
+@functools.lru_cache(maxsize=256)
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The password of a URL's user:pass (as written and decoded) and its Basic value."""
+    try:
+        _, _, auth = split_url(url)
+        password = urlsplit(url).password
+    except ValueError:
+        return ()
+    if not password:
+        return () if auth is None else (auth, auth.removeprefix("Basic "))
+    return (password, unquote(password), *(() if auth is None else (auth, auth[6:])))

@@ -7,7 +7,9 @@
     ├── StoreError                the SQLite store failed
     ├── KafkaIOError              Kafka failed (aiokafka errors are translated in kafka_io)
     │   └── ProduceError          a produce was not acknowledged (retriable)
-    └── DeliveryRefused           delivery refused before any connection (SSRF guard)
+    ├── DeliveryRefused           delivery refused before any connection (SSRF guard)
+    ├── AuthFailed                no OAuth2 token from the token endpoint (retriable)
+    └── AdminError                the admin endpoint cannot listen (address in use, bad address)
 
 Third-party exceptions (aiohttp, aiokafka, sqlite3) are translated once, in the
 module that talks to them (delivery, kafka_io, store).
@@ -76,3 +78,13 @@ class ProduceError(KafkaIOError):
 
 class DeliveryRefused(CrmhooksError):
     """A request refused before any connection was made (``ssrf_blocked``)."""
+
+
+class AuthFailed(CrmhooksError):
+    """The token endpoint gave no usable token (the attempt's ``auth_error``)."""
+
+    retriable = True
+
+
+class AdminError(CrmhooksError):
+    """The admin endpoint (``[admin] listen``) cannot serve: a bad address, or it is taken."""

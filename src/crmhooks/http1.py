@@ -8,24 +8,33 @@ CPU under uvloop, where writing the request and parsing the answer take ~7 µs
 (measured against the bench's sink, 64 in flight). The processor spends most of
 an instant delivery's CPU on its request, so this is the largest single cost of
 a delivery. Everything a webhook does not need is left out: no redirects (never
-followed anyway), no cookies, no proxies, no decompression (we ask for identity),
-no pipelining, no request streaming.
+followed anyway), no cookies, no decompression (we ask for identity), no
+pipelining, no request streaming.
 
 What it does: connect (to addresses the caller vetted, or by name), TLS with the
-host name for SNI and certificate checks, write the head and body in one go,
-parse the response head and read the body up to a cap, reuse the connection when
-the response allows it, and keep idle connections for ``KEEPALIVE_S``. Failures
-are raised as the exceptions below; ``delivery.HttpTransport`` turns them into
+host name for SNI and certificate checks (with the caller's ``ssl.SSLContext``
+for a client certificate or a private CA), or through an HTTP proxy (a CONNECT
+tunnel, or a plain connection for absolute-form requests), write the head and
+body in one go, parse the response head and read the body up to a cap, reuse
+the connection when the response allows it, and keep idle connections for
+``KEEPALIVE_S``. Idle connections are pooled by a key the caller gives (origin,
+TLS identity, proxy), so no request ever rides a connection made for another
+identity. Bytes after a complete response, before the next request, are a
+protocol error: the connection is closed and never reused, and the first
+response stands (a receiver cannot answer one request twice). Failures are
+raised as the exceptions below; ``delivery.HttpTransport`` turns them into
 outcomes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
+from urllib.parse import unquote, urlsplit
 
 import httptools
 import msgspec
@@ -37,6 +46,8 @@ KEEPALIVE_S = 15.0
 # A response head (status line and headers) larger than this is refused: a
 # broken or hostile receiver cannot make us buffer without end.
 MAX_HEAD_BYTES = 64 * 1024
+# A proxy's answer to CONNECT is a status line and a few headers.
+MAX_CONNECT_HEAD_BYTES = 16 * 1024
 
 
 class ConnectFailed(Exception):
@@ -60,6 +71,14 @@ class BadResponse(Exception):
     """What came back is not an HTTP/1.x response we can read."""
 
 
+class ProxyRefused(Exception):
+    """The proxy answered CONNECT with something else than 2xx (or with no HTTP)."""
+
+
+class _SecondResponse(Exception):
+    """Raised inside the parser: a response began after the complete one."""
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where requests go: scheme, host and port, and the Host header naming them."""
@@ -72,6 +91,45 @@ class Origin:
     @property
     def key(self) -> str:
         return f"{self.scheme}://{self.host_header}"
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP forward proxy (``[delivery] proxy``), e.g. ``http://proxy.internal:3128``.
+
+    Credentials in the URL (``http://user:pass@proxy:3128``) are sent as
+    ``Proxy-Authorization: Basic``.
+    """
+
+    host: str
+    port: int
+    authorization: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)  # to scrub from texts
+
+    @classmethod
+    def from_url(cls, url: str) -> Proxy:
+        """ValueError saying what is wrong with ``url``."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "http":
+            raise ValueError(f"proxy {parts.scheme or url!r}: only http:// proxies are supported")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("a proxy URL is http://host:port, without a path")
+        if not parts.hostname:
+            raise ValueError("the proxy URL has no host")
+        port = parts.port or 80  # ValueError when out of range
+        authorization = password = None
+        if parts.username is not None:
+            password = unquote(parts.password or "")
+            pair = f"{unquote(parts.username)}:{password}".encode()
+            authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+        return cls(parts.hostname, port, authorization, password or None)
+
+    @property
+    def key(self) -> str:
+        return f"proxy {self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class Response(msgspec.Struct, frozen=True, gc=False):
@@ -103,6 +161,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: Http1Pool, key: str) -> None:
         self._pool = pool
         self.key = key
+        # Through a proxy, for absolute-form requests: the target's host:port to name.
+        self.authority = ""
+        self.tls = False
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._loop = asyncio.get_running_loop()
@@ -142,8 +203,17 @@ class _Connection(asyncio.Protocol):
             return
         if not self._got_head:
             error: Exception
-            if isinstance(exc, ConnectionResetError):
+            if isinstance(exc, ConnectionResetError | ssl.SSLError):
+                # An SSLError here: the receiver refused us after the handshake
+                # (TLS 1.3 checks a client certificate then), say why.
                 error = exc
+            elif self.tls and self._idle_until == 0.0:  # the first request of a TLS connection
+                # TLS 1.3 checks a client certificate after the handshake; most
+                # servers then just close (no alert reaches the application).
+                error = ServerDisconnected(
+                    "server closed the new TLS connection before responding (does it want"
+                    " a client certificate, or refuse the one sent?)"
+                )
             else:
                 error = ServerDisconnected("server disconnected before responding")
             waiter.set_exception(error)
@@ -172,6 +242,10 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------
 
     def on_status(self, status: bytes) -> None:
+        if self._complete:
+            # A second response on the same request: stop the parser before it
+            # touches the first one's state (data_received then closes).
+            raise _SecondResponse()
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -313,11 +387,55 @@ class _Connection(asyncio.Protocol):
         )
 
 
-class Http1Pool:
-    """Keep-alive connections per origin. ``request`` takes an idle one or connects.
+class _ConnectSetup(asyncio.Protocol):
+    """A connection to a proxy until its answer to CONNECT: reads that answer's head."""
 
-    It bounds nothing by itself: the caller limits requests in flight per origin
-    (so there are never more idle connections than that limit).
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        self._buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():  # the proxy talks before our TLS hello: not a tunnel
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end == -1:
+            if len(self._buffer) > MAX_CONNECT_HEAD_BYTES:
+                self.answer.set_exception(ProxyRefused("the proxy's answer is too large"))
+            return
+        if end + 4 != len(self._buffer):
+            # Bytes after the head of a 2xx would be the target's, before our TLS
+            # hello: a proxy that does not tunnel.
+            self.answer.set_exception(ProxyRefused("the proxy sent data after its answer"))
+            return
+        status_line = self._buffer[: self._buffer.find(b"\r\n")].decode("latin-1")
+        version, _, rest = status_line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
+            self.answer.set_exception(ProxyRefused("the proxy's answer is not HTTP"))
+            return
+        self.answer.set_result((int(code), reason))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(ProxyRefused("the proxy closed the connection"))
+
+
+class Http1Pool:
+    """Keep-alive connections, idle ones by key. ``request`` takes an idle one or connects.
+
+    A connection's key is its origin's (``Origin.key``) unless the caller gives
+    another: the transport adds the TLS identity and the proxy, so that requests
+    with a client certificate, a private CA or through a proxy never share a
+    connection with others. It bounds nothing by itself: the caller limits
+    requests in flight per origin (so there are never more idle connections than
+    that limit).
     """
 
     def __init__(self, *, connect_timeout_s: float, ssl_context: ssl.SSLContext | None = None):
@@ -325,14 +443,15 @@ class Http1Pool:
         self._ssl = ssl_context
         self._idle: dict[str, list[_Connection]] = {}
         self._all: set[_Connection] = set()
+        self.connections_opened = 0
 
     def __repr__(self) -> str:
         idle = sum(len(v) for v in self._idle.values())
         return f"Http1Pool(connections={len(self._all)}, idle={idle})"
 
-    def take_idle(self, origin: Origin) -> _Connection | None:
-        """An idle connection to ``origin``, now the caller's (for ``request``), or None."""
-        idle = self._idle.get(origin.key)
+    def take_idle(self, key: str) -> _Connection | None:
+        """An idle connection of ``key``, now the caller's (for ``request``), or None."""
+        idle = self._idle.get(key)
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be closed
             conn.unpark()
@@ -357,17 +476,21 @@ class Http1Pool:
         cap: int,
         conn: _Connection | None = None,
         addresses: Sequence[str] | None = None,
+        key: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        proxy: Proxy | None = None,
     ) -> Response:
         """One request (``data``: head and body) on ``conn`` or a new connection.
 
-        ``conn``: a connection from ``take_idle``. Without one, a new connection is
-        made: to ``addresses`` only (the SSRF guard's vetted ones), or by host name
-        when None. Raises ConnectFailed, ConnectTimeout, TimeoutError (``deadline``
-        passed before the response head), ServerDisconnected, ConnectionResetError
-        or BadResponse.
+        ``conn``: a connection from ``take_idle`` or ``connect``. Without one, a new
+        connection is made as ``connect`` says. Raises ConnectFailed,
+        ConnectTimeout, ProxyRefused, TimeoutError (``deadline`` passed before the
+        response head), ServerDisconnected, ConnectionResetError or BadResponse.
         """
         if conn is None:
-            conn = await self._connect(origin, deadline, addresses)
+            conn = await self.connect(
+                origin, deadline, addresses, key=key or origin.key, tls=tls, proxy=proxy
+            )
         try:
             response = await conn.exchange(data, deadline, cap)
         except BaseException:
@@ -390,41 +513,144 @@ class Http1Pool:
             if not idle:
                 del self._idle[conn.key]
 
-    async def _connect(
-        self, origin: Origin, deadline: float, addresses: Sequence[str] | None
+    async def connect(
+        self,
+        origin: Origin,
+        deadline: float,
+        addresses: Sequence[str] | None,
+        *,
+        key: str,
+        tls: ssl.SSLContext | None = None,
+        proxy: Proxy | None = None,
     ) -> _Connection:
+        """A new connection to ``origin``, pooled under ``key`` once used.
+
+        To ``addresses`` only (the SSRF guard's vetted ones, tried in order), or by
+        host name when None. https: TLS with ``tls`` (default: the system store),
+        SNI and certificate check for the origin's host name. Through ``proxy``:
+        https origins through a CONNECT tunnel to the address, then TLS inside it;
+        http origins on a plain connection to the proxy, for absolute-form
+        requests naming ``conn.authority`` (the first address, or the host name).
+        Within the connect timeout (and ``deadline``).
+        """
         loop = asyncio.get_running_loop()
         remaining = deadline - loop.time()
         connect_bound = self._connect_timeout_s < remaining
-        tls = None
+        context = None
         if origin.scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl.create_default_context()
-            tls = self._ssl
-        target = f"{origin.host}:{origin.port}"
-        last: OSError | None = None
+            if tls is None:
+                if self._ssl is None:
+                    self._ssl = ssl.create_default_context()
+                tls = self._ssl
+            context = tls
+        hosts = addresses if addresses is not None else [origin.host]
         try:
             async with asyncio.timeout(min(self._connect_timeout_s, max(remaining, 0.0))):
-                for host in addresses if addresses is not None else [origin.host]:
-                    try:
-                        _, conn = await loop.create_connection(
-                            lambda: _Connection(self, origin.key),
-                            host,
-                            origin.port,
-                            ssl=tls,
-                            server_hostname=origin.host if tls is not None else None,
-                        )
-                    except OSError as exc:
-                        last = exc
-                        continue
-                    self._all.add(conn)
-                    return conn
+                if proxy is None:
+                    conn = await self._direct(loop, origin, hosts, context, key)
+                elif context is None:
+                    conn = await self._to_proxy(loop, proxy, key)
+                    first = hosts[0]
+                    conn.authority = (
+                        f"[{first}]:{origin.port}" if ":" in first else f"{first}:{origin.port}"
+                    )
+                else:
+                    conn = await self._tunnel(loop, origin, hosts, context, key, proxy)
         except TimeoutError:
             if connect_bound:
                 raise ConnectTimeout() from None
             raise
+        conn.tls = context is not None
+        self._all.add(conn)
+        self.connections_opened += 1
+        return conn
+
+    async def _direct(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        origin: Origin,
+        hosts: Sequence[str],
+        context: ssl.SSLContext | None,
+        key: str,
+    ) -> _Connection:
+        last: OSError | None = None
+        for host in hosts:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, key),
+                    host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=origin.host if context is not None else None,
+                )
+            except OSError as exc:
+                last = exc
+                continue
+            return conn
         assert last is not None, "no address to connect to"
-        raise ConnectFailed(target, last)
+        raise ConnectFailed(f"{origin.host}:{origin.port}", last)
+
+    async def _to_proxy(
+        self, loop: asyncio.AbstractEventLoop, proxy: Proxy, key: str
+    ) -> _Connection:
+        # The proxy comes from the config, never from a webhook: resolved by name.
+        try:
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self, key), proxy.host, proxy.port
+            )
+        except OSError as exc:
+            raise ConnectFailed(f"proxy {proxy}", exc) from None
+        return conn
+
+    async def _tunnel(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        origin: Origin,
+        hosts: Sequence[str],
+        context: ssl.SSLContext,
+        key: str,
+        proxy: Proxy,
+    ) -> _Connection:
+        """CONNECT ``host:port`` through the proxy for each host in turn; TLS inside."""
+        last: Exception | None = None
+        for host in hosts:
+            authority = f"[{host}]:{origin.port}" if ":" in host else f"{host}:{origin.port}"
+            try:
+                raw, setup = await loop.create_connection(_ConnectSetup, proxy.host, proxy.port)
+            except OSError as exc:
+                raise ConnectFailed(f"proxy {proxy}", exc) from None
+            try:
+                auth = (
+                    f"Proxy-Authorization: {proxy.authorization}\r\n"
+                    if proxy.authorization is not None
+                    else ""
+                )
+                line = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n"
+                raw.write(line.encode())
+                status, reason = await setup.answer
+                if not 200 <= status < 300:
+                    refused = f"proxy {proxy} refused CONNECT {authority}: {status} {reason}"
+                    raise ProxyRefused(refused)
+                conn = _Connection(self, key)
+                try:
+                    tls_transport = await loop.start_tls(
+                        raw, conn, context, server_hostname=origin.host
+                    )
+                except OSError as exc:
+                    where = f"{origin.host}:{origin.port} via proxy {proxy}"
+                    raise ConnectFailed(where, exc) from None
+                if tls_transport is None:  # the proxy closed the tunnel during the handshake
+                    raise ProxyRefused(f"proxy {proxy} closed the tunnel to {authority}")
+                conn.connection_made(tls_transport)
+                return conn
+            except ProxyRefused as exc:
+                raw.abort()
+                last = exc
+            except BaseException:
+                raw.abort()
+                raise
+        assert last is not None, "no address to connect to"
+        raise last
 
     async def close(self) -> None:
         for conn in list(self._all):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -429,6 +429,37 @@ class KafkaIO:
 
     def assigned_partitions(self) -> set[int]:
         return {tp.partition for tp in self.consumer.assignment()}
+
+    def end_offsets_seen(self) -> dict[int, int]:
+        """Partition → end offset of each assigned partition of the events topic, as the
+        last fetch response said (no request: cheap enough for every scrape). Under
+        read_committed that is the last stable offset (records past an open
+        transaction cannot be read yet), else the high watermark. Partitions not
+        fetched yet are left out."""
+        if self._consumer is None:
+            return {}
+        ends: dict[int, int] = {}
+        for tp in self._consumer.assignment():
+            if tp.topic != self.settings.events_topic:
+                continue
+            lso = self._consumer.last_stable_offset(tp)
+            end = lso if lso is not None and lso >= 0 else self._consumer.highwater(tp)
+            if end is not None:
+                ends[tp.partition] = end
+        return ends
+
+    async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]:
+        """Partition → the group's committed offset (next to read) of the events topic;
+        None where it never committed. A request per partition to the group coordinator
+        (at assignment; safe inside the on_assigned callback)."""
+        topic = self.settings.events_topic
+        out: dict[int, int | None] = {}
+        try:
+            for p in sorted(partitions):
+                out[p] = await self.consumer.committed(TopicPartition(topic, p))
+        except KafkaError as exc:
+            raise KafkaIOError(f"cannot read committed offsets of {topic}: {exc}") from exc
+        return out
 
     async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
         """Produce records and wait until every one is acknowledged (ProduceError if not).

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+from collections.abc import Sequence
 from typing import Protocol
 
 from yarl import URL
@@ -26,6 +27,8 @@ from crmhooks.errors import DeliveryRefused
 
 IPv4Net = ipaddress.IPv4Network
 IPv6Net = ipaddress.IPv6Network
+# ``[delivery] allowed_networks``: ranges an operator lets through the guard.
+AllowedNetworks = Sequence[IPv4Net | IPv6Net]
 
 # IPv4 ranges a webhook must never reach (IANA special-purpose registry, RFC 6890
 # and successors). First match wins, so the more specific entries come first.
@@ -190,10 +193,13 @@ def _v6_verdict(addr: ipaddress.IPv6Address) -> str | None:
     return None
 
 
-def is_blocked_ip(ip: str) -> str | None:
+def is_blocked_ip(ip: str, allowed: AllowedNetworks = ()) -> str | None:
     """Why a webhook may not connect to address ``ip``, or None if it may.
 
     Accepts IPv4 and IPv6 text, with brackets and a zone id (``[fe80::1%eth0]``).
+    An address inside one of ``allowed`` (``[delivery] allowed_networks``) may be
+    reached, and so may the IPv4-mapped form of an allowed IPv4 address (a
+    dual-stack resolver may answer with it); a zone id is refused all the same.
     ValueError if ``ip`` is not an address.
     """
     text = ip.strip()
@@ -202,12 +208,26 @@ def is_blocked_ip(ip: str) -> str | None:
     if ":" in text:
         bare, _, zone = text.partition("%")
         addr6 = ipaddress.IPv6Address(bare)
-        verdict = _v6_verdict(addr6)
-        if verdict is None and zone:
+        if zone:
+            verdict = _v6_verdict(addr6)
             # A zone id only makes sense for link-scoped addresses, which are blocked.
-            return f"{ip} carries a zone id (scoped address)"
-        return verdict
-    return _v4_verdict(ipaddress.IPv4Address(text))
+            return verdict or f"{ip} carries a zone id (scoped address)"
+        if allowed and _is_allowed(addr6, allowed):
+            return None
+        return _v6_verdict(addr6)
+    addr4 = ipaddress.IPv4Address(text)
+    if allowed and _is_allowed(addr4, allowed):
+        return None
+    return _v4_verdict(addr4)
+
+
+def _is_allowed(
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address, allowed: AllowedNetworks
+) -> bool:
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    if mapped is not None and any(mapped in net for net in allowed if net.version == 4):
+        return True
+    return any(addr in net for net in allowed if net.version == addr.version)
 
 
 def _literal(host: str) -> str | None:
@@ -222,12 +242,14 @@ def _literal(host: str) -> str | None:
     return parse_legacy_ipv4(host)
 
 
-async def check_url(url: str | URL, resolver: Resolver) -> list[str]:
+async def check_url(url: str | URL, resolver: Resolver, allowed: AllowedNetworks = ()) -> list[str]:
     """The vetted addresses to connect to for ``url``.
 
     DeliveryRefused (with the reason) if the URL is not http(s), has no valid
-    host, or if ANY address of its host is blocked; OSError if the name does not
-    resolve (a DNS failure is a connection error, which a retry may cure).
+    host, or if ANY address of its host is blocked (``allowed`` networks are
+    not); OSError if the name does not resolve (a DNS failure is a connection
+    error, which a retry may cure). ``localhost`` names are refused whatever
+    ``allowed`` says: write the address.
     """
     parsed = url if isinstance(url, URL) else URL(url)
     if parsed.scheme not in ("http", "https"):
@@ -250,7 +272,7 @@ async def check_url(url: str | URL, resolver: Resolver) -> list[str]:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} has no addresses")
     vetted: list[str] = []
     for address in addresses:
-        reason = is_blocked_ip(address)
+        reason = is_blocked_ip(address, allowed)
         if reason is not None:
             via = "" if literal is not None else f"{host} resolves to {address}: "
             raise DeliveryRefused(f"{via}{reason}")

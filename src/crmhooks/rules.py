@@ -387,6 +387,22 @@ def compile_criteria(
     raise TypeError(f"not a criteria node: {criteria!r}")
 
 
+def compile_condition(
+    cond: Condition, catalog: ModuleCatalog | None = None, module: str | None = None
+) -> Matcher:
+    """One condition as a closure: the leaves ``compile_criteria`` combines (``explain``
+    evaluates them one by one, with the very semantics of the compiled rules)."""
+    return _compile_condition(cond, _DEFAULT_CATALOG if catalog is None else catalog, module)
+
+
+def field_value(
+    name: str, event: RecordEvent, catalog: ModuleCatalog | None = None, module: str | None = None
+) -> Any:
+    """The value a criteria field names in ``event``, read as conditions read it (None:
+    missing)."""
+    return _field_ref(name, _DEFAULT_CATALOG if catalog is None else catalog, module).get(event)
+
+
 # Criteria compiled by `evaluate`, by object identity: config criteria live as
 # long as the process, so a lookup is one dict get with no hashing of the tree.
 # Bounded (criteria built per call, as in tests, would otherwise pile up).

@@ -6,11 +6,14 @@ import asyncio
 import logging
 import signal
 
+from crmhooks.admin import Liveness, Readiness, serving
 from crmhooks.app import Processor
 from crmhooks.clock import SystemClock
 from crmhooks.config import Config
 from crmhooks.delivery import HttpTransport
 from crmhooks.kafka_io import KafkaIO
+from crmhooks.logs import suppressed_counts
+from crmhooks.metrics import Metrics
 from crmhooks.store import Store
 
 log = logging.getLogger(__name__)
@@ -26,11 +29,30 @@ async def run_processor(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     clock = SystemClock()
+    metrics = Metrics()
+    readiness = Readiness()
+    liveness = Liveness(readiness)
+    metrics.watch(suppressed_log_lines=suppressed_counts)
+    # [admin] listen ("" by default: off); the endpoint starts first, so that /readyz
+    # says "starting" while Kafka is connected.
+    listen = config.admin.listen
     async with (
-        Store(config.store.path) as store,
-        HttpTransport(config.delivery, clock) as transport,
+        serving(listen, metrics, readiness, liveness) as admin,
+        Store(config.store.path, clock=clock) as store,
+        HttpTransport(
+            config.delivery,
+            clock,
+            proxy=config.delivery.proxy or None,
+            allowed_networks=config.delivery.allowed_networks,
+        ) as transport,
     ):
-        processor = Processor(config, store, transport, clock)
+        if admin is not None:
+            log.info(
+                "admin endpoint on http://%s:%d: /metrics /healthz /readyz", admin.host, admin.port
+            )
+        processor = Processor(
+            config, store, transport, clock, metrics=metrics, readiness=readiness, liveness=liveness
+        )
         async with KafkaIO(config.kafka, processor.on_revoked, processor.on_assigned) as kio:
             log.info(
                 "crmhooks running: %s, %d rules, %d webhooks, event loop %s",

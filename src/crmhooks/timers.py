@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 
 from crmhooks.clock import Clock
 
-if TYPE_CHECKING:  # config imports this module's parsers
-    from crmhooks.config import ScheduledSpec
+if TYPE_CHECKING:
+    from crmhooks.settings import ScheduledSpec
 
 __all__ = [
     "DAY_MS",

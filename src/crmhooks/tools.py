@@ -8,19 +8,31 @@ from typing import Any, TextIO
 
 import orjson
 
-from crmhooks.app import REPLAY_HEADER
 from crmhooks.config import Config
+from crmhooks.intake import REPLAY_HEADER
 from crmhooks.kafka_io import produce_records, read_topic
+from crmhooks.logs import escape_controls
+from crmhooks.progress import Progress
 
 
-async def replay_dlq(config: Config, error_code: str | None, idle_timeout_s: float = 5.0) -> int:
+async def replay_dlq(
+    config: Config,
+    error_code: str | None,
+    idle_timeout_s: float = 5.0,
+    progress: Progress | None = None,
+) -> int:
     """Re-publish dead-lettered events to the events topic; returns how many.
 
     Actions keep their deterministic ids, so what was delivered is never sent again.
+    ``progress`` counts the dead letters read (on a terminal).
     """
     k = config.kafka
     out: list[tuple[str, bytes | None, bytes]] = []
+    read = 0
     async for rec in read_topic(k, k.dlq_topic, idle_timeout_s=idle_timeout_s):
+        read += 1
+        if progress is not None:
+            progress.update(read, note=f"dead letters read, {len(out):,} to replay")
         if rec.value is None:
             continue
         letter = orjson.loads(rec.value)
@@ -34,6 +46,8 @@ async def replay_dlq(config: Config, error_code: str | None, idle_timeout_s: flo
             continue
         out.append((k.events_topic, rec.key, value))
     if out:
+        if progress is not None:
+            progress.update(read, note=f"dead letters read; producing {len(out):,} events")
         await produce_records(k, out, headers=[(REPLAY_HEADER, b"1")])
     return len(out)
 
@@ -53,21 +67,26 @@ def _detail(r: dict[str, Any]) -> str:
 
 
 def format_result(r: dict[str, Any]) -> str:
-    """One result record as one line: when, what happened, and why."""
+    """One result record as one line: when, what happened, and why.
+
+    Control characters (from events and receivers: a reason phrase with ESC, an id
+    with a newline) are escaped, so a record is one line and never drives the terminal.
+    """
     when = r.get("sent_at") or r.get("due_at") or ""
     http = r.get("http_status") or "-"
-    return (
-        f"{when:<24} {r.get('status', ''):<14} {r.get('attempt', 0):>3} "
-        f"{r.get('rule_id', ''):<20} {r.get('webhook', ''):<20} {http!s:>4}  {_detail(r)}"
+    return escape_controls(
+        f"{when!s:<24} {r.get('status', '')!s:<14} {r.get('attempt', 0)!s:>3} "
+        f"{r.get('rule_id', '')!s:<20} {r.get('webhook', '')!s:<20} {http!s:>4}  {_detail(r)}"
     )
 
 
 def format_dead_letter(d: dict[str, Any]) -> str:
+    """One dead letter as one line, control characters escaped (see format_result)."""
     src = d.get("source") or {}
     where = f"p{src.get('partition')}@{src.get('offset')}"
     about = f" (action {d['action_id']})" if d.get("action_id") else ""
-    return (
-        f"{d.get('failed_at', ''):<24} {d.get('error_code', ''):<22} {where:<14} "
+    return escape_controls(
+        f"{d.get('failed_at', '')!s:<24} {d.get('error_code', '')!s:<22} {where:<14} "
         f"{d.get('message', '')}{about}"
     )
 

@@ -1,4 +1,4 @@
-"""The processor's offset commits: in the background, in order, never fatal."""
+"""The checkpoint's offset commits: in the background, in order, never fatal."""
 
 from __future__ import annotations
 
@@ -6,18 +6,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from crmhooks.app import Processor
+from crmhooks.checkpoint import Checkpoint
 from crmhooks.clock import FakeClock
-from crmhooks.config import Config
-from crmhooks.delivery import Outcome
 from crmhooks.errors import KafkaIOError
+from crmhooks.metrics import Metrics
 from crmhooks.store import Store
-from crmhooks.templates import RenderedRequest
-
-
-class NoTransport:
-    async def send(self, action_id: str, request: RenderedRequest, secret: str | None) -> Outcome:
-        raise AssertionError("nothing is sent in these tests")
 
 
 class FakeKafka:
@@ -37,26 +30,27 @@ class FakeKafka:
 
 
 @contextlib.asynccontextmanager
-async def processor(tmp_path: Path, kafka: FakeKafka, owned: set[int]) -> AsyncIterator[Processor]:
+async def checkpoint(
+    tmp_path: Path, kafka: FakeKafka, owned: set[int]
+) -> AsyncIterator[tuple[Checkpoint, set[int]]]:
     async with Store(tmp_path / "s.db") as store:
-        p = Processor(Config(), store, NoTransport(), FakeClock(0))
-        p._kio = kafka  # type: ignore[assignment]
-        p._owned = set(owned)
-        yield p
+        c = Checkpoint(store, FakeClock(0), owned.__contains__, Metrics(process_metrics=False))
+        c.attach(kafka)
+        yield c, owned
 
 
 async def test_a_failed_commit_is_logged_and_its_offsets_go_with_the_next(
     tmp_path: Path,
 ) -> None:
     kafka = FakeKafka(failures=1)
-    async with processor(tmp_path, kafka, {0, 1}) as p:
-        p._commit_soon({0: 10, 1: 4})
-        await p._committed()  # the first try fails, _committed tries once more
+    async with checkpoint(tmp_path, kafka, {0, 1}) as (p, _):
+        p.commit_soon({0: 10, 1: 4})
+        await p.committed()  # the first try fails, committed() tries once more
         assert kafka.tried == [{0: 10, 1: 4}, {0: 10, 1: 4}]
         assert kafka.committed == [{0: 10, 1: 4}]
-        assert p.stats["commit_failures"] == 1
-        p._commit_soon({0: 12})
-        await p._committed()
+        assert p.commit_failures == 1
+        p.commit_soon({0: 12})
+        await p.committed()
         assert kafka.committed[-1] == {0: 12}
 
 
@@ -64,20 +58,20 @@ async def test_offsets_handed_over_before_a_commit_goes_out_are_merged_never_bac
     tmp_path: Path,
 ) -> None:
     kafka = FakeKafka()
-    async with processor(tmp_path, kafka, {0, 1}) as p:
-        p._commit_soon({0: 10})
-        p._commit_soon({0: 20, 1: 3})  # the commit task has not run yet: merged
-        p._commit_soon({0: 15})  # (an older offset never moves a partition back)
-        await p._committed()
+    async with checkpoint(tmp_path, kafka, {0, 1}) as (p, _):
+        p.commit_soon({0: 10})
+        p.commit_soon({0: 20, 1: 3})  # the commit task has not run yet: merged
+        p.commit_soon({0: 15})  # (an older offset never moves a partition back)
+        await p.committed()
         assert kafka.committed == [{0: 20, 1: 3}]
 
 
 async def test_revoked_partitions_are_not_committed_by_the_old_owner(tmp_path: Path) -> None:
     kafka = FakeKafka(failures=1)
-    async with processor(tmp_path, kafka, {0, 1}) as p:
-        p._commit_soon({0: 10, 1: 4})
+    async with checkpoint(tmp_path, kafka, {0, 1}) as (p, owned):
+        p.commit_soon({0: 10, 1: 4})
         assert p._committing is not None
         await p._committing  # fails: both stay to commit
-        p._owned.discard(1)
-        await p._committed()
+        owned.discard(1)
+        await p.committed()
         assert kafka.committed == [{0: 10}]

@@ -1,0 +1,200 @@
+"""The delay heap in memory: actions due within the horizon, the records they render,
+and which are being fired.
+
+The store holds every pending action (SPEC §5: the durable delay heap); memory
+holds only those due within HORIZON_MS, loaded when a partition is assigned and
+refilled every half horizon. With them, the latest version of each record they
+render (``RecordEvent``), kept while an action of the record is in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from crmhooks.actions import Action
+from crmhooks.clock import Clock
+from crmhooks.errors import InvalidEvent
+from crmhooks.events import RecordEvent, event_from_json
+from crmhooks.store import Store
+from crmhooks.timers import DelayHeap
+
+log = logging.getLogger(__name__)
+
+# The heap in memory holds only actions due within this horizon; the store holds
+# the rest and a refill loads the next window every half horizon. One minute keeps
+# memory flat with a million pending timers while a refill query stays cheap.
+HORIZON_MS = 60_000
+
+
+class Scheduler:
+    """Owns the heap, the actions in it or being fired, and their records' latest
+    versions. ``owns`` says which partitions are this process's."""
+
+    def __init__(self, store: Store, clock: Clock, owns: Callable[[int], bool]) -> None:
+        self._store = store
+        self._clock = clock
+        self._owns = owns
+        self._heap = DelayHeap()
+        self._actions: dict[str, Action] = {}  # actions in the heap or firing
+        self._snapshots: dict[str, RecordEvent] = {}  # record_key → latest event seen
+        self._snapshot_refs: dict[str, int] = {}
+        self._inflight: set[str] = set()
+        self._loaded_until_ms = 0
+        self.changed = asyncio.Event()  # set when an action is pushed
+
+    def __repr__(self) -> str:
+        return f"Scheduler(heap={len(self._heap)}, in_flight={len(self._inflight)})"
+
+    def __len__(self) -> int:
+        """Actions in memory: due within the horizon, or being fired."""
+        return len(self._actions)
+
+    def start(self, now_ms: int) -> None:
+        """The first window: actions due within the horizon from now."""
+        self._loaded_until_ms = now_ms + HORIZON_MS
+
+    # -- the heap -------------------------------------------------------------------
+
+    def push(self, action: Action) -> None:
+        """Schedule ``action`` (new, moved, or a retry); beyond the window, the store
+        keeps it and the refill loads it when its window comes."""
+        if action.due_ms >= self._loaded_until_ms:
+            self._forget(action.action_id)
+            if action.record_key not in self._snapshot_refs:
+                self._snapshots.pop(action.record_key, None)  # nothing due soon needs it
+            return
+        if action.action_id not in self._actions:
+            self._snapshot_refs[action.record_key] = (
+                self._snapshot_refs.get(action.record_key, 0) + 1
+            )
+        self._actions[action.action_id] = action
+        if action.action_id not in self._inflight:
+            self._heap.push(action.action_id, action.due_ms, action.partition)
+            self.changed.set()
+
+    def drop(self, action_ids: set[str]) -> None:
+        """Actions ended by an event (cancelled, superseded): out of the heap, and out
+        of memory unless being fired (the fire ends them)."""
+        for aid in action_ids:
+            self._heap.remove(aid)
+            if aid not in self._inflight:
+                self._forget(aid)
+
+    def _forget(self, action_id: str) -> None:
+        action = self._actions.pop(action_id, None)
+        if action is None:
+            return
+        refs = self._snapshot_refs.get(action.record_key, 0) - 1
+        if refs <= 0:
+            self._snapshot_refs.pop(action.record_key, None)
+            self._snapshots.pop(action.record_key, None)
+        else:
+            self._snapshot_refs[action.record_key] = refs
+
+    def due(self, now_ms: int) -> list[Action]:
+        """The actions due now, taken out of the heap and marked as being fired."""
+        out: list[Action] = []
+        for action_id, _due_ms, _partition in self._heap.pop_due(now_ms):
+            action = self._actions.get(action_id)
+            if action is None or not self._owns(action.partition):
+                continue
+            self._inflight.add(action_id)
+            out.append(action)
+        return out
+
+    def next_due_ms(self) -> int | None:
+        return self._heap.next_due_ms()
+
+    def fired(self, action: Action, retry: Action | None, *, keep: bool = True) -> None:
+        """An attempt is over: the action is no longer in flight; ``retry`` is pushed
+        (if ``keep``: not stopping, partition still owned), else the action is
+        forgotten unless it is pending in the heap again."""
+        self._inflight.discard(action.action_id)
+        if retry is not None and keep and self._owns(action.partition):
+            self.push(retry)
+        elif action.action_id not in self._heap:
+            self._forget(action.action_id)
+
+    # -- records --------------------------------------------------------------------
+
+    def saw(self, record_key: str, event: RecordEvent) -> None:
+        """A newer version of a record: kept if an action in memory renders it."""
+        if record_key in self._snapshots:
+            self._snapshots[record_key] = event
+
+    def keep(self, record_key: str, event: RecordEvent) -> None:
+        """The version an action about to be pushed renders."""
+        self._snapshots[record_key] = event
+
+    async def record_of(self, action: Action) -> RecordEvent | None:
+        """The latest version of the action's record: in memory, else the store's."""
+        event = self._snapshots.get(action.record_key)
+        if event is None:
+            data = (await self._store.snapshots([action.record_key])).get(action.record_key)
+            event = event_or_none(data)
+        return event
+
+    # -- partitions and windows ------------------------------------------------------
+
+    async def load(self, partitions: Sequence[int]) -> int:
+        """A partition is assigned: its actions due within the window; how many."""
+        loaded = await self._store.load_pending(sorted(partitions), self._loaded_until_ms)
+        await self._schedule_loaded(loaded)
+        return len(loaded)
+
+    def drop_partitions(self, partitions: set[int]) -> None:
+        """Revoked: their actions leave memory (but those being fired, which end)."""
+        for p in partitions:
+            self._heap.drop_partition(p)
+        for aid in [a for a, act in self._actions.items() if act.partition in partitions]:
+            if aid not in self._inflight:
+                self._forget(aid)
+
+    async def _schedule_loaded(self, loaded: Sequence[Action]) -> None:
+        """Put actions read from the store into the heap, unless memory knows better.
+
+        Fires run meanwhile: an action may have finished, or moved for a retry, since
+        the rows were read. So the statuses are read again last, and from then on
+        nothing awaits until every action is pushed or dropped.
+        """
+        mine = [a for a in loaded if self._owns(a.partition)]
+        if not mine:
+            return
+        missing = [a.record_key for a in mine if a.record_key not in self._snapshots]
+        if missing:
+            stored = await self._store.snapshots(list(dict.fromkeys(missing)))
+            for record_key, data in stored.items():
+                found = event_or_none(data)
+                if found is not None:
+                    self._snapshots[record_key] = found
+        statuses = await self._store.action_statuses([a.action_id for a in mine])
+        for action in mine:
+            if (
+                statuses.get(action.action_id) == "pending"
+                and action.action_id not in self._actions  # in the heap, queued or firing
+                and self._owns(action.partition)
+            ):
+                self.push(action)
+
+    async def refill_loop(self, partitions: Callable[[], list[int]]) -> None:
+        """Every half horizon, the actions of the next window of ``partitions()``."""
+        while True:
+            await self._clock.sleep_until(self._loaded_until_ms - HORIZON_MS // 2)
+            start = self._loaded_until_ms
+            until = self._clock.now_ms() + HORIZON_MS
+            loaded = await self._store.load_pending(partitions(), until, from_ms=start)
+            self._loaded_until_ms = until
+            await self._schedule_loaded(loaded)
+
+
+def event_or_none(data: dict[str, Any] | None) -> RecordEvent | None:
+    """A stored snapshot as an event; None when absent or (from an old file) invalid."""
+    if data is None:
+        return None
+    try:
+        return event_from_json(data)
+    except InvalidEvent:
+        return None
