@@ -8,6 +8,7 @@ The parts, each owning one kind of state (docs/architecture.md draws them):
 - ``dispatch.Dispatcher``: per-host queues and the tasks firing actions;
 - ``quota.QuotaLedger``, ``suspensions.Suspensions``: the organisations' counts;
 - ``reporter.Reporter``: result and dead-letter records, attempts' report groups;
+- ``alerts.Alerter``: administrator alerts waiting to be sent (off the delivery path);
 - ``snapshot.LiveConfig``: the configuration in force;
 - and here, which partitions are this process's.
 
@@ -49,6 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Protocol
 
 from crmhooks.admin import Liveness, Readiness
+from crmhooks.alerts import Alerter
 from crmhooks.checkpoint import Checkpoint, Committer
 from crmhooks.clock import Clock
 from crmhooks.config import Config
@@ -135,6 +137,7 @@ class Processor:
         self.reporter = Reporter(
             store, self.checkpoint, clock, lambda: live.current.config.kafka, metrics
         )
+        self.alerts = Alerter(live, transport, clock, metrics)
         self.dispatcher = Dispatcher(
             live,
             self.scheduler,
@@ -146,6 +149,7 @@ class Processor:
             clock,
             owns,
             metrics,
+            self.alerts,
         )
         self.intake = Intake(live, store, self.scheduler, self.suspensions, self.reporter, owns)
         self.events = 0
@@ -232,7 +236,8 @@ class Processor:
 
     async def stop_parts(self) -> None:
         """In-flight requests finish within the grace; what was not finished in time is
-        stored, then every offset committed; unused quota units given back."""
+        stored, then every offset committed; unused quota units given back; alerts
+        still queued sent."""
         await self.dispatcher.drain(self.config.current.config.delivery.shutdown_grace_s)
         try:
             await self.checkpoint.store_unstored()
@@ -244,6 +249,9 @@ class Processor:
             await self.quota.release()
         except Exception as exc:  # stopping anyway: they stay counted, never overshoot
             log.warning("unused quota units not given back: %s", exc)
+        # Last, so that a dead alert receiver delays no commit: a suspension of the
+        # last moment is still told, within alerts.ALERT_DRAIN_S.
+        await self.alerts.drain()
 
     def _partitions(self) -> list[int]:
         return sorted(self._owned)

@@ -58,6 +58,14 @@ class ReportGroup:
     reporters: list[Reported] = field(default_factory=list)
     results: list[Produced] = field(default_factory=list)
     batch: WriteBatch = field(default_factory=WriteBatch)
+    # Called once the group is written, not if it fails (an alert of a suspension
+    # the group stores): rare, so None until one is added (``after_written``).
+    written: list[Callable[[], None]] | None = None
+
+    def after_written(self, call: Callable[[], None]) -> None:
+        if self.written is None:
+            self.written = []
+        self.written.append(call)
 
 
 class Reporter:
@@ -295,6 +303,12 @@ class Reporter:
             except BaseException as exc:  # a stop: each attempt is ended, then it goes on
                 error = exc
                 break
+        if error is None and group.written is not None:
+            for call in group.written:
+                try:
+                    call()
+                except Exception:
+                    log.exception("after a report group was written")
         on_reported = self._on_reported
         assert on_reported is not None  # attached before any attempt is reported
         for action, unstored, retry in group.reporters:
