@@ -187,6 +187,7 @@ class Dispatcher:
                 "action %s: unexpected error while firing; again in %d ms",
                 action.action_id,
                 FIRE_ERROR_RETRY_MS,
+                extra=about(action),
             )
             retry = replace(action, due_ms=self._clock.now_ms() + FIRE_ERROR_RETRY_MS)
         finally:
@@ -300,11 +301,16 @@ class Dispatcher:
                 attempt,
                 outcome.error_class,
                 retry.due_ms,
+                extra=about(action),
             )
         else:
             status = "failed"
             log.warning(
-                "action %s failed on attempt %d: %s", action.action_id, attempt, outcome.error
+                "action %s failed on attempt %d: %s",
+                action.action_id,
+                attempt,
+                outcome.error,
+                extra=about(action),
             )
             threshold = delivery.suspend_after_failed_actions
             suspends = self._suspensions.count_failure(action, batch, threshold)

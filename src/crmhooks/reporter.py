@@ -25,6 +25,7 @@ from crmhooks.delivery import Outcome
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord
+from crmhooks.logs import about
 from crmhooks.metrics import Metrics
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.store import Store, WriteBatch
@@ -160,7 +161,13 @@ class Reporter:
         """The dead letter of an event that cannot be processed."""
         self.dead_letters += 1
         self._metrics.dead_letters.inc("internal_process_error")
-        log.warning("dead letter: partition %d offset %d: %s", partition, rec.offset, exc.message)
+        log.warning(
+            "dead letter: partition %d offset %d: %s",
+            partition,
+            rec.offset,
+            exc.message,
+            extra=_event_ids(exc.parsed, partition, rec.offset),
+        )
         kafka = self._kafka()
         letter = dead_letter(
             error_code="internal_process_error",
@@ -237,7 +244,7 @@ class Reporter:
     async def internal_error(self, action: Action, event: RecordEvent | None, message: str) -> None:
         """An action that cannot be sent (template failure, a header or URL we could
         not send, its record gone): failed, with a dead letter."""
-        log.error("action %s: %s", action.action_id, message)
+        log.error("action %s: %s", action.action_id, message, extra=about(action))
         letter = self.action_letter(action, event, "internal_process_error", message)
         await self.final(
             action, "failed", error_class="internal_process_error", error=message, extra=[letter]
@@ -315,6 +322,19 @@ class Reporter:
             try:
                 on_reported(action, unstored, retry, error)
             except Exception:
-                log.exception("action %s: ending its attempt failed", action.action_id)
+                log.exception(
+                    "action %s: ending its attempt failed", action.action_id, extra=about(action)
+                )
         if error is not None and not isinstance(error, Exception):
             raise error
+
+
+def _event_ids(parsed: object, partition: int, offset: int) -> dict[str, object]:
+    """The log fields of an invalid event: where it is, and its ids when it has them."""
+    ids: dict[str, object] = {"partition": partition, "offset": offset}
+    if isinstance(parsed, dict):
+        for name in ("org_id", "event_id"):
+            value = parsed.get(name)
+            if isinstance(value, str):
+                ids[name] = value
+    return ids
