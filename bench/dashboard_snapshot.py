@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -40,7 +39,15 @@ import orjson
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import REPO, FastProducer, create_topics, iso_utc, new_topics, processors
+from bench.harness import (
+    REPO,
+    FastProducer,
+    admin_port,
+    create_topics,
+    iso_utc,
+    new_topics,
+    processors,
+)
 from bench.promql_lite import Evaluator, Labels, Scrape, legend, samples_of
 
 DASHBOARD = REPO / "docs" / "dashboard.json"
@@ -170,25 +177,6 @@ def event(n: int, rng: random.Random, erp: bool) -> tuple[int, bytes, bytes]:
         }
     )
     return partition, org.encode(), value
-
-
-def _logged_port(log: Path) -> int | None:
-    """The port of the runner's line ``admin endpoint on http://127.0.0.1:PORT``."""
-    if not log.exists():
-        return None
-    found = re.search(r"admin endpoint on http://127\.0\.0\.1:(\d+)", log.read_text())
-    return int(found.group(1)) if found else None
-
-
-async def admin_port(log: Path, timeout_s: float = 60.0) -> int:
-    """The port the processor's admin endpoint took (``listen = "127.0.0.1:0"``)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        port = _logged_port(log)
-        if port is not None:
-            return port
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"the processor did not start its admin endpoint; see {log}")
 
 
 async def run(bootstrap: str, duration_s: float, seed: int) -> list[Scrape]:
