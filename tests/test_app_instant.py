@@ -29,7 +29,11 @@ from tests.fakes import NOW_MS, FakeKafka, GatedTransport, Rec, fetched, rec, un
 from tests.support import event
 
 
-def config(quota: dict[str, int] | None = None, per_host: int | None = None) -> Config:
+def config(
+    quota: dict[str, int] | None = None,
+    per_host: int | None = None,
+    url: str = "http://receiver.test/hook",
+) -> Config:
     return config_from_mapping(
         {
             **({"quota": quota} if quota is not None else {}),
@@ -38,7 +42,7 @@ def config(quota: dict[str, int] | None = None, per_host: int | None = None) -> 
             "webhooks": [
                 {
                     "name": "Hook",
-                    "url": "http://receiver.test/hook",
+                    "url": url,
                     "module": "Potentials",
                     "body": {"format": "json", "template": '{"d":"${Potentials.Potential Name}"}'},
                 }
@@ -62,12 +66,13 @@ async def processor(
     transport: GatedTransport,
     quota: dict[str, int] | None = None,
     per_host: int | None = None,
+    url: str = "http://receiver.test/hook",
 ) -> AsyncIterator[tuple[Processor, FakeKafka, FakeClock]]:
     kafka = FakeKafka()
     clock = FakeClock(NOW_MS)
     async with Store(tmp_path / "s.db") as store:
         store.changelog = kafka.produce_changelog
-        p = Processor(config(quota, per_host), store, transport, clock)
+        p = Processor(config(quota, per_host, url), store, transport, clock)
         p.attach(kafka, {0, 1})
         loops = [
             asyncio.create_task(p.dispatcher.loop()),
@@ -147,6 +152,28 @@ async def test_a_repeated_key_refuses_an_event_a_rule_acts_on_and_no_other(
         assert letter["message"] == "invalid event: duplicate key 'Stage' in $.record"
 
 
+async def test_a_dot_segment_from_a_value_is_a_dead_letter_and_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    """Issue 26.6: "/deals/../hook" would reach another path of the receiver."""
+    transport = GatedTransport()
+    dots = orjson.dumps(event(1, record={"Potential Name": ".."}))
+    url = "http://receiver.test/deals/${Potentials.Potential Name}/hook"
+    async with processor(tmp_path, transport, url=url) as (p, kafka, _):
+        await p._process_batch(fetched([Rec(0, 10, dots), rec(2, 11)]))
+        await until(lambda: kafka.committed == {0: 12}, "the offsets are committed")
+        assert transport.sent == ["evt-2:won:Hook"]
+        [letter] = [r for r in kafka.results if "error_code" in r]
+        assert letter["error_code"] == "internal_process_error"
+        assert letter["action_id"] == "evt-1:won:Hook"
+        assert letter["source"]["offset"] == 10
+        assert "template failed: webhook Hook: " in letter["message"]
+        assert "'..'" in letter["message"]
+        assert "dot segment" in letter["message"]
+        final = {r["action_id"]: r["status"] for r in kafka.results if "status" in r}
+        assert final == {"evt-1:won:Hook": "failed", "evt-2:won:Hook": "delivered"}
+
+
 async def test_commits_stay_in_order_behind_an_unfinished_action(tmp_path: Path) -> None:
     transport = GatedTransport(open_now=False)
     async with processor(tmp_path, transport) as (p, kafka, _):
@@ -182,7 +209,7 @@ async def test_an_action_unfinished_past_the_deadline_is_stored_as_pending(
             ]
         transport.gate.set()
         await until(lambda: len(kafka.results) == 2 and fires_over(p), "both reported delivered")
-        await until(lambda: not p.store._queue, "the store is idle")
+        await until(lambda: not p.store.writer.queued, "the store is idle")
         await asyncio.sleep(0.02)
         assert sorted(await rows(p.store, "actions")) == [
             ("evt-1:won:Hook", "delivered"),

@@ -16,6 +16,7 @@ import pytest
 from crmhooks import cli
 from crmhooks.cli import main
 from crmhooks.errors import CrmhooksError
+from crmhooks.settings import LogSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.toml"))
@@ -431,9 +432,8 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, log_settings: Any) -> None:
 def test_run_logs_as_the_configs_log_section_says(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import types
 
-    fake_run(monkeypatch, types.SimpleNamespace(format="json", level="info"))
+    fake_run(monkeypatch, LogSettings(format="json", level="INFO"))
     code, _, err = run(capsys, "run", "--config", "x.toml", "--event-loop", "asyncio")
     assert code == 0
     lines = [json.loads(line) for line in err.splitlines()]
@@ -467,7 +467,7 @@ def test_the_log_level_flag_and_env_win_over_the_config(
 def test_without_a_log_section_run_logs_text_at_info(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake_run(monkeypatch, None)
+    fake_run(monkeypatch, LogSettings())  # the defaults of a config without [log]
     code, _, err = run(capsys, "run", "--config", "x.toml", "--event-loop", "asyncio")
     assert code == 0
     first, second = err.splitlines()

@@ -307,11 +307,27 @@ def test_json_top_level_placeholder() -> None:
         ("<a><?pi ${Potentials.V}?></a>", "processing instruction"),
         ("<a><b></a>", "not well-formed XML"),
         ("${Potentials.V}<a/>", "not well-formed XML"),
+        # A value must not name a reference: here an entity the template declares.
+        ('<!DOCTYPE a [<!ENTITY xe "<b/>">]><a>&${Potentials.V}e;</a>', "entity or character"),
+        ('<a k="&#${Potentials.V};"/>', "entity or character reference"),
+        # The internal subset is one declaration, whatever ">" it holds.
+        ('<!DOCTYPE a [<!ENTITY e SYSTEM "http://x/>${Potentials.V}">]><a/>', "declaration"),
+        ("<!DOCTYPE a [<!ENTITY e 'x'><!-- > ${Potentials.V} -->]><a/>", "declaration"),
     ],
 )
 def test_xml_template_errors(template: str, message: str) -> None:
     with pytest.raises(TemplateError, match=re.escape(message)):
         compile_(body=BodySpec(format="xml", template=template))
+
+
+def test_xml_references_and_doctype_beside_placeholders() -> None:
+    template = (
+        '<!DOCTYPE a [<!-- it\'s > here --><!ENTITY co "Acme Co ">]>'
+        '<a k="&amp;${Potentials.V}&#59;">&co;${Potentials.V}&lt;</a>'
+    )
+    _, root = render_xml(template, V="&lt;")
+    assert root.attrib == {"k": "&&lt;;"}
+    assert root.text == "Acme Co &lt;<"
 
 
 def test_xml_cdata_section_cannot_be_closed_by_a_value() -> None:
@@ -320,6 +336,63 @@ def test_xml_cdata_section_cannot_be_closed_by_a_value() -> None:
     root = ElementTree.fromstring(compiled.render(ctx(record={"V": value})).body)
     assert list(root) == []
     assert root.text == "x]]><evil/>\r\ufffd"
+
+
+def render_xml(template: str, **record: Any) -> tuple[bytes, ElementTree.Element]:
+    """The body of an XML webhook for ``record``, and the document it parses to."""
+    body = compile_(body=BodySpec(format="xml", template=template)).render(ctx(record=record)).body
+    return body, ElementTree.fromstring(body)
+
+
+def test_xml_cdata_adjacent_values_cannot_close_the_section() -> None:
+    # Issue 26.5: "]]" and "><inj/><![CDATA[" side by side made an element.
+    _, root = render_xml("<a><![CDATA[${Potentials.A}${Potentials.B}]]></a>", A="]]", B="><inj/>")
+    assert list(root) == []
+    assert root.text == "]]><inj/>"
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "text"),
+    [
+        # value | value, one "]" or two on the left, ">" or "]>" on the right
+        ("<a><![CDATA[${A}${B}]]></a>", {"A": "]", "B": "]>x"}, "]]>x"),
+        ("<a><![CDATA[${A}${B}]]></a>", {"A": "]]", "B": ">x"}, "]]>x"),
+        # with empty values between them
+        ("<a><![CDATA[${A}${B}${C}${D}]]></a>", {"A": "]", "B": "", "C": "]", "D": ">"}, "]]>"),
+        ("<a><![CDATA[${A}${B}${C}]]></a>", {"A": "]", "B": "]", "C": ">"}, "]]>"),
+        # literal | value
+        ("<a><![CDATA[x]]${A}]]></a>", {"A": "><b/>"}, "x]]><b/>"),
+        ("<a><![CDATA[x]${A}]]></a>", {"A": "]><b/>"}, "x]]><b/>"),
+        ("<a><![CDATA[x]${A}${B}]]></a>", {"A": "", "B": "]>"}, "x]]>"),
+        # value | literal
+        ("<a><![CDATA[${A}>y]]></a>", {"A": "x]]"}, "x]]>y"),
+        ("<a><![CDATA[${A}]>y]]></a>", {"A": "x]"}, "x]]>y"),
+        # literal | empty value | literal: the template alone would close it
+        ("<a><![CDATA[x]]${A}>y]]></a>", {"A": ""}, "x]]>y"),
+        ("<a><![CDATA[x]${A}]>y]]></a>", {"A": ""}, "x]]>y"),
+        # the section's own end right after a value ending in "]"
+        ("<a><![CDATA[${A}]]></a>", {"A": "x]"}, "x]"),
+        ("<a><![CDATA[${A}]]></a>", {"A": "]]]>]]"}, "]]]>]]"),
+        # a value starting with ">" after the section's start
+        ("<a><![CDATA[${A}]]></a>", {"A": ">]]>"}, ">]]>"),
+        # text: "]]>" is not allowed there; an empty value must not make it
+        ("<a>x]]${A}>y</a>", {"A": ""}, "x]]>y"),
+        ("<a>x]${A}]>y</a>", {"A": "]"}, "x]]]>y"),
+        ("<a>${A}${B}>y</a>", {"A": "]", "B": "]"}, "]]>y"),
+    ],
+)
+def test_xml_adjacent_pieces_never_form_a_cdata_end(
+    template: str, values: dict[str, str], text: str
+) -> None:
+    _, root = render_xml(template.replace("${", "${Potentials."), **values)
+    assert list(root) == []
+    assert root.text == text
+
+
+def test_xml_cdata_plain_values_render_as_before() -> None:
+    # Section breaks only where a "]" meets a slot: most documents are unchanged.
+    body, _ = render_xml("<a><![CDATA[${Potentials.A} [${Potentials.B}]]]></a>", A="x>", B="y")
+    assert body == b"<a><![CDATA[x> [y]]]></a>"
 
 
 # --------------------------------------------------------------------------- request shapes
@@ -364,6 +437,7 @@ def test_get_without_parameters_has_no_question_mark() -> None:
         ("https://h.example/p?", "https://h.example/p?k=v"),
         ("https://h.example/p?a=1&", "https://h.example/p?a=1&k=v"),
         ("https://h.example/p", "https://h.example/p?k=v"),
+        ("https://h.example/p?a=?", "https://h.example/p?a=?&k=v"),
     ],
 )
 def test_query_separator(url: str, expected: str) -> None:
@@ -396,6 +470,60 @@ def test_url_placeholders_in_path_and_query_are_encoded() -> None:
     assert parts.path == "/deals/..%2Fa%2Fb%3Fc%23d/x"
     assert parse_qsl(parts.query) == [("q", "1&admin=1")]
     assert Placeholder("Potentials", "Id") in compiled.crm_fields
+
+
+def render_url(url: str, **record: Any) -> str:
+    return compile_(method="GET", url=url).render(ctx(record=record)).url
+
+
+@pytest.mark.parametrize(
+    ("url", "values"),
+    [
+        ("https://h.example.com/ok/${A}/end", {"A": "."}),
+        ("https://h.example.com/ok/${A}/end", {"A": ".."}),
+        ("https://h.example.com/${A}", {"A": ".."}),
+        ("https://h.example.com/ok/${A}", {"A": "."}),
+        ("https://h.example.com/ok/${A}?q=1", {"A": ".."}),
+        ("https://h.example.com/ok/${A}/", {"A": ".."}),
+        # several placeholders, empty ones too, and literals beside them
+        ("https://h.example.com/ok/${A}${B}/end", {"A": ".", "B": "."}),
+        ("https://h.example.com/ok/${A}${B}${C}/end", {"A": "", "B": "..", "C": ""}),
+        ("https://h.example.com/ok/.${A}/end", {"A": "."}),
+        ("https://h.example.com/ok/${A}./end", {"A": ""}),
+        # percent-encoded dots in the template's text, in either case
+        ("https://h.example.com/ok/%2e${A}/end", {"A": "."}),
+        ("https://h.example.com/ok/${A}%2E/end", {"A": "."}),
+        ("https://h.example.com/ok/%2E%2e${A}/end", {"A": ""}),
+    ],
+)
+def test_url_dot_segment_from_a_value_is_refused(url: str, values: dict[str, str]) -> None:
+    # Issue 26.6: "/ok/path/../end" would be normalised to "/ok/end" by the server.
+    with pytest.raises(TemplateError, match=r"^webhook Hook: .*dot segment"):
+        render_url(url.replace("${", "${Potentials."), **values)
+
+
+@pytest.mark.parametrize(
+    ("value", "segment"),
+    [
+        ("...", "..."),
+        (".a", ".a"),
+        ("a..", "a.."),
+        ("", ""),
+        ("%2e", "%252e"),  # a value's "%" is a character, not an escape
+        ("../x", "..%2Fx"),  # "/" cannot split the segment
+        ("..?x#y", "..%3Fx%23y"),
+        (". .", ".%20."),
+    ],
+)
+def test_url_values_that_are_not_dot_segments_are_sent(value: str, segment: str) -> None:
+    url = render_url("https://h.example.com/ok/${Potentials.A}/end?q=${Potentials.A}", A=value)
+    assert url == f"https://h.example.com/ok/{segment}/end?q={quote(value, safe='')}"
+
+
+def test_url_dot_segments_are_checked_only_where_a_value_is() -> None:
+    # The template's own text is the administrator's; a dot value in the query is a value.
+    url = "https://h.example.com/a/../b/${Potentials.A}?q=${Potentials.B}&r=.."
+    assert render_url(url, A="x", B="..") == "https://h.example.com/a/../b/x?q=..&r=.."
 
 
 def test_url_literal_non_ascii_is_encoded() -> None:
@@ -561,6 +689,8 @@ NASTY = [
     "x\udfffy\ud83d\ude00",
     "\ufffe\uffff",
     "2026-12-05",
+    ".",
+    "..",
 ]
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
@@ -599,6 +729,108 @@ def test_xml_value_stays_text(value: str) -> None:
     assert a.attrib == {"k": expected, "j": expected}
     assert (a.text or "") == expected
     assert root[1].text == "z"
+
+
+# Adversarial values: what could close, open or escape markup, a quote, a path.
+# No digits, so that nothing looks like a date-time (reformatted on purpose).
+NASTY_ALPHABET = "]>[<!&;./%'\"?=#+ \\-a\r\n\t\x00\x01\x1f\x7f\ud800\udfff\ufffe\uffff\u2028"
+NASTY_TOKENS = ["]", "]]", ">", "]>", "]]>", "<![CDATA[", "<i/>", "&amp;", "&", ";", ".", "..", "/"]
+nasty_values = st.text(alphabet=NASTY_ALPHABET, max_size=6) | st.lists(
+    st.sampled_from(NASTY_TOKENS), max_size=4
+).map("".join)
+FIELD_NAMES = ("A", "B", "C", "D")
+
+# A template piece: ("$", field name) for a placeholder, ("", text) for a literal.
+Piece = tuple[str, str]
+
+
+def pieces(literal_alphabet: str) -> st.SearchStrategy[list[Piece]]:
+    """Runs of placeholders (often side by side) and short literals, half of them "]"."""
+    slot = st.sampled_from(FIELD_NAMES).map(lambda name: ("$", name))
+    chars = st.sampled_from(literal_alphabet) | st.just("]")
+    literal = st.lists(chars, min_size=1, max_size=3).map(lambda t: ("", "".join(t)))
+    return st.lists(slot | slot | literal, max_size=6)
+
+
+def written(run: list[Piece], escape: Mapping[str, str]) -> str:
+    """A run as written in a template, its literals escaped for their context."""
+    out = []
+    for kind, text in run:
+        if kind == "$":
+            out.append("${Potentials." + text + "}")
+        else:
+            out.append("".join(escape.get(c, c) for c in text))
+    return "".join(out)
+
+
+def meant(run: list[Piece], values: Mapping[str, str]) -> str:
+    """The character data a run stands for: literals as they are, values as sent."""
+    return "".join(_XML_ILLEGAL.sub("\ufffd", values[t]) if k == "$" else t for k, t in run)
+
+
+def literal_runs(run: list[Piece]) -> list[str]:
+    """The literal text between placeholders (adjacent literals joined)."""
+    return "".join("\x00" if k == "$" else t for k, t in run).split("\x00")
+
+
+XML_TEXT_ESCAPES = {"&": "&amp;", "<": "&lt;"}
+# Elements of an XML property template: text, a CDATA section, an attribute, or
+# text around a CDATA section; literals with "]" and ">" to meet the values.
+xml_elements = st.lists(
+    st.one_of(
+        st.tuples(st.just("text"), pieces("]>[!&<;a")),
+        st.tuples(st.just("cdata"), pieces("]>[<!&a")),
+        st.tuples(st.just("attr"), pieces("]>[<&'a")),
+        st.tuples(st.just("mixed"), pieces("]>a"), pieces("]>[a"), pieces("]>a")),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    xml_elements,
+    st.fixed_dictionaries({name: nasty_values for name in FIELD_NAMES}),
+    st.booleans(),
+)
+def test_xml_adjacent_values_keep_the_template_structure(
+    elements: list[tuple[Any, ...]], values: dict[str, str], as_param: bool
+) -> None:
+    parts: list[str] = []
+    expected: list[tuple[str, dict[str, str], str]] = []
+    for i, (kind, *runs) in enumerate(elements):
+        # A "]]>" in the template's own text ends its CDATA section (or is not
+        # well-formed in text): such templates are not what is tested here.
+        if kind in ("text", "cdata", "mixed"):
+            assume(not any("]]>" in lit for run in runs for lit in literal_runs(run)))
+        tag = f"e{i}"
+        if kind == "text":
+            parts.append(f"<{tag}>{written(runs[0], XML_TEXT_ESCAPES)}</{tag}>")
+            expected.append((tag, {}, meant(runs[0], values)))
+        elif kind == "cdata":
+            parts.append(f"<{tag}><![CDATA[{written(runs[0], {})}]]></{tag}>")
+            expected.append((tag, {}, meant(runs[0], values)))
+        elif kind == "attr":
+            parts.append(f'<{tag} v="{written(runs[0], XML_TEXT_ESCAPES)}"/>')
+            expected.append((tag, {"v": meant(runs[0], values)}, ""))
+        else:
+            before, after = written(runs[0], XML_TEXT_ESCAPES), written(runs[2], XML_TEXT_ESCAPES)
+            inside = written(runs[1], {})
+            parts.append(f"<{tag}>{before}<![CDATA[{inside}]]>{after}</{tag}>")
+            expected.append((tag, {}, "".join(meant(run, values) for run in runs)))
+    template = "<r>" + "".join(parts) + "</r>"
+    compiled = compile_(
+        body=BodySpec(format="xml", template=template, param="X" if as_param else None)
+    )
+    body = compiled.render(ctx(record=values)).body
+    if as_param:
+        body = parse_qs(body.decode("ascii"), keep_blank_values=True)["X"][0].encode()
+    root = ElementTree.fromstring(body)
+    assert (root.text or "") == ""
+    got = [(c.tag, c.attrib, c.text or "") for c in root]
+    assert got == expected
+    assert all(len(c) == 0 and (c.tail or "") == "" for c in root)
 
 
 JSON_PROP = compile_(
@@ -651,6 +883,68 @@ def test_json_whole_value_keeps_type(value: Any) -> None:
     assert set(doc) == {"a", "b", "c", "d"}
 
 
+# Members of a JSON property template: a string of placeholders and literals, a
+# whole value, or an array of whole values side by side.
+json_members = st.lists(
+    st.one_of(
+        st.tuples(st.just("string"), pieces('"\\/<>]&a\u2028')),
+        st.tuples(st.just("whole"), st.sampled_from((*FIELD_NAMES, "T"))),
+        st.tuples(st.just("array"), st.lists(st.sampled_from((*FIELD_NAMES, "T")), max_size=3)),
+    ),
+    max_size=5,
+)
+json_typed = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.lists(nasty_values, max_size=3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    json_members,
+    st.fixed_dictionaries({name: nasty_values for name in FIELD_NAMES}),
+    json_typed,
+    st.booleans(),
+)
+def test_json_adjacent_values_keep_the_template_keys(
+    members: list[tuple[Any, ...]], values: dict[str, str], typed: Any, as_param: bool
+) -> None:
+    def fixed(name: str) -> Any:
+        if name != "T":
+            return _SURROGATES.sub("\ufffd", values[name])
+        if isinstance(typed, list):
+            return [_SURROGATES.sub("\ufffd", v) for v in typed]
+        return typed
+
+    def slot(name: str) -> str:
+        return "${Potentials." + name + "}"
+
+    written_members: list[str] = []
+    expected: dict[str, Any] = {}
+    for i, (kind, what) in enumerate(members):
+        if kind == "string":
+            # The template's literals are JSON-escaped as an author writes them.
+            text = "".join(slot(t) if k == "$" else orjson.dumps(t).decode()[1:-1] for k, t in what)
+            written_members.append(f'"m{i}": "{text}"')
+            expected[f"m{i}"] = "".join(fixed(t) if k == "$" else t for k, t in what)
+        elif kind == "whole":
+            written_members.append(f'"m{i}": {slot(what)}')
+            expected[f"m{i}"] = fixed(what)
+        else:
+            written_members.append(f'"m{i}": [{", ".join(slot(n) for n in what)}]')
+            expected[f"m{i}"] = [fixed(n) for n in what]
+    template = "{" + ", ".join(written_members) + "}"
+    compiled = compile_(
+        body=BodySpec(format="json", template=template, param="J" if as_param else None)
+    )
+    body = compiled.render(ctx(record={**values, "T": typed})).body
+    if as_param:
+        body = parse_qs(body.decode("ascii"), keep_blank_values=True)["J"][0].encode()
+    assert orjson.loads(body) == expected
+
+
 QUERY_PROP = compile_(
     method="GET",
     url="https://h.example.com/p/${Potentials.V}/q?a=1&v=${Potentials.V}",
@@ -669,6 +963,16 @@ FORM_PROP = compile_(
 def test_query_value_stays_one_parameter(value: str) -> None:
     plain(value)
     expected = _SURROGATES.sub("\ufffd", value)
+    form = FORM_PROP.render(ctx(record={"V": value})).body.decode("ascii")
+    assert parse_qsl(form, keep_blank_values=True) == [
+        ("x", expected),
+        ("y", f"<{expected}>"),
+        ("k", "v"),
+    ]
+    if value in (".", ".."):  # a whole path segment: refused (issue 26.6)
+        with pytest.raises(TemplateError, match="dot segment"):
+            QUERY_PROP.render(ctx(record={"V": value}))
+        return
     req = QUERY_PROP.render(ctx(record={"V": value}))
     assert req.url.isascii()
     assert not any(c in req.url for c in "\r\n\x00 ")
@@ -684,12 +988,79 @@ def test_query_value_stays_one_parameter(value: str) -> None:
         ("y", "lit"),
         ("k", "v"),
     ]
-    form = FORM_PROP.render(ctx(record={"V": value})).body.decode("ascii")
-    assert parse_qsl(form, keep_blank_values=True) == [
-        ("x", expected),
-        ("y", f"<{expected}>"),
-        ("k", "v"),
-    ]
+
+
+# Literals of URL templates: dots, percent-encoded ones, and what a path may hold.
+PATH_LITERALS = "a.-~:@!$'()*,;"
+QUERY_LITERALS = "a.-~:/?@!$'()*,;"
+SHOWN_DOTS = ["%2e", "%2E", "%20"]  # escapes written in the template
+
+
+# Values that make or complete a dot segment, often.
+url_values = st.sampled_from(["", ".", ".."]) | nasty_values
+
+
+def url_pieces(alphabet: str) -> st.SearchStrategy[list[Piece]]:
+    """Placeholders (often side by side) and literals, among them written escapes."""
+    slot = st.sampled_from(FIELD_NAMES).map(lambda name: ("$", name))
+    chars = st.sampled_from(alphabet) | st.sampled_from(SHOWN_DOTS) | st.just(".")
+    literal = st.lists(chars, min_size=1, max_size=3).map(lambda t: ("", "".join(t)))
+    return st.lists(slot | slot | literal, max_size=4)
+
+
+def as_sent(run: list[Piece], values: Mapping[str, str], in_url: bool = True) -> str:
+    """What a run stands for once decoded: the values as they are, the literals of a
+    URL template decoded (the text of an entity parameter is a value as a whole)."""
+    return "".join(
+        _SURROGATES.sub("\ufffd", values[t] if k == "$" else unquote(t) if in_url else t)
+        for k, t in run
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(url_pieces(PATH_LITERALS), min_size=1, max_size=4),
+    st.lists(url_pieces(QUERY_LITERALS), max_size=2),
+    st.lists(url_pieces(NASTY_ALPHABET), max_size=2),
+    st.fixed_dictionaries({name: url_values for name in FIELD_NAMES}),
+    st.booleans(),
+)
+def test_url_values_keep_the_template_segments_and_parameters(
+    path: list[list[Piece]],
+    query: list[list[Piece]],
+    entity: list[list[Piece]],
+    values: dict[str, str],
+    get: bool,
+) -> None:
+    url = "https://h.example.com/" + "/".join(written(run, {}) for run in path)
+    if query:
+        url += "?" + "&".join(f"q{i}={written(run, {})}" for i, run in enumerate(query))
+    compiled = compile_(
+        method="GET" if get else "POST",
+        url=url,
+        entity_params={f"e{i}": written(run, {}) for i, run in enumerate(entity)},
+        custom_params={"k": "v"},
+    )
+    segments = [as_sent(run, values) for run in path]
+    with_values = [i for i, run in enumerate(path) if any(k == "$" for k, _ in run)]
+    if any(segments[i] in (".", "..") for i in with_values):
+        with pytest.raises(TemplateError, match="dot segment"):
+            compiled.render(ctx(record=values))
+        return
+    req = compiled.render(ctx(record=values))
+    assert req.url.isascii()
+    assert not any(c in req.url for c in "\r\n\x00 #")
+    parts = urlsplit(req.url)
+    assert parts.netloc == "h.example.com"
+    assert [unquote(seg, errors="strict") for seg in parts.path.split("/")[1:]] == segments
+    params = [(f"q{i}", as_sent(run, values)) for i, run in enumerate(query)]
+    entities = [(f"e{i}", as_sent(run, values, in_url=False)) for i, run in enumerate(entity)]
+    if get:
+        params += [*entities, ("k", "v")]
+    else:
+        form = req.body.decode("ascii")
+        assert parse_qsl(form, keep_blank_values=True, errors="strict") == [*entities, ("k", "v")]
+    assert parse_qsl(parts.query, keep_blank_values=True, errors="strict") == params
 
 
 def _escaped_by_orjson(text: str) -> str:

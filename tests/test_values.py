@@ -43,12 +43,13 @@ def test_keyed_refuses_names_that_are_not_plain_distinct_identifiers(
 
 
 def test_the_store_changelog_rows_use_every_column_in_order() -> None:
-    from crmhooks import store
+    from crmhooks.store import SEP
+    from crmhooks.store import actions as store
 
     row = tuple(range(len(store._ROW_FIELDS)))
     partition, key, value = store._action_change(row)
     assert partition == 1
-    assert key == f"a{store.SEP}0".encode()
+    assert key == f"a{SEP}0".encode()
     assert value is not None
     assert list(orjson.loads(value).items()) == list(zip(store._ROW_FIELDS, row, strict=True))
 
@@ -57,7 +58,7 @@ def test_the_store_changelog_rows_use_every_column_in_order() -> None:
 def test_a_finished_row_holds_each_column_of_its_action(
     action: Action, status: str, finished_ms: int
 ) -> None:
-    from crmhooks import store
+    from crmhooks.store import actions as store
 
     row = dict(zip(store._ROW_FIELDS, store._final_row(action, status, finished_ms), strict=True))
     assert row.pop("status") == status

@@ -50,7 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Protocol
 
 from crmhooks.admin import Liveness, Readiness
-from crmhooks.alerts import Alerter
+from crmhooks.alerts import ALERT_DRAIN_S, Alerter
 from crmhooks.checkpoint import Checkpoint, Committer
 from crmhooks.clock import Clock
 from crmhooks.config import Config
@@ -135,7 +135,12 @@ class Processor:
         )
         self.suspensions = Suspensions(store, lambda: live.current)
         self.reporter = Reporter(
-            store, self.checkpoint, clock, lambda: live.current.config.kafka, metrics
+            store,
+            self.checkpoint,
+            clock,
+            lambda: live.current.config.kafka,
+            metrics,
+            fatal=lambda exc: store.failed is not None,
         )
         self.alerts = Alerter(live, transport, clock, metrics)
         self.dispatcher = Dispatcher(
@@ -209,6 +214,10 @@ class Processor:
             asyncio.create_task(self.checkpoint.deadline_loop(), name="unstored-deadline"),
             asyncio.create_task(self._purge_loop(), name="purge"),
             asyncio.create_task(self._gauge_loop(), name="gauges"),
+            # A failed store (full or read-only disk, I/O error) raises here: the
+            # process stops taking work at once and exits non-zero with the real error,
+            # for a supervisor to restart it once the disk is fixed (SPEC §10).
+            asyncio.create_task(self.store.until_failed(), name="store-failed"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
@@ -225,20 +234,27 @@ class Processor:
             self.checkpoint.release_reader()  # a consume loop waiting for the budget sees it
             await consume
         finally:
+            self.readiness.set_stopping()
             self.dispatcher.stop()
-            for task in helpers:
+            if not consume.done():  # a part failed: reading stops now, mid-batch or not
+                consume.cancel()
+            for task in [consume, *helpers]:
                 task.cancel()
-            for task in helpers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task  # (what a failed task raised is raised above)
             stopper.cancel()
-            await self.stop_parts()
+            # With a failed store no result of a request in flight can be stored:
+            # waiting for them only delays the exit (they are sent again after restart).
+            grace_s = 0.0 if self.store.failed is not None else None
+            await self.stop_parts(grace_s)
 
-    async def stop_parts(self) -> None:
-        """In-flight requests finish within the grace; what was not finished in time is
-        stored, then every offset committed; unused quota units given back; alerts
-        still queued sent."""
-        await self.dispatcher.drain(self.config.current.config.delivery.shutdown_grace_s)
+    async def stop_parts(self, grace_s: float | None = None) -> None:
+        """In-flight requests finish within the grace (``[delivery] shutdown_grace_s``
+        by default); what was not finished in time is stored, then every offset
+        committed; unused quota units given back; alerts still queued sent."""
+        if grace_s is None:
+            grace_s = self.config.current.config.delivery.shutdown_grace_s
+        await self.dispatcher.drain(grace_s)
         try:
             await self.checkpoint.store_unstored()
             await self.checkpoint.committed()
@@ -250,8 +266,9 @@ class Processor:
         except Exception as exc:  # stopping anyway: they stay counted, never overshoot
             log.warning("unused quota units not given back: %s", exc)
         # Last, so that a dead alert receiver delays no commit: a suspension of the
-        # last moment is still told, within alerts.ALERT_DRAIN_S.
-        await self.alerts.drain()
+        # last moment is still told, within ALERT_DRAIN_S (none with a failed store:
+        # the process exits at once).
+        await self.alerts.drain(min(grace_s, ALERT_DRAIN_S))
 
     def _partitions(self) -> list[int]:
         return sorted(self._owned)

@@ -10,7 +10,6 @@ the store's data version).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ from crmhooks.actions import Action
 from crmhooks.logs import about
 from crmhooks.snapshot import ConfigSnapshot
 from crmhooks.store import Store, WriteBatch
+from crmhooks.store import fingerprint as config_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class Suspensions:
         self._table = table
 
     def fingerprint(self, org_id: str, rule_id: str, webhook: str) -> str:
-        """Changes whenever the rule's or the webhook's config changes (SPEC §5)."""
+        """Changes whenever the rule's or the webhook's config changes (SPEC §5), its
+        secret values apart (``crmhooks.store.suspensions``: the store keeps nothing
+        made from a secret)."""
         snapshot = self._config()
         if snapshot.version != self._fingerprints_of:
             self._fingerprints = {}
@@ -77,10 +79,9 @@ class Suspensions:
         found = self._fingerprints.get(key)
         if found is None:
             target = snapshot.target(org_id, webhook)
-            text = repr(
-                (snapshot.rule(org_id, rule_id), None if target is None else target.webhook)
+            found = config_fingerprint(
+                snapshot.rule(org_id, rule_id), None if target is None else target.webhook
             )
-            found = hashlib.sha256(text.encode()).hexdigest()[:16]
             self._fingerprints[key] = found
         return found
 
