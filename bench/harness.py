@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -693,3 +695,59 @@ async def processors(
         yield procs
     finally:
         await asyncio.gather(*(p.stop() for p in procs))
+
+
+# --- the admin endpoint of a processor ----------------------------------------------
+
+
+def logged_admin_port(log: Path) -> int | None:
+    """The port of the runner's line ``admin endpoint on http://HOST:PORT`` (a processor
+    configured with ``[admin] listen = "127.0.0.1:0"`` takes a free one)."""
+    if not log.exists():
+        return None
+    found = re.search(r"admin endpoint on http://[^:\s]+:(\d+)", log.read_text(errors="replace"))
+    return int(found.group(1)) if found else None
+
+
+async def admin_port(log: Path, timeout_s: float = 60.0) -> int:
+    """Until the processor logging to ``log`` has its admin endpoint: its port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        port = logged_admin_port(log)
+        if port is not None:
+            return port
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"the processor did not start its admin endpoint; see {log}")
+
+
+@contextlib.asynccontextmanager
+async def scraping(log: Path, interval_s: float | None) -> AsyncIterator[list[float]]:
+    """GET /metrics of the processor logging to ``log`` every ``interval_s``, as Prometheus
+    would, for the block's duration; yields the list of scrape durations (s), filled
+    as they happen. ``interval_s`` None: nothing is scraped (the same run without)."""
+    durations: list[float] = []
+    if interval_s is None:
+        yield durations
+        return
+    port = await admin_port(log)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    async def scrape_loop(http: aiohttp.ClientSession) -> None:
+        next_s = time.monotonic()
+        while True:
+            start = time.monotonic()
+            with contextlib.suppress(aiohttp.ClientError):  # the processor stopping
+                async with http.get(url) as resp:
+                    await resp.read()
+                durations.append(time.monotonic() - start)
+            next_s += interval_s
+            await asyncio.sleep(max(0.0, next_s - time.monotonic()))
+
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.create_task(scrape_loop(http))
+        try:
+            yield durations
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 import uvloop
 
+from bench.admin_scenarios import admin
 from bench.harness import (
     PYTHON,
     REPO,
@@ -48,6 +49,7 @@ from bench.harness import (
     processors,
     raw_consume_rate,
     render_toml,
+    scraping,
 )
 from bench.report import (
     Figure,
@@ -181,6 +183,24 @@ def sasl_ssl_settings() -> dict[str, Any] | None:
 
 def say(message: str) -> None:
     print(f"bench: {message}", flush=True)
+
+
+def scrape_figures(durations: list[float], scrape_s: float | None) -> list[Figure]:
+    """How many scrapes a run had, and the slowest (a run with ``scrape_s`` None: none)."""
+    if scrape_s is None:
+        return []
+    slowest = max(durations, default=None)
+    return [
+        Figure("scrapes of /metrics during the run", len(durations), ""),
+        Figure("slowest scrape", None if slowest is None else slowest * 1000, "ms"),
+    ]
+
+
+def with_admin(config: dict[str, Any], scrape_s: float | None) -> dict[str, Any]:
+    """``config`` with the admin endpoint on a free port when /metrics is to be scraped."""
+    if scrape_s is not None:
+        config["admin"] = {"listen": "127.0.0.1:0"}
+    return config
 
 
 def hook(name: str, url: str, template: str = BODY_TEMPLATE) -> dict[str, Any]:
@@ -426,21 +446,27 @@ class Bench:
         )
 
     async def instant_run(
-        self, run: int, bare_cpu_us: float, kafka: dict[str, Any] | None = None
+        self,
+        run: int,
+        bare_cpu_us: float,
+        scrape_s: float | None = None,
+        kafka: dict[str, Any] | None = None,
     ) -> Burst:
         """One run of the instant scenario: its rate, a note if it fell short, and the
-        processor's CPU figures (against ``bare_cpu_us``). ``kafka``: the processor's
-        own [kafka] settings (a secured listener); the bench's clients stay on
-        PLAINTEXT."""
+        processor's CPU figures (against ``bare_cpu_us``). ``scrape_s``: the admin
+        endpoint on, /metrics scraped that often (bench/admin_scenarios.py). ``kafka``:
+        the processor's own [kafka] settings (a secured listener); the bench's clients
+        stay on PLAINTEXT."""
         n = self.sizes.instant
         name = f"instant{run}" + ("-secured" if kafka else "")
         topics = new_topics(name, PARTITIONS)
         await create_topics(self.bootstrap, topics)
         await self.produce(topics, spread(n, "Closed Won", f"i{run}"))
         await self.sink.reset()
-        config = self.instant_config(topics, name, kafka)
+        config = with_admin(self.instant_config(topics, name, kafka), scrape_s)
         async with (
             processors(config, self.workdir, name, kafka=kafka) as procs,
+            scraping(procs[0].log, scrape_s) as scrapes,
             CpuSampler(procs[0].pid) as cpu,
         ):
             count, first_ms, last_ms = await self.sink.wait_count(n, timeout_s=n / 200 + 60)
@@ -453,6 +479,7 @@ class Bench:
         figures = self.cpu_figures(
             cpu, first_ms, last_ms, count, "delivery", bare_cpu_us, "instant delivery"
         )
+        figures += scrape_figures(scrapes, scrape_s)
         note = "" if delivered >= n else f"{delivered} of {n} delivered"
         return Burst(rate, note, None, tuple(figures))
 
@@ -517,25 +544,28 @@ class Bench:
         self,
         run: int,
         consume_cpu_us: float,
+        scrape_s: float | None = None,
         kafka: dict[str, Any] | None = None,
         topics: Topics | None = None,
         from_assignment: bool = False,
     ) -> Burst:
         """One run of the filtering scenario, in a consumer group of its own: events/s,
         a note if it fell short, the processor's CPU figures (against ``consume_cpu_us``).
-        ``kafka``: the processor's own [kafka] settings; ``topics``: other events than
-        the filtering scenario's. ``from_assignment``: timed from the processor's
-        partition assignment (its log), not from the first commit seen: over
-        compressed events a fetch holds ~10 times the records, and the processor's
-        consume loop does not yield while aiokafka has records buffered, so its
-        commits are seen only near the end."""
+        ``scrape_s``: the admin endpoint on, /metrics scraped that often. ``kafka``: the
+        processor's own [kafka] settings; ``topics``: other events than the filtering
+        scenario's. ``from_assignment``: timed from the processor's partition
+        assignment (its log), not from the first commit seen: over compressed events a
+        fetch holds ~10 times the records, and the processor's consume loop does not
+        yield while aiokafka has records buffered, so its commits are seen only near
+        the end."""
         topics = topics or self.filter_topics
         assert topics is not None
         n = self.sizes.filtering
         await self.sink.reset()
-        config = self.filter_config(topics, run, kafka)
+        config = with_admin(self.filter_config(topics, run, kafka), scrape_s)
         async with (
             processors(config, self.workdir, f"filter{run}", kafka=kafka) as procs,
+            scraping(procs[0].log, scrape_s) as scrapes,
             GroupOffsets(self.bootstrap, config["kafka"]["group_id"], topics.events) as offsets,
             CpuSampler(procs[0].pid) as cpu,
         ):
@@ -549,6 +579,7 @@ class Bench:
         figures = self.cpu_figures(
             cpu, start_ms, end_ms, rate * elapsed, "event", consume_cpu_us, "filtering"
         )
+        figures += scrape_figures(scrapes, scrape_s)
         sent = (await self.sink.stats())[0]
         note = "" if done >= n else f"{done} of {n} committed"
         if done >= n and not rate:
@@ -587,7 +618,7 @@ class Bench:
         instant = [
             (
                 await self.instant_run(100 + i, bare_us),
-                await self.instant_run(100 + i, bare_us, secured),
+                await self.instant_run(100 + i, bare_us, kafka=secured),
             )
             for i in range(pairs)
         ]
@@ -596,7 +627,7 @@ class Bench:
         filtering = [
             (
                 await self.filtering_run(100 + 2 * i, consume_us),
-                await self.filtering_run(101 + 2 * i, consume_us, secured),
+                await self.filtering_run(101 + 2 * i, consume_us, kafka=secured),
             )
             for i in range(pairs)
         ]
@@ -1053,6 +1084,7 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "timers": Bench.timers,
     "scale": Bench.scale_out,
     "steady": steady,
+    "admin": admin,
 }
 
 
@@ -1067,7 +1099,7 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True)
     wall = time.monotonic()
     names = args.only or list(SCENARIOS)
-    if {"filtering", "security"} & set(names) and "ceilings" not in names:
+    if {"filtering", "security", "admin"} & set(names) and "ceilings" not in names:
         names.insert(0, "ceilings")  # the filtering test reads the ceiling's topic
     async with Sink(workdir, args.sink, batch=args.sink_scheduling == "batch") as sink:
         say(f"the sink: {sink.kind}, scheduling policy {sink.scheduling}")

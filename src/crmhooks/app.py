@@ -8,6 +8,7 @@ The parts, each owning one kind of state (docs/architecture.md draws them):
 - ``dispatch.Dispatcher``: per-host queues and the tasks firing actions;
 - ``quota.QuotaLedger``, ``suspensions.Suspensions``: the organisations' counts;
 - ``reporter.Reporter``: result and dead-letter records, attempts' report groups;
+- ``alerts.Alerter``: administrator alerts waiting to be sent (off the delivery path);
 - ``snapshot.LiveConfig``: the configuration in force;
 - and here, which partitions are this process's.
 
@@ -49,6 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any, Protocol
 
 from crmhooks.admin import Liveness, Readiness
+from crmhooks.alerts import ALERT_DRAIN_S, Alerter
 from crmhooks.checkpoint import Checkpoint, Committer
 from crmhooks.clock import Clock
 from crmhooks.config import Config
@@ -144,6 +146,7 @@ class Processor:
             metrics,
             fatal=lambda exc: store.failed is not None,
         )
+        self.alerts = Alerter(live, transport, clock, metrics)
         self.dispatcher = Dispatcher(
             live,
             self.scheduler,
@@ -155,6 +158,7 @@ class Processor:
             clock,
             owns,
             metrics,
+            self.alerts,
         )
         self.intake = Intake(live, store, self.scheduler, self.suspensions, self.reporter, owns)
         self.events = 0
@@ -251,7 +255,7 @@ class Processor:
     async def stop_parts(self, grace_s: float | None = None) -> None:
         """In-flight requests finish within the grace (``[delivery] shutdown_grace_s``
         by default); what was not finished in time is stored, then every offset
-        committed; unused quota units given back."""
+        committed; unused quota units given back; alerts still queued sent."""
         if grace_s is None:
             grace_s = self.config.current.config.delivery.shutdown_grace_s
         await self.dispatcher.drain(grace_s)
@@ -265,6 +269,10 @@ class Processor:
             await self.quota.release()
         except Exception as exc:  # stopping anyway: they stay counted, never overshoot
             log.warning("unused quota units not given back: %s", exc)
+        # Last, so that a dead alert receiver delays no commit: a suspension of the
+        # last moment is still told, within ALERT_DRAIN_S (none with a failed store:
+        # the process exits at once).
+        await self.alerts.drain(min(grace_s, ALERT_DRAIN_S))
 
     def _partitions(self) -> list[int]:
         return sorted(self._owned)

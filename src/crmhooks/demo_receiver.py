@@ -11,12 +11,19 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-# Paths that answer an error, so the demo shows a retry: path → statuses to answer in turn.
+# Paths that answer an error, so the demo shows a retry: the first attempt of each
+# webhook-id fails, the retry succeeds.
 FLAKY_PREFIX = "/flaky"
+# Paths of a receiver that is down for good: every request gets 500, so the demo
+# shows a webhook failing its retry, suspended, and the administrator alerted.
+BROKEN_PREFIX = "/broken"
+# Where the demo's administrator alerts arrive (config/demo.toml, OpsAlerts).
+ALERTS_PREFIX = "/ops/alerts"
 
 
 def _show(request: web.Request, body: bytes, status: int) -> str:
-    lines = [f"── webhook received → answering {status} ──", f"{request.method} {request.path_qs}"]
+    what = "ADMINISTRATOR ALERT" if request.path.startswith(ALERTS_PREFIX) else "webhook"
+    lines = [f"── {what} received → answering {status} ──", f"{request.method} {request.path_qs}"]
     for name in ("Content-Type", "User-Agent", "webhook-id", "webhook-signature"):
         if name in request.headers:
             lines.append(f"  {name}: {request.headers[name]}")
@@ -40,6 +47,8 @@ def make_app(stream: TextIO = sys.stdout) -> web.Application:
             wid = request.headers.get("webhook-id", "")
             seen[wid] = seen.get(wid, 0) + 1
             status = 503 if seen[wid] == 1 else 200
+        elif request.path.startswith(BROKEN_PREFIX):
+            status = 500
         print(_show(request, body, status), file=stream, flush=True)
         return web.Response(status=status, text="ok\n" if status == 200 else "try later\n")
 
