@@ -47,7 +47,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from crmhooks.admin import Liveness, Readiness
 from crmhooks.alerts import ALERT_DRAIN_S, Alerter
@@ -88,6 +88,10 @@ class Kafka(Committer, Producer, Protocol):
     """What the processor needs of ``kafka_io.KafkaIO``."""
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched: ...
+
+    @property
+    def broken(self) -> asyncio.Future[None]:
+        """Resolves with a KafkaIOError once nothing can be written any more."""
 
     async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]: ...
 
@@ -221,9 +225,9 @@ class Processor:
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            done, _ = await asyncio.wait(
-                [consume, stopper, *helpers], return_when=asyncio.FIRST_COMPLETED
-            )
+            # kafka.broken: Kafka can no longer be written to (no producer can be made).
+            waited: list[asyncio.Future[Any]] = [consume, stopper, kafka.broken, *helpers]
+            done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
