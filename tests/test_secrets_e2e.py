@@ -148,9 +148,7 @@ async def test_echoed_secrets_reach_no_result_dead_letter_log_store_or_changelog
     assert all("header X-Deal" in d["message"] for d in errors)
 
     changelog = []
-    async for r in read_topic(
-        config.kafka.bootstrap_servers, config.kafka.changelog, idle_timeout_s=1.0
-    ):
+    async for r in read_topic(config.kafka, config.kafka.changelog, idle_timeout_s=1.0):
         changelog.append((r.key or b"") + b" " + (r.value or b""))
     assert changelog
     store_bytes = await asyncio.to_thread(

@@ -8,6 +8,7 @@ The parts, each owning one kind of state (docs/architecture.md draws them):
 - ``dispatch.Dispatcher``: per-host queues and the tasks firing actions;
 - ``quota.QuotaLedger``, ``suspensions.Suspensions``: the organisations' counts;
 - ``reporter.Reporter``: result and dead-letter records, attempts' report groups;
+- ``alerts.Alerter``: administrator alerts waiting to be sent (off the delivery path);
 - ``snapshot.LiveConfig``: the configuration in force;
 - and here, which partitions are this process's.
 
@@ -46,9 +47,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from crmhooks.admin import Liveness, Readiness
+from crmhooks.alerts import ALERT_DRAIN_S, Alerter
 from crmhooks.checkpoint import Checkpoint, Committer
 from crmhooks.clock import Clock
 from crmhooks.config import Config
@@ -86,6 +88,10 @@ class Kafka(Committer, Producer, Protocol):
     """What the processor needs of ``kafka_io.KafkaIO``."""
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched: ...
+
+    @property
+    def broken(self) -> asyncio.Future[None]:
+        """Resolves with a KafkaIOError once nothing can be written any more."""
 
     async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]: ...
 
@@ -133,8 +139,14 @@ class Processor:
         )
         self.suspensions = Suspensions(store, lambda: live.current)
         self.reporter = Reporter(
-            store, self.checkpoint, clock, lambda: live.current.config.kafka, metrics
+            store,
+            self.checkpoint,
+            clock,
+            lambda: live.current.config.kafka,
+            metrics,
+            fatal=lambda exc: store.failed is not None,
         )
+        self.alerts = Alerter(live, transport, clock, metrics)
         self.dispatcher = Dispatcher(
             live,
             self.scheduler,
@@ -146,6 +158,7 @@ class Processor:
             clock,
             owns,
             metrics,
+            self.alerts,
         )
         self.intake = Intake(live, store, self.scheduler, self.suspensions, self.reporter, owns)
         self.events = 0
@@ -205,12 +218,16 @@ class Processor:
             asyncio.create_task(self.checkpoint.deadline_loop(), name="unstored-deadline"),
             asyncio.create_task(self._purge_loop(), name="purge"),
             asyncio.create_task(self._gauge_loop(), name="gauges"),
+            # A failed store (full or read-only disk, I/O error) raises here: the
+            # process stops taking work at once and exits non-zero with the real error,
+            # for a supervisor to restart it once the disk is fixed (SPEC §10).
+            asyncio.create_task(self.store.until_failed(), name="store-failed"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            done, _ = await asyncio.wait(
-                [consume, stopper, *helpers], return_when=asyncio.FIRST_COMPLETED
-            )
+            # kafka.broken: Kafka can no longer be written to (no producer can be made).
+            waited: list[asyncio.Future[Any]] = [consume, stopper, kafka.broken, *helpers]
+            done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -221,19 +238,27 @@ class Processor:
             self.checkpoint.release_reader()  # a consume loop waiting for the budget sees it
             await consume
         finally:
+            self.readiness.set_stopping()
             self.dispatcher.stop()
-            for task in helpers:
+            if not consume.done():  # a part failed: reading stops now, mid-batch or not
+                consume.cancel()
+            for task in [consume, *helpers]:
                 task.cancel()
-            for task in helpers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task  # (what a failed task raised is raised above)
             stopper.cancel()
-            await self.stop_parts()
+            # With a failed store no result of a request in flight can be stored:
+            # waiting for them only delays the exit (they are sent again after restart).
+            grace_s = 0.0 if self.store.failed is not None else None
+            await self.stop_parts(grace_s)
 
-    async def stop_parts(self) -> None:
-        """In-flight requests finish within the grace; what was not finished in time is
-        stored, then every offset committed; unused quota units given back."""
-        await self.dispatcher.drain(self.config.current.config.delivery.shutdown_grace_s)
+    async def stop_parts(self, grace_s: float | None = None) -> None:
+        """In-flight requests finish within the grace (``[delivery] shutdown_grace_s``
+        by default); what was not finished in time is stored, then every offset
+        committed; unused quota units given back; alerts still queued sent."""
+        if grace_s is None:
+            grace_s = self.config.current.config.delivery.shutdown_grace_s
+        await self.dispatcher.drain(grace_s)
         try:
             await self.checkpoint.store_unstored()
             await self.checkpoint.committed()
@@ -244,6 +269,10 @@ class Processor:
             await self.quota.release()
         except Exception as exc:  # stopping anyway: they stay counted, never overshoot
             log.warning("unused quota units not given back: %s", exc)
+        # Last, so that a dead alert receiver delays no commit: a suspension of the
+        # last moment is still told, within ALERT_DRAIN_S (none with a failed store:
+        # the process exits at once).
+        await self.alerts.drain(min(grace_s, ALERT_DRAIN_S))
 
     def _partitions(self) -> list[int]:
         return sorted(self._owned)
@@ -306,6 +335,11 @@ class Processor:
                 continue
             async with self._lock:
                 await self._process_batch(records)
+            # One turn of the event loop a batch: with records buffered by aiokafka,
+            # the fetch, an empty store write and an empty produce all return without
+            # suspending, and nothing else would run (offset commits, firing, reports,
+            # the admin endpoint) until the backlog was drained. ~10 µs a batch.
+            await asyncio.sleep(0)
         async with self._lock:
             await self.checkpoint.committed()
 

@@ -344,7 +344,9 @@ class HttpTransport:
                 finally:
                     slot.slots.give()
         except Exception as exc:  # the contract: nothing escapes send
-            log.exception("delivery action_id=%s unexpected error", action_id)
+            log.exception(
+                "delivery action_id=%s unexpected error", action_id, extra={"action_id": action_id}
+            )
             outcome = Outcome(
                 error_class="connection_error",
                 http_status=None,

@@ -24,8 +24,14 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 
-# Paths that answer an error, so the demo shows a retry: path → statuses to answer in turn.
+# Paths that answer an error, so the demo shows a retry: the first attempt of each
+# webhook-id fails, the retry succeeds.
 FLAKY_PREFIX = "/flaky"
+# Paths of a receiver that is down for good: every request gets 500, so the demo
+# shows a webhook failing its retry, suspended, and the administrator alerted.
+BROKEN_PREFIX = "/broken"
+# Where the demo's administrator alerts arrive (config/demo.toml, OpsAlerts).
+ALERTS_PREFIX = "/ops/alerts"
 # Paths that need a token from the OAuth2 mode (a support desk's API, in the demo).
 PROTECTED_PREFIX = "/desk/"
 TOKEN_PATH = "/oauth/token"
@@ -78,7 +84,8 @@ class OAuth2Server:
 
 
 def _show(request: web.Request, body: bytes, status: int) -> str:
-    lines = [f"── webhook received → answering {status} ──", f"{request.method} {request.path_qs}"]
+    what = "ADMINISTRATOR ALERT" if request.path.startswith(ALERTS_PREFIX) else "webhook"
+    lines = [f"── {what} received → answering {status} ──", f"{request.method} {request.path_qs}"]
     for name in ("Content-Type", "User-Agent", "webhook-id", "webhook-signature"):
         if name in request.headers:
             lines.append(f"  {name}: {request.headers[name]}")
@@ -107,6 +114,8 @@ def make_app(stream: TextIO = sys.stdout, oauth2: OAuth2Server | None = None) ->
             status = 503 if seen[wid] == 1 else 200
         elif request.path.startswith(PROTECTED_PREFIX):
             status = 200 if oauth2 is not None and oauth2.allows(request) else 401
+        elif request.path.startswith(BROKEN_PREFIX):
+            status = 500
         print(_show(request, body, status), file=stream, flush=True)
         text = {200: "ok\n", 401: "a valid bearer token is needed\n"}.get(status, "try later\n")
         return web.Response(status=status, text=text)

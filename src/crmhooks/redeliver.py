@@ -42,7 +42,7 @@ from msgspec.structs import replace
 from crmhooks.actions import Action
 from crmhooks.config import Config
 from crmhooks.errors import CrmhooksError
-from crmhooks.kafka_io import produce_records
+from crmhooks.kafka_clients import produce_records
 from crmhooks.store import Store
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ async def request_redelivery(config: Config, path: Path, action_id: str) -> str:
         raise CrmhooksError(reason)
     k = config.kafka
     await produce_records(
-        k.bootstrap_servers,
+        k,
         [(k.events_topic, action.org_id.encode(), command_value(action))],
         headers=[(REDELIVER_HEADER, action_id.encode())],
         partition=action.partition,

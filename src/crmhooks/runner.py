@@ -38,7 +38,7 @@ async def run_processor(
     listen = config.admin.listen
     async with (
         serving(listen, metrics, readiness, liveness) as admin,
-        Store(config.store.path) as store,
+        Store(config.store.path, clock=clock) as store,
         HttpTransport(
             config.delivery,
             clock,

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 from crmhooks.actions import Action
+from crmhooks.logs import about
 from crmhooks.snapshot import ConfigSnapshot
 from crmhooks.store import Store, WriteBatch
 from crmhooks.store import fingerprint as config_fingerprint
@@ -59,7 +60,11 @@ class Suspensions:
                 if failed or suspended:
                     table[skey] = (failed, suspended)
             elif suspended:
-                log.info("suspension of %s lifted: its rule or webhook config changed", skey)
+                log.info(
+                    "suspension of %s lifted: its rule or webhook config changed",
+                    skey,
+                    extra={"org_id": skey[0], "rule_id": skey[1], "webhook": skey[2]},
+                )
         self._table = table
 
     def fingerprint(self, org_id: str, rule_id: str, webhook: str) -> str:
@@ -102,12 +107,13 @@ class Suspensions:
         before = self._table.get(skey, (0, False))
         failed = before[0] + 1
         suspended = threshold > 0 and failed >= threshold
-        if suspended:
+        if suspended and not before[1]:  # once: failures counted meanwhile are not news
             log.warning(
                 "webhook %s of rule %s suspended for %s",
                 action.webhook,
                 action.rule_id,
                 action.org_id,
+                extra=about(action),
             )
         self._table[skey] = (failed, suspended)
         batch.suspensions.append(
