@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -130,11 +132,14 @@ async def create_topics(
 class FastProducer:
     """Batches records per partition with ``send_batch``: tens of thousands a second."""
 
-    def __init__(self, bootstrap: str, *, linger_ms: int = 0) -> None:
+    def __init__(
+        self, bootstrap: str, *, linger_ms: int = 0, compression_type: str | None = None
+    ) -> None:
         self.producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             acks=1,
             linger_ms=linger_ms,
+            compression_type=compression_type,
             max_batch_size=BATCH_BYTES,
             max_request_size=4 * BATCH_BYTES,
         )
@@ -561,10 +566,20 @@ class CpuSampler:
 class Processor:
     """``crmhooks run --config F`` as a child process; SIGTERM stops it gracefully."""
 
-    def __init__(self, config: Path, log: Path, store: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        store: Path | None = None,
+        kafka: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.store = store  # its own SQLite file (CRMHOOKS_STORE_PATH), else the config's
+        # [kafka] settings of its own (a secured listener), in its config file: the
+        # environment's CRMHOOKS_BOOTSTRAP_SERVERS (the bench's PLAINTEXT listener)
+        # must not override the file's address then.
+        self.kafka = dict(kafka or {})
         self.proc: asyncio.subprocess.Process | None = None
         self.profiler: asyncio.subprocess.Process | None = None
         self.started = 0.0
@@ -580,20 +595,24 @@ class Processor:
                 if cprofile
                 else []
             )
+            command = [str(CRMHOOKS)]
+            env = {
+                **os.environ,
+                "CRMHOOKS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
+                **({"CRMHOOKS_STORE_PATH": str(self.store)} if self.store else {}),
+            }
+            if self.kafka:
+                env.pop("CRMHOOKS_BOOTSTRAP_SERVERS", None)  # the config names its listener
             self.proc = await asyncio.create_subprocess_exec(
                 *wrap,
-                str(CRMHOOKS),
+                *command,
                 "run",
                 "--config",
                 str(self.config),
                 cwd=REPO,
                 stdout=log,
                 stderr=log,
-                env={
-                    **os.environ,
-                    "CRMHOOKS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
-                    **({"CRMHOOKS_STORE_PATH": str(self.store)} if self.store else {}),
-                },
+                env=env,
             )
         profile_dir = os.environ.get("BENCH_PROFILE")
         if profile_dir:
@@ -655,6 +674,7 @@ async def processors(
     count: int = 1,
     *,
     own_stores: bool = False,
+    kafka: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[list[Processor]]:
     """``count`` processors of one config; ``own_stores``: each its own SQLite file, as
     on separate machines (state moves through the changelog)."""
@@ -662,7 +682,10 @@ async def processors(
     path.write_text(render_toml(config))
     procs = [
         Processor(
-            path, workdir / f"{name}-{i}.log", workdir / f"{name}-{i}.db" if own_stores else None
+            path,
+            workdir / f"{name}-{i}.log",
+            workdir / f"{name}-{i}.db" if own_stores else None,
+            kafka,
         )
         for i in range(count)
     ]
@@ -672,3 +695,59 @@ async def processors(
         yield procs
     finally:
         await asyncio.gather(*(p.stop() for p in procs))
+
+
+# --- the admin endpoint of a processor ----------------------------------------------
+
+
+def logged_admin_port(log: Path) -> int | None:
+    """The port of the runner's line ``admin endpoint on http://HOST:PORT`` (a processor
+    configured with ``[admin] listen = "127.0.0.1:0"`` takes a free one)."""
+    if not log.exists():
+        return None
+    found = re.search(r"admin endpoint on http://[^:\s]+:(\d+)", log.read_text(errors="replace"))
+    return int(found.group(1)) if found else None
+
+
+async def admin_port(log: Path, timeout_s: float = 60.0) -> int:
+    """Until the processor logging to ``log`` has its admin endpoint: its port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        port = logged_admin_port(log)
+        if port is not None:
+            return port
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"the processor did not start its admin endpoint; see {log}")
+
+
+@contextlib.asynccontextmanager
+async def scraping(log: Path, interval_s: float | None) -> AsyncIterator[list[float]]:
+    """GET /metrics of the processor logging to ``log`` every ``interval_s``, as Prometheus
+    would, for the block's duration; yields the list of scrape durations (s), filled
+    as they happen. ``interval_s`` None: nothing is scraped (the same run without)."""
+    durations: list[float] = []
+    if interval_s is None:
+        yield durations
+        return
+    port = await admin_port(log)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    async def scrape_loop(http: aiohttp.ClientSession) -> None:
+        next_s = time.monotonic()
+        while True:
+            start = time.monotonic()
+            with contextlib.suppress(aiohttp.ClientError):  # the processor stopping
+                async with http.get(url) as resp:
+                    await resp.read()
+                durations.append(time.monotonic() - start)
+            next_s += interval_s
+            await asyncio.sleep(max(0.0, next_s - time.monotonic()))
+
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.create_task(scrape_loop(http))
+        try:
+            yield durations
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -47,6 +47,15 @@ class FakeKafka:
     changelog_keys: list[bytes] = field(default_factory=list)
     fetches: int = 0
 
+    _broken: asyncio.Future[None] | None = None
+
+    @property
+    def broken(self) -> asyncio.Future[None]:
+        """Never resolves: the fake's producer is never lost."""
+        if self._broken is None:
+            self._broken = asyncio.get_running_loop().create_future()
+        return self._broken
+
     async def commit(self, next_offsets: dict[int, int]) -> None:
         self.committed.update(next_offsets)
 

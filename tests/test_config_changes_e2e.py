@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from crmhooks.config import Config, KafkaSettings, load_config
-from crmhooks.kafka_io import ensure_topics
+from crmhooks.kafka_clients import ensure_topics
 from crmhooks.runner import run_processor
 from tests.crash_support import ProcessorProcess
 from tests.support import (
@@ -180,9 +180,7 @@ async def test_a_restart_without_the_webhook_or_rule_of_a_pending_action_cancels
 async def processor_process(
     tmp_path: Path, config_path: Path, kafka: KafkaSettings
 ) -> AsyncIterator[ProcessorProcess]:
-    await ensure_topics(
-        kafka.bootstrap_servers, [kafka.events_topic, kafka.results_topic, kafka.dlq_topic], 3
-    )
+    await ensure_topics(kafka, [kafka.events_topic, kafka.results_topic, kafka.dlq_topic], 3)
     proc = ProcessorProcess(config_path, tmp_path / "run.log", kafka.bootstrap_servers)
     await proc.start()
     try:
@@ -260,7 +258,7 @@ async def test_a_change_of_the_file_is_in_force_within_5_s_without_a_signal(
         store = tmp_path / "crmhooks.db"
         config = load(path, toml(kafka, store, f"{rx.url}/v1", later=False))
         k = config.kafka
-        await ensure_topics(k.bootstrap_servers, [k.events_topic, k.results_topic, k.dlq_topic], 3)
+        await ensure_topics(k, [k.events_topic, k.results_topic, k.dlq_topic], 3)
         stop = asyncio.Event()
         task = asyncio.create_task(
             run_processor(config, stop, handle_signals=False, config_path=path)

@@ -8,6 +8,7 @@ The parts, each owning one kind of state (docs/architecture.md draws them):
 - ``dispatch.Dispatcher``: per-host queues and the tasks firing actions;
 - ``quota.QuotaLedger``, ``suspensions.Suspensions``: the organisations' counts;
 - ``reporter.Reporter``: result and dead-letter records, attempts' report groups;
+- ``alerts.Alerter``: administrator alerts waiting to be sent (off the delivery path);
 - ``snapshot.LiveConfig``: the configuration in force;
 - ``config_topic.ConfigTopic`` (with ``[kafka] config_topic``): organisations'
   documents read and put in force, refused ones dead-lettered;
@@ -53,6 +54,7 @@ from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Seque
 from typing import Any, Protocol
 
 from crmhooks.admin import Liveness, Readiness
+from crmhooks.alerts import ALERT_DRAIN_S, Alerter
 from crmhooks.checkpoint import Checkpoint, Committer
 from crmhooks.clock import Clock
 from crmhooks.config import Config
@@ -92,6 +94,10 @@ class Kafka(Committer, Producer, Protocol):
     """What the processor needs of ``kafka_io.KafkaIO``."""
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched: ...
+
+    @property
+    def broken(self) -> asyncio.Future[None]:
+        """Resolves with a KafkaIOError once nothing can be written any more."""
 
     async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]: ...
 
@@ -146,6 +152,7 @@ class Processor:
             metrics,
             fatal=lambda exc: store.failed is not None,
         )
+        self.alerts = Alerter(live, transport, clock, metrics)
         self.dispatcher = Dispatcher(
             live,
             self.scheduler,
@@ -157,6 +164,7 @@ class Processor:
             clock,
             owns,
             metrics,
+            self.alerts,
         )
         self.intake = Intake(live, store, self.scheduler, self.suspensions, self.reporter, owns)
         self.sweeper = Sweeper(
@@ -254,9 +262,9 @@ class Processor:
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            done, _ = await asyncio.wait(
-                [consume, stopper, *helpers], return_when=asyncio.FIRST_COMPLETED
-            )
+            # kafka.broken: Kafka can no longer be written to (no producer can be made).
+            waited: list[asyncio.Future[Any]] = [consume, stopper, kafka.broken, *helpers]
+            done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -284,7 +292,7 @@ class Processor:
     async def stop_parts(self, grace_s: float | None = None) -> None:
         """In-flight requests finish within the grace (``[delivery] shutdown_grace_s``
         by default); what was not finished in time is stored, then every offset
-        committed; unused quota units given back."""
+        committed; unused quota units given back; alerts still queued sent."""
         if grace_s is None:
             grace_s = self.config.current.config.delivery.shutdown_grace_s
         await self.dispatcher.drain(grace_s)
@@ -298,6 +306,10 @@ class Processor:
             await self.quota.release()
         except Exception as exc:  # stopping anyway: they stay counted, never overshoot
             log.warning("unused quota units not given back: %s", exc)
+        # Last, so that a dead alert receiver delays no commit: a suspension of the
+        # last moment is still told, within ALERT_DRAIN_S (none with a failed store:
+        # the process exits at once).
+        await self.alerts.drain(min(grace_s, ALERT_DRAIN_S))
 
     def _partitions(self) -> list[int]:
         return sorted(self._owned)
@@ -366,6 +378,11 @@ class Processor:
                 continue
             async with self._lock:
                 await self._process_batch(records)
+            # One turn of the event loop a batch: with records buffered by aiokafka,
+            # the fetch, an empty store write and an empty produce all return without
+            # suspending, and nothing else would run (offset commits, firing, reports,
+            # the admin endpoint) until the backlog was drained. ~10 µs a batch.
+            await asyncio.sleep(0)
         async with self._lock:
             await self.checkpoint.committed()
 

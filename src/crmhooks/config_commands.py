@@ -26,8 +26,8 @@ from crmhooks.config import (
 )
 from crmhooks.config.masking import masked_document
 from crmhooks.errors import CrmhooksError
+from crmhooks.kafka_clients import read_topic
 from crmhooks.kafka_documents import ensure_config_topic, produce_document
-from crmhooks.kafka_io import read_topic
 from crmhooks.orgconfig import OrgConfigs
 from crmhooks.progress import Progress
 from crmhooks.snapshot import CompiledFile
@@ -88,7 +88,7 @@ async def get(
     config_path: str,
     org_id: str,
     progress: Progress | None = None,
-    notes: TextIO = sys.stderr,
+    notes: TextIO | None = None,
 ) -> dict[str, Any]:
     """The organisation's document in force, its secrets as ``***``; CrmhooksError when
     it has none."""
@@ -96,7 +96,7 @@ async def get(
     mine: list[tuple[int, int, bytes | None]] = []
     key = org_id.encode()
     read = 0
-    async for rec in read_topic(config.kafka.bootstrap_servers, topic, idle_timeout_s=5.0):
+    async for rec in read_topic(config.kafka, topic, idle_timeout_s=5.0):
         read += 1
         if progress is not None:
             progress.update(read, note=f"records read, {len(mine)} of {org_id}")
@@ -113,7 +113,7 @@ async def get(
             print(
                 f"note: {org_id}'s document at {partition}/{offset} is refused "
                 f"({len(exc.errors)} errors); an older one is in force",
-                file=notes,
+                file=notes or sys.stderr,
             )
             continue
         shown: dict[str, Any] = masked_document(parse_document(value), document.secret_values())

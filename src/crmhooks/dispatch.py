@@ -25,11 +25,14 @@ from zoneinfo import ZoneInfo
 from msgspec.structs import replace
 
 from crmhooks.actions import Action
+from crmhooks.alerts import Alerter
 from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.delivery import Outcome, Transport
+from crmhooks.endpoints import scrub
 from crmhooks.errors import TemplateError
 from crmhooks.events import RecordEvent
+from crmhooks.logs import about
 from crmhooks.metrics import Metrics
 from crmhooks.quota import QuotaLedger
 from crmhooks.reporter import Reporter
@@ -63,8 +66,10 @@ class Dispatcher:
         clock: Clock,
         owns: Callable[[int], bool],
         metrics: Metrics,
+        alerts: Alerter | None = None,
     ) -> None:
         self._config = config
+        self._alerts = alerts
         self._metrics = metrics
         self._scheduler = scheduler
         self._quota = quota
@@ -183,6 +188,7 @@ class Dispatcher:
                 "action %s: unexpected error while firing; again in %d ms",
                 action.action_id,
                 FIRE_ERROR_RETRY_MS,
+                extra=about(action),
             )
             retry = replace(action, due_ms=self._clock.now_ms() + FIRE_ERROR_RETRY_MS)
         finally:
@@ -220,7 +226,9 @@ class Dispatcher:
         try:
             request = self._render(target, action, event)
         except TemplateError as exc:
-            await self._reporter.internal_error(action, event, f"template failed: {exc}")
+            # Its text names the part, never a value; scrubbed all the same (SPEC §3.1).
+            message = scrub(f"template failed: {exc}", target.endpoint.secrets)
+            await self._reporter.internal_error(action, event, message)
             return False
         storing = quota.take(action.org_id, day, action.partition, limit)
         if storing is not None:
@@ -232,7 +240,7 @@ class Dispatcher:
         if outcome.sent_at_ms is None:  # refused before sending: not counted, not retried
             await quota.give_back(action.org_id, day, action.partition)
             if outcome.error_class != "ssrf_blocked":  # a header or URL we could not send
-                message = f"request not sent: {outcome.error}"
+                message = scrub(f"request not sent: {outcome.error}", target.endpoint.secrets)
                 await self._reporter.internal_error(action, event, message)
                 return False
         self._settle(action, request, outcome)
@@ -254,12 +262,15 @@ class Dispatcher:
         self, action: Action, event: RecordEvent, day: str, used: int, limit: int
     ) -> None:
         message = f"{action.org_id} used {used} of {limit} notifications on {day}"
-        if self._quota.first_over(action.org_id, day):
-            log.warning("daily limit reached: %s", message)
+        first = self._quota.first_over(action.org_id, day)
+        if first:
+            log.warning("daily limit reached: %s", message, extra=about(action))
         letter = self._reporter.action_letter(action, event, "daily_limit_reached", message)
         await self._reporter.final(
             action, "quota_exceeded", reason="daily_limit_reached", extra=[letter]
         )
+        if first and self._alerts is not None:
+            self._alerts.daily_limit(action, day, message)
 
     def _settle(self, action: Action, request: RenderedRequest, outcome: Outcome) -> None:
         """Report an attempt's outcome, then store what follows: done, or a retry.
@@ -293,22 +304,34 @@ class Dispatcher:
                 attempt,
                 outcome.error_class,
                 retry.due_ms,
+                extra=about(action),
             )
         else:
             status = "failed"
             log.warning(
-                "action %s failed on attempt %d: %s", action.action_id, attempt, outcome.error
+                "action %s failed on attempt %d: %s",
+                action.action_id,
+                attempt,
+                outcome.error,
+                extra=about(action),
             )
-            self._suspensions.count_failure(action, batch, delivery.suspend_after_failed_actions)
+            threshold = delivery.suspend_after_failed_actions
+            suspends = self._suspensions.count_failure(action, batch, threshold)
+            if suspends and self._alerts is not None:
+                alerts = self._alerts  # told once the suspension is stored
+                group.after_written(lambda: alerts.suspended(action, threshold, outcome.error))
         unstored = self._checkpoint.take_unstored(action.action_id)  # stored here now
         now_ms = self._clock.now_ms()
         if retry is not None and unstored is not None:
             batch.new_actions.append(retry)  # stored for the first time, for its retry
-            batch.snapshots.append((action.record_key, action.partition, unstored[2]))
+            # With its own event: the retry renders what the first attempt did (SPEC §5).
+            batch.action_events.append((action.action_id, action.partition, unstored[2]))
         elif retry is not None:
             batch.moved.append((action.action_id, retry.due_ms, retry.attempt))
         elif unstored is not None:  # stored for the first time, finished
             batch.done.append((action, status, now_ms))
+            if status != "delivered":  # rare: kept so that `crmhooks redeliver` renders it
+                batch.action_events.append((action.action_id, action.partition, unstored[2]))
         else:
             batch.finished.append((action.action_id, status, now_ms))
         group.results.append(

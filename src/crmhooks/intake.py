@@ -1,4 +1,5 @@
-"""Events in: a fetched batch decoded, checked and planned into what it changes.
+"""Events in: a fetched batch decoded, checked and planned into what it changes (and the
+`crmhooks redeliver` requests among them, made into actions due again).
 
 ``Intake.plan`` turns a batch into a ``BatchPlan``: the changes to store (one
 transaction), the records to produce (results, dead letters), the actions the
@@ -17,8 +18,9 @@ import orjson
 from crmhooks.actions import Action
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent, decode_wanted_event
-from crmhooks.kafka_io import BatchRecord, Fetched
+from crmhooks.kafka_io import BatchRecord, Fetched, Skipped
 from crmhooks.modules import UNSUPPORTED_MODULES
+from crmhooks.redeliver import Request, plan_redeliveries, request_of
 from crmhooks.reporter import Produced, Reporter
 from crmhooks.scheduler import Scheduler
 from crmhooks.snapshot import ConfigSnapshot, LiveConfig
@@ -91,9 +93,15 @@ class Intake:
         needs_planning = snapshot.needs_planning
         owns = self._owns
         out = plan.out
+        redeliver: list[Request] = []
         for partition, records in fetched:
             if not owns(partition):
                 continue  # revoked since the fetch: the new owner reads it again
+            if isinstance(records, Skipped):  # offsets the consumer could not decode
+                out.append(self._reporter.skipped(records, now_ms))
+                plan.dead_lettered += 1
+                plan.next_offsets[partition] = records.next_offset  # committed past them
+                continue
             plan.read += len(records)
             plan.next_offsets[partition] = records[-1].offset + 1
             for rec in records:
@@ -104,6 +112,11 @@ class Intake:
                 try:
                     event = decode_wanted_event(rec.value, needs_planning, max_bytes)
                 except InvalidEvent as exc:
+                    # Not an event: a `crmhooks redeliver` request, or a poison pill.
+                    request = request_of(partition, rec.headers, rec.value) if rec.headers else None
+                    if request is not None:
+                        redeliver.append(request)
+                        continue
                     out.append(self._reporter.poison(partition, rec, exc, now_ms))
                     plan.dead_lettered += 1
                     continue
@@ -116,6 +129,11 @@ class Intake:
         if todo:
             with self._scheduler.reading():
                 await self._plan_events(snapshot, todo, now_ms, plan)
+        if redeliver:
+            retention_s = snapshot.config.store.finished_retention_s
+            again = await plan_redeliveries(self._store, redeliver, now_ms, retention_s)
+            plan.batch.redelivered += again
+            plan.heap_new += again
         return plan
 
     async def _plan_events(
@@ -203,12 +221,14 @@ class Intake:
                         continue  # finished before: a reprocessed event never sends again
                     batch.rearmed.append(action)  # replayed after its cause was fixed
                 into.heap_new.append(action)
-                scheduler.keep(action.record_key, event)
+                scheduler.keep(action, event)
                 if action.kind == "instant" and status is None:
                     into.unstored.append((action, raw))  # sent first, stored when finished
                     continue
                 batch.new_actions.append(action)
-                if not snapshot_stored:  # an instant action stored: renders after a restart
+                if action.kind == "instant":  # stored (replayed, read again): with its event
+                    batch.action_events.append((action.action_id, partition, raw))
+                elif not snapshot_stored:
                     snapshot_stored = True
                     batch.snapshots.append((record_key, partition, raw))
                 if action.kind == "scheduled":
@@ -232,6 +252,11 @@ class Intake:
 
 def _organisations(fetched: Fetched, owns: Callable[[int], bool]) -> set[str]:
     """The organisations the keys of a batch's records name (of owned partitions)."""
-    keys = {rec.key for partition, records in fetched if owns(partition) for rec in records}
+    keys = {
+        rec.key
+        for partition, records in fetched
+        if owns(partition) and not isinstance(records, Skipped)
+        for rec in records
+    }
     keys.discard(None)
     return {key.decode("utf-8", "replace") for key in keys if key is not None}

@@ -1,8 +1,10 @@
 """The config topic at the edge (SPEC §3.2): created compacted, read whole by every
 process from where its store says it stopped, and written by ``crmhooks config``.
 
-aiokafka's errors are translated to ``KafkaIOError``/``ProduceError`` here, as in
-``kafka_io`` for the other topics.
+Every client connects as ``kafka_clients.client_options`` says (security settings),
+and one that cannot start is explained by ``kafka_clients.start_error``. aiokafka's
+errors are translated to ``KafkaIOError``/``ProduceError`` here, as in ``kafka_io``
+for the other topics.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import KafkaIOError, ProduceError
-from crmhooks.kafka_io import keyed_partitioner, wait_visible
+from crmhooks.kafka_clients import client_options, compression, start_error, wait_visible
+from crmhooks.kafka_producer import keyed_partitioner
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +56,13 @@ async def _within(what: str, settings: KafkaSettings, awaitable: Awaitable[T]) -
             f"{what}: no answer from Kafka at {settings.bootstrap_servers} "
             f"within {COMMAND_TIMEOUT_S:.0f} s"
         ) from None
-    except KafkaConnectionError:
-        raise KafkaIOError(
-            f"{what}: cannot connect to Kafka at {settings.bootstrap_servers}"
-        ) from None
     except KafkaError as exc:
-        raise KafkaIOError(f"{what}: Kafka at {settings.bootstrap_servers}: {exc}") from exc
+        raise await start_error(settings, exc, what) from exc
 
 
 async def ensure_config_topic(settings: KafkaSettings, topic: str) -> None:
     """Create the config topic, compacted, when it does not exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = AIOKafkaAdminClient(**client_options(settings))
     try:
         await _within(f"creating topic {topic}", settings, admin.start())
         existing = set(await _within("listing topics", settings, admin.list_topics()))
@@ -97,7 +96,8 @@ async def produce_document(
     """Write one organisation's document (None: its tombstone); returns (partition,
     offset) once every in-sync replica has it."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
+        **client_options(settings),
+        compression_type=compression(settings),
         acks="all",
         enable_idempotence=True,
         max_request_size=4 << 20,
@@ -131,7 +131,7 @@ class ConfigTopicReader:
 
     async def __aenter__(self) -> ConfigTopicReader:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
+            **client_options(self.settings),
             enable_auto_commit=False,
             group_id=None,
             auto_offset_reset="earliest",
@@ -142,9 +142,8 @@ class ConfigTopicReader:
             await self._consumer.start()
         except KafkaError as exc:
             await self.__aexit__(None, None, None)
-            raise KafkaIOError(
-                f"cannot read config topic {self.topic} from {self.settings.bootstrap_servers}: "
-                f"{exc}"
+            raise await start_error(
+                self.settings, exc, f"reading config topic {self.topic}"
             ) from exc
         return self
 

@@ -52,7 +52,8 @@ RESULT_STATUSES: Final = (
 )
 DEAD_LETTER_CODES: Final = ("internal_process_error", "daily_limit_reached", "invalid_config")
 ALERT_TYPES: Final = ("webhook_suspended", "daily_limit_reached")
-ALERT_OUTCOMES: Final = ("sent", "failed")
+# dropped: not sent because too many were waiting, or the process stopped (alerts.py).
+ALERT_OUTCOMES: Final = ("sent", "failed", "dropped")
 RELOAD_OUTCOMES: Final = ("applied", "refused")
 
 # Request times (s): from a fast receiver on the same network (~5 ms) to the
@@ -228,7 +229,8 @@ class Metrics:
         return f"Metrics(events={self.events.values}, actions={self.actions.values})"
 
     def alert(self, kind: str, outcome: str) -> None:
-        """An administrator alert of ``kind`` (webhook_suspended, ...) was sent or failed."""
+        """An administrator alert of ``kind`` (webhook_suspended, ...) was sent, failed or
+        was dropped."""
         self.alerts.inc(f"{kind}:{outcome}")
 
     def watch(
@@ -316,7 +318,7 @@ class _Collector:
         )
         alerts = CounterMetricFamily(
             "crmhooks_alerts",
-            "Administrator alerts, by type and outcome (sent, failed)",
+            "Administrator alerts, by type and outcome (sent, failed, dropped)",
             labels=["type", "outcome"],
         )
         if with_samples:

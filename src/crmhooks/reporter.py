@@ -24,7 +24,8 @@ from crmhooks.config import KafkaSettings
 from crmhooks.delivery import Outcome
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent
-from crmhooks.kafka_io import BatchRecord
+from crmhooks.kafka_io import BatchRecord, Skipped
+from crmhooks.logs import about
 from crmhooks.metrics import Metrics
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.store import Store, WriteBatch
@@ -58,6 +59,14 @@ class ReportGroup:
     reporters: list[Reported] = field(default_factory=list)
     results: list[Produced] = field(default_factory=list)
     batch: WriteBatch = field(default_factory=WriteBatch)
+    # Called once the group is written, not if it fails (an alert of a suspension
+    # the group stores): rare, so None until one is added (``after_written``).
+    written: list[Callable[[], None]] | None = None
+
+    def after_written(self, call: Callable[[], None]) -> None:
+        if self.written is None:
+            self.written = []
+        self.written.append(call)
 
 
 class Reporter:
@@ -152,7 +161,13 @@ class Reporter:
         """The dead letter of an event that cannot be processed."""
         self.dead_letters += 1
         self._metrics.dead_letters.inc("internal_process_error")
-        log.warning("dead letter: partition %d offset %d: %s", partition, rec.offset, exc.message)
+        log.warning(
+            "dead letter: partition %d offset %d: %s",
+            partition,
+            rec.offset,
+            exc.message,
+            extra=_event_ids(exc.parsed, partition, rec.offset),
+        )
         kafka = self._kafka()
         letter = dead_letter(
             error_code="internal_process_error",
@@ -166,6 +181,24 @@ class Reporter:
             raw=rec.value,
         )
         return (kafka.dlq_topic, rec.key, encode(letter))
+
+    def skipped(self, skipped: Skipped, now_ms: int) -> Produced:
+        """The dead letter of offsets the consumer could not decode (kafka_io logged them)."""
+        self.dead_letters += 1
+        self._metrics.dead_letters.inc("internal_process_error")
+        kafka = self._kafka()
+        letter = dead_letter(
+            error_code="internal_process_error",
+            message=skipped.message,
+            failed_at_ms=now_ms,
+            topic=kafka.events_topic,
+            partition=skipped.partition,
+            offset=skipped.first_offset,
+            key=None,
+            event=None,
+            raw=None,
+        )
+        return (kafka.dlq_topic, None, encode(letter))
 
     def action_letter(
         self, action: Action, event: RecordEvent | None, code: str, message: str
@@ -212,8 +245,12 @@ class Reporter:
         await self.produce([*out, *extra])
         unstored = self._checkpoint.take_unstored(action.action_id)  # stored here now
         ended = (action.action_id, status, self._clock.now_ms())
-        batch = (  # stored for the first time, finished; or ended if still pending
-            WriteBatch(done=[(action, status, ended[2])])
+        batch = (  # stored for the first time, finished (with its event, which
+            # `crmhooks redeliver` renders); or ended if still pending
+            WriteBatch(
+                done=[(action, status, ended[2])],
+                action_events=[(action.action_id, action.partition, unstored[2])],
+            )
             if unstored is not None
             else WriteBatch(finished=[ended])
         )
@@ -229,7 +266,7 @@ class Reporter:
     async def internal_error(self, action: Action, event: RecordEvent | None, message: str) -> None:
         """An action that cannot be sent (template failure, a header or URL we could
         not send, its record gone): failed, with a dead letter."""
-        log.error("action %s: %s", action.action_id, message)
+        log.error("action %s: %s", action.action_id, message, extra=about(action))
         letter = self.action_letter(action, event, "internal_process_error", message)
         await self.final(
             action, "failed", error_class="internal_process_error", error=message, extra=[letter]
@@ -295,12 +332,31 @@ class Reporter:
             except BaseException as exc:  # a stop: each attempt is ended, then it goes on
                 error = exc
                 break
+        if error is None and group.written is not None:
+            for call in group.written:
+                try:
+                    call()
+                except Exception:
+                    log.exception("after a report group was written")
         on_reported = self._on_reported
         assert on_reported is not None  # attached before any attempt is reported
         for action, unstored, retry in group.reporters:
             try:
                 on_reported(action, unstored, retry, error)
             except Exception:
-                log.exception("action %s: ending its attempt failed", action.action_id)
+                log.exception(
+                    "action %s: ending its attempt failed", action.action_id, extra=about(action)
+                )
         if error is not None and not isinstance(error, Exception):
             raise error
+
+
+def _event_ids(parsed: object, partition: int, offset: int) -> dict[str, object]:
+    """The log fields of an invalid event: where it is, and its ids when it has them."""
+    ids: dict[str, object] = {"partition": partition, "offset": offset}
+    if isinstance(parsed, dict):
+        for name in ("org_id", "event_id"):
+            value = parsed.get(name)
+            if isinstance(value, str):
+                ids[name] = value
+    return ids

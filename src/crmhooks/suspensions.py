@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 
 from crmhooks.actions import Action
+from crmhooks.logs import about
 from crmhooks.snapshot import ConfigSnapshot
 from crmhooks.store import Store, WriteBatch
 from crmhooks.store import fingerprint as config_fingerprint
@@ -66,7 +67,11 @@ class Suspensions:
                     table[skey] = (failed, suspended)
                     counted[skey] = fingerprint
             elif suspended:
-                log.info("suspension of %s lifted: its rule or webhook config changed", skey)
+                log.info(
+                    "suspension of %s lifted: its rule or webhook config changed",
+                    skey,
+                    extra={"org_id": skey[0], "rule_id": skey[1], "webhook": skey[2]},
+                )
         self._table = table
         self._counted_under = counted
 
@@ -125,12 +130,13 @@ class Suspensions:
         before = self._table.get(skey, (0, False))
         failed = before[0] + 1
         suspended = threshold > 0 and failed >= threshold
-        if suspended:
+        if suspended and not before[1]:  # once: failures counted meanwhile are not news
             log.warning(
                 "webhook %s of rule %s suspended for %s",
                 action.webhook,
                 action.rule_id,
                 action.org_id,
+                extra=about(action),
             )
         self._table[skey] = (failed, suspended)
         fingerprint = self.fingerprint(*skey)

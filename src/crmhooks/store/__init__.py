@@ -16,6 +16,7 @@ restore and its purge — and the one mechanism they share:
                     failure (``Writer``)
     actions.py      pending and finished actions, done batches  ``store.actions``
     records.py      record snapshots, ``repeat = "once"`` flags   ``store.records``
+    events.py       instant actions' triggering events           ``store.events``
     quota.py        quota counters per organisation and day      ``store.quota``
     suspensions.py  suspensions, and the config ``fingerprint``   ``store.suspensions``
     documents.py    config-topic documents read, where reading    ``store.documents``
@@ -50,6 +51,7 @@ from crmhooks.store.changes import (
     WriteBatch,
 )
 from crmhooks.store.documents import DocumentChange, DocumentTable, Refused
+from crmhooks.store.events import EventTable
 from crmhooks.store.quota import QuotaTable
 from crmhooks.store.records import RecordTable
 from crmhooks.store.suspensions import SuspensionTable, fingerprint
@@ -70,7 +72,7 @@ __all__ = [
 
 
 class Store:
-    """The store's parts, composed: ``store.actions``, ``.records``, ``.quota``,
+    """The store's parts, composed: ``store.actions``, ``.events``, ``.records``, ``.quota``,
     ``.suspensions``, ``.documents`` and their one ``writer``.
 
     ``clock`` stamps the rows whose purge goes by age (snapshots, cleared flags).
@@ -82,9 +84,12 @@ class Store:
         self.records = RecordTable(self.writer)
         self.quota = QuotaTable(self.writer)
         self.suspensions = SuspensionTable(self.writer)
+        # Events after actions: their purge forgets the events of actions purged before.
+        self.events = EventTable(self.writer)
         self.documents = DocumentTable(self.writer)
         self.writer.tables = (
             self.actions,
+            self.events,
             self.records,
             self.quota,
             self.suspensions,
@@ -181,6 +186,9 @@ class Store:
     async def action_statuses(self, action_ids: Sequence[str]) -> dict[str, str]:
         return await self.actions.statuses(action_ids)
 
+    async def actions_with_status(self, action_ids: Sequence[str]) -> dict[str, tuple[Action, str]]:
+        return await self.actions.with_status(action_ids)
+
     async def get_actions(self, action_ids: Sequence[str]) -> dict[str, Action]:
         return await self.actions.pending(action_ids)
 
@@ -200,6 +208,9 @@ class Store:
 
     async def once_states(self, state_keys: Sequence[str]) -> dict[str, bool]:
         return await self.records.once_states(state_keys)
+
+    async def action_events(self, action_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return await self.events.events(action_ids)
 
     async def quota_used(self, org_id: str, day: str) -> int:
         return await self.quota.used(org_id, day)
