@@ -99,25 +99,27 @@ def test_needs_planning_asks_the_organisations_rules() -> None:
 
 
 async def test_documents_are_read_once_and_kept_in_a_bounded_cache(tmp_path: Path) -> None:
+    """Read and compiled at the first look-up; kept while looked up lately (the clock:
+    an entry seen since it was last passed over gets a second chance)."""
     async with Store(tmp_path / "s.db") as store:
         docs = [document(f"org-{i}") for i in range(5)]
         await stored(store, *docs)
         file = CompiledFile(config_from_mapping(FILE, {}))
         orgs = OrgConfigs(file, store.documents, await store.documents.org_ids(), size=3)
-        await orgs.prefetch(["org-0", "org-1", "org-2", "org-x"])
-        assert (orgs.loads, orgs.cached) == (3, 3)
-        await orgs.prefetch(["org-0", "org-1"])  # cached: nothing read
-        assert orgs.loads == 3
-        # Not prefetched (an event keyed by another organisation): read at once.
-        found = orgs.get("org-4")
-        assert found is not None
-        assert found.settings.id == "org-4"
+        for org in ("org-0", "org-1", "org-2", "org-0", "org-1"):
+            found = orgs.get(org)
+            assert found is not None and found.settings.id == org
+        assert (orgs.loads, orgs.compiled) == (3, 3)
+        assert orgs.get("org-x") is None and orgs.loads == 3  # no document: the file
+        for compiled in orgs._cache.values():
+            compiled.seen = False
+        assert orgs.get("org-0") is not None  # the oldest, but seen again: kept
+        assert orgs.get("org-3") is not None
+        assert list(orgs._cache) == ["org-2", "org-3", "org-0"]  # org-1 went
         assert orgs.loads == 4
-        assert orgs.cached == 3
-        assert "org-2" not in orgs._cache
-        assert orgs.get("org-2") is not None
-        assert orgs.get("org-x") is None
-        assert orgs.loads == 5
+        assert orgs.cached("org-1") is None
+        assert orgs.get("org-1") is not None and orgs.loads == 5  # read again
+        assert orgs.compiled == 3
 
 
 def test_compiled_webhooks_are_bounded_and_follow_the_document() -> None:

@@ -79,14 +79,9 @@ class Intake:
         invalid ones, and plan the events some rule acts on."""
         plan = BatchPlan()
         todo: list[ToPlan] = []
-        orgs = self._config.current.orgs
-        if orgs is not None and len(orgs):
-            # Events are keyed by organisation (SPEC §1): the batch's keys name the
-            # documents its events need, read and compiled here in one go. An event
-            # whose key is not its organisation's finds its document all the same
-            # (``OrgConfigs.get`` reads it then), only dearer.
-            await orgs.prefetch(_organisations(fetched, self._owns))
-        # Looked up once a batch: the loop below runs for every event read.
+        # Looked up once a batch: the loop below runs for every event read. (An
+        # organisation's config-topic document is looked up by the event's own
+        # org_id, read and compiled the first time: ``orgconfig``.)
         snapshot = self._config.current
         max_bytes = snapshot.config.kafka.max_event_bytes
         canonical = snapshot.catalog.canonical
@@ -248,15 +243,3 @@ class Intake:
                 into.heap_gone.add(a.action_id)
                 into.ended.append(a)
                 out.append(reporter.result(a, fin.status, reason=fin.reason))
-
-
-def _organisations(fetched: Fetched, owns: Callable[[int], bool]) -> set[str]:
-    """The organisations the keys of a batch's records name (of owned partitions)."""
-    keys = {
-        rec.key
-        for partition, records in fetched
-        if owns(partition) and not isinstance(records, Skipped)
-        for rec in records
-    }
-    keys.discard(None)
-    return {key.decode("utf-8", "replace") for key in keys if key is not None}

@@ -4,15 +4,25 @@ and the bounded caches of them a process keeps.
 A ``CompiledOrg`` is one organisation's document compiled against the config file
 in force (``snapshot.CompiledFile``): its rules indexed, its settings, and the
 file's organisation-less rules and webhooks, which still apply. Immutable, but for
-the webhooks it compiles on first use (``OrgConfigs.target``).
+its ``seen`` mark (the cache's) and the webhooks compiled on first use
+(``OrgConfigs.target``).
 
 ``OrgConfigs`` knows which organisations have a document in force (every one: a
 set of ids, read from the store at start) and keeps the compiled configuration of
-those it saw lately, in a least-recently-used cache of ``ORG_CACHE_SIZE``; their
-compiled webhooks in one of ``TARGET_CACHE_SIZE``. What is not cached is read from
-the store and compiled when it is needed: ``prefetch`` for a batch's organisations
-before its events are decoded (one read for all), ``get`` at once for one that
-was not (an event whose key is not its organisation, an action firing).
+those it saw lately, ``ORG_CACHE_SIZE`` at most; their compiled webhooks in an
+LRU of ``TARGET_CACHE_SIZE``. What is not cached is read from the store and
+compiled the first time it is looked up (an event decoded, an action fired): a
+primary-key read on the event loop's thread (tens of µs), then the compile
+(~1.5 ms for 5 webhooks and 5 rules, which no read ahead would save: it is CPU
+on that thread either way). Reading a batch's organisations ahead from its record
+keys was tried, and cost ~0.4 µs an event over 10,000 organisations — more than
+all the rest of a look-up — for the ~30 µs a read it saved once per organisation.
+
+The organisations' cache evicts by the clock algorithm (second chance), an LRU
+whose look-ups cost no reordering: a hit sets the entry's ``seen`` mark; when the
+cache is full, the oldest entry goes unless it was seen since it was last passed
+over (then it is moved to the end, its mark cleared). Every event's look-up is
+one dict get and one attribute store.
 
 A document in the store was valid under the file in force when it was read. Under
 a file reloaded since, it may no longer be (an organisation-less webhook it used
@@ -24,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from crmhooks.config import OrgDocument, OrgSettings, Rule, org_document_in_part
 from crmhooks.events import RecordEvent
@@ -38,8 +48,8 @@ log = logging.getLogger(__name__)
 # 5 rules takes ~30 KB compiled (its decoded items and the closures of its criteria;
 # measured with the bench's documents), so ~360 MB at most: with the process's own
 # ~100 MB, inside the 500 MB that a process reading 100,000 organisations' documents
-# is given. A process seeing events of more organisations than this (per fetch, the
-# least recently seen go) reads and compiles again each one it sees (~1.5 ms).
+# is given. A process seeing events of more organisations than this reads and
+# compiles again each one it sees after it was evicted (~1.5 ms).
 ORG_CACHE_SIZE = 12_000
 # Compiled webhooks (templates, endpoint) kept, of organisations with a document:
 # ~3.7 KB each for the bench's webhooks, ~30 MB. A webhook of an organisation with
@@ -49,7 +59,8 @@ TARGET_CACHE_SIZE = 8_192
 
 
 class CompiledOrg:
-    """One organisation's document compiled against the file; swapped whole, never changed."""
+    """One organisation's document compiled against the file; swapped whole, never changed
+    (but for ``seen``, the cache's mark)."""
 
     __slots__ = (
         "_candidates",
@@ -58,8 +69,14 @@ class CompiledOrg:
         "_shared_needs",
         "document",
         "index",
+        "needs_planning",
         "org_id",
+        "seen",
     )
+
+    # Whether some rule of the organisation (its own, or the file's organisation-less
+    # ones) must plan the event: the index's own method when there are no shared ones.
+    needs_planning: Callable[[RecordEvent], bool]
 
     def __init__(self, document: OrgDocument, file: CompiledFile) -> None:
         self.document = document
@@ -69,6 +86,10 @@ class CompiledOrg:
         self._rules = {r.id: r for r in document.rules}
         self._candidates: dict[str, tuple[Rule, ...]] = {}
         self._shared_needs = None if file.shared_index is None else file.shared_index.needs_planning
+        self.needs_planning = (
+            self.index.needs_planning if self._shared_needs is None else self._both
+        )
+        self.seen = True
 
     def __repr__(self) -> str:
         return (
@@ -97,7 +118,7 @@ class CompiledOrg:
             self._candidates[module] = found  # one entry a module name events use
         return found
 
-    def needs_planning(self, event: RecordEvent) -> bool:
+    def _both(self, event: RecordEvent) -> bool:
         shared = self._shared_needs
         return (shared is not None and shared(event)) or self.index.needs_planning(event)
 
@@ -156,12 +177,15 @@ class OrgConfigs:
         self._file = file
         self._table = table
         self._ids: set[str] = set(ids)
-        self._cache: OrderedDict[str, CompiledOrg] = OrderedDict()
+        self._cache: dict[str, CompiledOrg] = {}  # in the clock's order (see the docstring)
+        # A hit's look-up, for the hot path (``ConfigSnapshot.needs_planning``): None
+        # is a miss, which ``get`` settles.
+        self.cached: Callable[[str], CompiledOrg | None] = self._cache.get
         self._targets: OrderedDict[tuple[str, str], tuple[CompiledOrg, Target | None]] = (
             OrderedDict()
         )
-        self._size = size
-        self._target_size = target_size
+        self._size = max(1, size)
+        self._target_size = max(1, target_size)
         self.loads = 0  # documents read and compiled (tests, benchmarks)
 
     def __repr__(self) -> str:
@@ -175,7 +199,8 @@ class OrgConfigs:
         return org_id in self._ids
 
     @property
-    def cached(self) -> int:
+    def compiled(self) -> int:
+        """Organisations whose compiled configuration is kept now."""
         return len(self._cache)
 
     def rebased(self, file: CompiledFile) -> OrgConfigs:
@@ -189,9 +214,12 @@ class OrgConfigs:
     def get(self, org_id: str) -> CompiledOrg | None:
         """The organisation's compiled document; None when it has none (the file applies)."""
         found = self._cache.get(org_id)
-        if found is not None or org_id not in self._ids:
+        if found is not None:
+            found.seen = True
             return found
-        return self._load_now(org_id)
+        if org_id not in self._ids:
+            return None
+        return self._load(org_id)
 
     def target(self, compiled: CompiledOrg, name: str) -> Target | None:
         key = (compiled.org_id, name)
@@ -216,28 +244,7 @@ class OrgConfigs:
             self._targets.popitem(last=False)
         return target
 
-    async def prefetch(self, org_ids: Iterable[str]) -> None:
-        """Have the documents of ``org_ids`` compiled (one store read for the missing
-        ones), and mark them as recently seen."""
-        cache = self._cache
-        missing: list[str] = []
-        for org_id in org_ids:
-            if org_id in cache:
-                cache.move_to_end(org_id)
-            elif org_id in self._ids:
-                missing.append(org_id)
-        if not missing or self._table is None:
-            return
-        raws = await self._table.documents(missing)
-        for org_id in missing:
-            raw = raws.get(org_id)
-            if org_id in self._ids and org_id not in cache:  # (applied meanwhile: newer)
-                if raw is None:
-                    self._ids.discard(org_id)
-                else:
-                    self._put(compile_document(raw, self._file, org_id))
-
-    def _load_now(self, org_id: str) -> CompiledOrg | None:
+    def _load(self, org_id: str) -> CompiledOrg | None:
         raw = None if self._table is None else self._table.document_now(org_id)
         if raw is None:
             self._ids.discard(org_id)
@@ -246,10 +253,18 @@ class OrgConfigs:
 
     def _put(self, compiled: CompiledOrg) -> CompiledOrg:
         self.loads += 1
-        self._cache[compiled.org_id] = compiled
-        self._cache.move_to_end(compiled.org_id)
-        while len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+        cache = self._cache
+        cache.pop(compiled.org_id, None)
+        cache[compiled.org_id] = compiled
+        # The clock: one pass over the entries clears every mark, so this ends; the one
+        # just put is never the one that goes.
+        while len(cache) > self._size:
+            oldest = next(iter(cache))
+            entry = cache.pop(oldest)
+            if entry is compiled or entry.seen:
+                if entry is not compiled:
+                    entry.seen = False
+                cache[oldest] = entry  # a second chance, at the end
         return compiled
 
     # -- changes -----------------------------------------------------------------------
@@ -271,7 +286,8 @@ class OrgConfigs:
             return
         self._ids.add(org_id)
         if org_id in self._cache:
-            self._cache[org_id] = compiled
+            compiled.seen = self._cache[org_id].seen
+            self._cache[org_id] = compiled  # (keeps its place)
 
     def org_ids(self) -> Sequence[str]:
         return list(self._ids)

@@ -207,10 +207,18 @@ class ConfigSnapshot:
         return self.file.index.criteria_met if compiled is None else compiled.criteria_met
 
     def _needs_planning(self, event: RecordEvent) -> bool:
-        assert self.orgs is not None
-        compiled = self.orgs.get(event.org_id)
+        """Asked for every event read: a hit in the organisations' cache is one dict get
+        and one mark (``orgconfig``); a miss reads and compiles the document, or finds
+        that the organisation has none (the file's rules)."""
+        orgs = self.orgs
+        assert orgs is not None
+        compiled = orgs.cached(event.org_id)
         if compiled is None:
-            return self.file.index.needs_planning(event)
+            compiled = orgs.get(event.org_id)
+            if compiled is None:
+                return self.file.index.needs_planning(event)
+        else:
+            compiled.seen = True
         return compiled.needs_planning(event)
 
 
