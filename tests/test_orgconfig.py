@@ -108,9 +108,11 @@ async def test_documents_are_read_once_and_kept_in_a_bounded_cache(tmp_path: Pat
         orgs = OrgConfigs(file, store.documents, await store.documents.org_ids(), size=3)
         for org in ("org-0", "org-1", "org-2", "org-0", "org-1"):
             found = orgs.get(org)
-            assert found is not None and found.settings.id == org
+            assert found is not None
+            assert found.settings.id == org
         assert (orgs.loads, orgs.compiled) == (3, 3)
-        assert orgs.get("org-x") is None and orgs.loads == 3  # no document: the file
+        assert orgs.get("org-x") is None
+        assert orgs.loads == 3
         for compiled in orgs._cache.values():
             compiled.seen = False
         assert orgs.get("org-0") is not None  # the oldest, but seen again: kept
@@ -118,7 +120,8 @@ async def test_documents_are_read_once_and_kept_in_a_bounded_cache(tmp_path: Pat
         assert list(orgs._cache) == ["org-2", "org-3", "org-0"]  # org-1 went
         assert orgs.loads == 4
         assert orgs.cached("org-1") is None
-        assert orgs.get("org-1") is not None and orgs.loads == 5  # read again
+        assert orgs.get("org-1") is not None
+        assert orgs.loads == 5
         assert orgs.compiled == 3
 
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from crmhooks.config import OrgDocument, OrgSettings, Rule, org_document_in_part
 from crmhooks.events import RecordEvent
 from crmhooks.rules import RuleIndex
-from crmhooks.snapshot import CompiledFile, Target
+from crmhooks.snapshot import CompiledFile, Target, endpoint_of, host_key
 from crmhooks.store.documents import DocumentTable
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,11 @@ class CompiledOrg:
             f"CompiledOrg({self.org_id!r}, rules={len(self._rules)}, "
             f"webhooks={len(self.document.webhooks)})"
         )
+
+    @property
+    def file(self) -> CompiledFile:
+        """The config file it was compiled against."""
+        return self._file
 
     @property
     def settings(self) -> OrgSettings:
@@ -271,10 +276,12 @@ class OrgConfigs:
 
     def compile(self, document: OrgDocument) -> CompiledOrg:
         """A new document compiled against the file in force (it raises when it does not
-        compile: the document is refused)."""
+        compile: the document is refused). Its webhooks' templates compiled in its
+        validation (``config.compile_check``); what a ``Target`` adds is made here."""
         compiled = CompiledOrg(document, self._file)
-        for name in document.webhooks:
-            compiled.webhook_target(name)  # every webhook compiles, or it raises
+        for hook in document.webhooks.values():
+            endpoint_of(hook)
+            host_key(hook.url)
         return compiled
 
     def apply(self, org_id: str, compiled: CompiledOrg | None) -> None:
@@ -286,6 +293,9 @@ class OrgConfigs:
             return
         self._ids.add(org_id)
         if org_id in self._cache:
+            if compiled.file is not self._file:  # compiled before a reload: again, as needed
+                del self._cache[org_id]
+                return
             compiled.seen = self._cache[org_id].seen
             self._cache[org_id] = compiled  # (keeps its place)
 
