@@ -268,3 +268,24 @@ def test_a_document_is_shown_with_every_secret_masked_even_when_invalid() -> Non
     assert shown_hook["headers"] == {"X-Key": "***", "X-Deal": "${Potentials.Potential Name}"}
     assert shown_hook["body"]["template"] == '{"k": "***", "d": "${Potentials.Potential Name}"}'
     assert doc["webhooks"][0]["custom_params"] == {"k": "key-123"}  # the original untouched
+
+
+def test_names_are_shown_even_when_a_secret_is_part_of_one() -> None:
+    """A custom parameter "globex" must not turn the organisation org-globex into
+    org-***, nor a webhook or rule name; a parameter named like a structural key is
+    still masked."""
+    from crmhooks.config.masking import masked_document
+
+    doc = document()
+    doc["org"]["id"] = "org-globex"
+    hook = doc["webhooks"][0]
+    hook["name"] = "GlobexHook"
+    hook["custom_params"] = {"zc_ownername": "globex", "name": "top-secret-name"}
+    hook["description"] = "for globex"
+    doc["rules"][0]["id"] = "globex-rule"
+    shown = masked_document(doc)
+    assert shown["org"]["id"] == "org-globex"
+    assert shown["webhooks"][0]["name"] == "GlobexHook"
+    assert shown["rules"][0]["id"] == "globex-rule"
+    assert shown["webhooks"][0]["custom_params"] == {"zc_ownername": "***", "name": "***"}
+    assert shown["webhooks"][0]["description"] == "for ***"

@@ -49,9 +49,15 @@ def document_secrets(raw: Any) -> set[str]:
 
 
 def masked_document(raw: Any, extra: Iterable[str] = ()) -> Any:
-    """``raw`` (a parsed document) with every secret value as ``***``."""
+    """``raw`` (a parsed document) with every secret value as ``***``.
+
+    Names are left as they are (the organisation's id, webhook names, rule ids, keys,
+    modules, operators: ``_NAMES``): a secret that happens to be part of one (a
+    custom parameter ``zc_ownername = "globex"`` in ``org-globex``) must not hide
+    which document or item is shown. Every other string has each secret value masked
+    wherever it appears in it."""
     secrets = tuple(sorted(document_secrets(raw) | {s for s in extra if s}, key=len, reverse=True))
-    return _masked(raw, secrets)
+    return _masked(raw, secrets, None)
 
 
 def mask_text(text: str, secrets: Iterable[str]) -> str:
@@ -76,16 +82,34 @@ def _url_password(url: str) -> str | None:
         return None
 
 
-def _masked(value: Any, secrets: tuple[str, ...]) -> Any:
+# Keys whose values name things rather than hold data: never masked (see masked_document).
+_NAMES = frozenset(
+    {"id", "name", "module", "instant", "webhook", "org", "method", "format", "param",
+     "type", "trigger", "repeat", "field", "op", "relative_to", "offset", "at", "time_zone",
+     "fields"}
+)  # fmt: skip
+
+
+# Mappings whose keys are the tenant's own names (parameters, headers): none of their
+# values is a name, whatever its key.
+_DATA_MAPS = frozenset({"custom_params", "entity_params", "headers"})
+
+
+def _masked(value: Any, secrets: tuple[str, ...], key: str | None, data: bool = False) -> Any:
+    """``value`` masked; ``key``: the key it is found under (None in an array or at the
+    top); ``data``: it is a value of one of ``_DATA_MAPS``."""
     if isinstance(value, str):
+        if not data and key in _NAMES:
+            return value
         for secret in secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
         return value
     if isinstance(value, Mapping):
-        return {_masked(str(k), secrets): _masked(v, secrets) for k, v in value.items()}
+        inner = key in _DATA_MAPS
+        return {str(k): _masked(v, secrets, str(k), inner) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_masked(v, secrets) for v in value]
+        return [_masked(v, secrets, key, data) for v in value]
     if isinstance(value, int | float) and not isinstance(value, bool) and str(value) in secrets:
         return REDACTED
     return value
