@@ -46,6 +46,7 @@ class FakeKafka:
     results: list[dict[str, Any]] = field(default_factory=list)
     changelog_keys: list[bytes] = field(default_factory=list)
     fetches: int = 0
+    to_fetch: list[Fetched] = field(default_factory=list)  # what the next fetches return
 
     async def commit(self, next_offsets: dict[int, int]) -> None:
         self.committed.update(next_offsets)
@@ -86,6 +87,8 @@ class FakeKafka:
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
         self.fetches += 1
+        if self.to_fetch:
+            return self.to_fetch.pop(0)
         await asyncio.sleep(0.001)  # nothing more to read
         return []
 
