@@ -47,6 +47,7 @@ class FakeKafka:
     changelog_keys: list[bytes] = field(default_factory=list)
     fetches: int = 0
     to_fetch: list[Fetched] = field(default_factory=list)  # what the next fetches return
+    dead_letter_max_bytes: int | None = None
 
     async def commit(self, next_offsets: dict[int, int]) -> None:
         self.committed.update(next_offsets)

@@ -89,6 +89,10 @@ class Kafka(Committer, Producer, Protocol):
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched: ...
 
+    @property
+    def dead_letter_max_bytes(self) -> int | None:
+        """The largest dead letter the dead-letter topic takes (None: not known)."""
+
     async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]: ...
 
     def end_offsets_seen(self) -> dict[int, int]: ...
@@ -192,7 +196,7 @@ class Processor:
         self._kafka = kafka
         self.store.changelog = kafka.produce_changelog
         self.checkpoint.attach(kafka)
-        self.reporter.attach(kafka)
+        self.reporter.attach(kafka, kafka.dead_letter_max_bytes)
         self.metrics.lag.ends = kafka.end_offsets_seen
         self.scheduler.start(self.clock.now_ms())
         if partitions:

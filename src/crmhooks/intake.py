@@ -96,7 +96,7 @@ class Intake:
                 try:
                     event = decode_wanted_event(rec.value, needs_planning, max_bytes)
                 except InvalidEvent as exc:
-                    out.append(self._reporter.poison(partition, rec, exc, now_ms))
+                    out += self._reporter.poison(partition, rec, exc, now_ms)
                     plan.dead_lettered += 1
                     continue
                 if event is not None:

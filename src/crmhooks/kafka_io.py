@@ -344,6 +344,8 @@ class KafkaIO:
         self._producer: AIOKafkaProducer | None = None
         self._outboxes: dict[tuple[str, int], _Outbox] = {}
         self._partitions: dict[str, list[int]] = {}  # of the topics produced to
+        # The largest dead letter the dead-letter topic takes (None: not known).
+        self.dead_letter_max_bytes: int | None = None
 
     def __repr__(self) -> str:
         return f"KafkaIO({self.settings.bootstrap_servers!r}, group={self.settings.group_id!r})"

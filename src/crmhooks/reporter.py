@@ -27,7 +27,13 @@ from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord
 from crmhooks.logs import about
 from crmhooks.metrics import Metrics
-from crmhooks.results import dead_letter, encode, result_record
+from crmhooks.results import (
+    DEAD_LETTER_MAX_BYTES,
+    KEY_MAX_BYTES,
+    dead_letter,
+    encode,
+    result_record,
+)
 from crmhooks.store import Store, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -96,12 +102,17 @@ class Reporter:
         self._last: asyncio.Task[None] | None = None  # the latest group's write
         self.results = 0
         self.dead_letters = 0
+        # The largest dead letter its topic takes (``attach``): larger ones are cut.
+        self.dead_letter_max_bytes = DEAD_LETTER_MAX_BYTES
 
     def __repr__(self) -> str:
         return f"Reporter(groups_writing={len(self._tasks)}, results={self.results})"
 
-    def attach(self, producer: Producer) -> None:
+    def attach(self, producer: Producer, dead_letter_max_bytes: int | None = None) -> None:
+        """``dead_letter_max_bytes``: what the dead-letter topic takes, if known."""
         self._producer = producer
+        if dead_letter_max_bytes is not None:
+            self.dead_letter_max_bytes = dead_letter_max_bytes
 
     def attach_ended(self, on_reported: OnReported) -> None:
         """Who ends an attempt once its group is written (the dispatcher)."""
@@ -157,10 +168,11 @@ class Reporter:
         self._metrics.actions.inc(status)
         return (self._kafka().results_topic, action.org_id.encode(), encode(rec))
 
-    def poison(self, partition: int, rec: BatchRecord, exc: InvalidEvent, now_ms: int) -> Produced:
-        """The dead letter of an event that cannot be processed."""
-        self.dead_letters += 1
-        self._metrics.dead_letters.inc("internal_process_error")
+    def poison(
+        self, partition: int, rec: BatchRecord, exc: InvalidEvent, now_ms: int
+    ) -> list[Produced]:
+        """The dead letter of an event that cannot be processed (none if even cut it
+        cannot fit its topic: logged and skipped)."""
         log.warning(
             "dead letter: partition %d offset %d: %s",
             partition,
@@ -179,14 +191,17 @@ class Reporter:
             key=rec.key,
             event=exc.parsed,
             raw=rec.value,
+            max_bytes=self.dead_letter_max_bytes,
         )
-        return (kafka.dlq_topic, rec.key, encode(letter))
+        return self._letter(letter, rec.key, partition, rec.offset)
 
     def action_letter(
         self, action: Action, event: RecordEvent | None, code: str, message: str
-    ) -> Produced:
-        """The dead letter of one action (quota, template failure)."""
+    ) -> list[Produced]:
+        """The dead letter of one action (quota, template failure); none if even cut it
+        cannot fit its topic (logged and skipped)."""
         kafka = self._kafka()
+        key = action.org_id.encode()
         letter = dead_letter(
             error_code=code,
             message=message,
@@ -194,7 +209,7 @@ class Reporter:
             topic=kafka.events_topic,
             partition=action.partition,
             offset=action.source_offset,
-            key=action.org_id.encode(),
+            key=key,
             # The version of the record rendered, under the id of the event that created
             # the action, so that `replay-dlq` recreates this very action.
             event={**event.data, "event_id": action.event_id} if event is not None else None,
@@ -202,10 +217,45 @@ class Reporter:
             action_id=action.action_id,
             rule_id=action.rule_id,
             webhook=action.webhook,
+            max_bytes=self.dead_letter_max_bytes,
         )
+        return self._letter(letter, key, action.partition, action.source_offset)
+
+    def _letter(
+        self, letter: dict[str, object], key: bytes | None, partition: int, offset: int
+    ) -> list[Produced]:
+        """A dead letter as the record to produce, if it fits its topic (``dead_letter``
+        cut what it could). One that does not is logged with where its event is and
+        skipped: a record the broker refuses would stop the partition for good."""
+        value = encode(letter)
+        code = str(letter["error_code"])
+        if len(value) > self.dead_letter_max_bytes:
+            log.error(
+                "dead letter of partition %d offset %d (%s) not written: %d bytes even cut "
+                "(its ids alone are too long), the dead-letter topic takes %d; skipped",
+                partition,
+                offset,
+                code,
+                len(value),
+                self.dead_letter_max_bytes,
+                extra={"partition": partition, "offset": offset},
+            )
+            return []
+        if letter["truncated"]:
+            log.warning(
+                "dead letter of partition %d offset %d (%s) cut to fit the dead-letter "
+                "topic: %s bytes, sha256 %s",
+                partition,
+                offset,
+                code,
+                letter["original_bytes"],
+                letter["sha256"],
+                extra={"partition": partition, "offset": offset},
+            )
         self.dead_letters += 1
         self._metrics.dead_letters.inc(code)
-        return (kafka.dlq_topic, action.org_id.encode(), encode(letter))
+        short_key = key[:KEY_MAX_BYTES] if key is not None else None
+        return [(self._kafka().dlq_topic, short_key, value)]
 
     # -- an action ended without a request ------------------------------------------
 
@@ -245,9 +295,9 @@ class Reporter:
         """An action that cannot be sent (template failure, a header or URL we could
         not send, its record gone): failed, with a dead letter."""
         log.error("action %s: %s", action.action_id, message, extra=about(action))
-        letter = self.action_letter(action, event, "internal_process_error", message)
+        letters = self.action_letter(action, event, "internal_process_error", message)
         await self.final(
-            action, "failed", error_class="internal_process_error", error=message, extra=[letter]
+            action, "failed", error_class="internal_process_error", error=message, extra=letters
         )
 
     # -- attempts, reported in groups -----------------------------------------------
