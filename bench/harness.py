@@ -132,11 +132,14 @@ async def create_topics(
 class FastProducer:
     """Batches records per partition with ``send_batch``: tens of thousands a second."""
 
-    def __init__(self, bootstrap: str, *, linger_ms: int = 0) -> None:
+    def __init__(
+        self, bootstrap: str, *, linger_ms: int = 0, compression_type: str | None = None
+    ) -> None:
         self.producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             acks=1,
             linger_ms=linger_ms,
+            compression_type=compression_type,
             max_batch_size=BATCH_BYTES,
             max_request_size=4 * BATCH_BYTES,
         )
@@ -563,10 +566,20 @@ class CpuSampler:
 class Processor:
     """``crmhooks run --config F`` as a child process; SIGTERM stops it gracefully."""
 
-    def __init__(self, config: Path, log: Path, store: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        store: Path | None = None,
+        kafka: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.store = store  # its own SQLite file (CRMHOOKS_STORE_PATH), else the config's
+        # [kafka] settings of its own (a secured listener), in its config file: the
+        # environment's CRMHOOKS_BOOTSTRAP_SERVERS (the bench's PLAINTEXT listener)
+        # must not override the file's address then.
+        self.kafka = dict(kafka or {})
         self.proc: asyncio.subprocess.Process | None = None
         self.profiler: asyncio.subprocess.Process | None = None
         self.started = 0.0
@@ -582,20 +595,24 @@ class Processor:
                 if cprofile
                 else []
             )
+            command = [str(CRMHOOKS)]
+            env = {
+                **os.environ,
+                "CRMHOOKS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
+                **({"CRMHOOKS_STORE_PATH": str(self.store)} if self.store else {}),
+            }
+            if self.kafka:
+                env.pop("CRMHOOKS_BOOTSTRAP_SERVERS", None)  # the config names its listener
             self.proc = await asyncio.create_subprocess_exec(
                 *wrap,
-                str(CRMHOOKS),
+                *command,
                 "run",
                 "--config",
                 str(self.config),
                 cwd=REPO,
                 stdout=log,
                 stderr=log,
-                env={
-                    **os.environ,
-                    "CRMHOOKS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
-                    **({"CRMHOOKS_STORE_PATH": str(self.store)} if self.store else {}),
-                },
+                env=env,
             )
         profile_dir = os.environ.get("BENCH_PROFILE")
         if profile_dir:
@@ -657,6 +674,7 @@ async def processors(
     count: int = 1,
     *,
     own_stores: bool = False,
+    kafka: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[list[Processor]]:
     """``count`` processors of one config; ``own_stores``: each its own SQLite file, as
     on separate machines (state moves through the changelog)."""
@@ -664,7 +682,10 @@ async def processors(
     path.write_text(render_toml(config))
     procs = [
         Processor(
-            path, workdir / f"{name}-{i}.log", workdir / f"{name}-{i}.db" if own_stores else None
+            path,
+            workdir / f"{name}-{i}.log",
+            workdir / f"{name}-{i}.db" if own_stores else None,
+            kafka,
         )
         for i in range(count)
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -117,6 +118,8 @@ class Sizes:
     scale_pairs: int
     sink_load_s: float
     bare_client: int
+    security_pairs: int  # PLAINTEXT then SASL_SSL runs, alternated (instant and filtering)
+    zstd_pairs: int
     steady: int
 
 
@@ -136,6 +139,8 @@ FULL = Sizes(
     scale_pairs=3,
     sink_load_s=3.0,
     bare_client=50_000,
+    security_pairs=3,
+    zstd_pairs=3,
     steady=1_000_000,
 )
 QUICK = Sizes(
@@ -154,8 +159,26 @@ QUICK = Sizes(
     scale_pairs=1,
     sink_load_s=1.5,
     bare_client=5_000,
+    security_pairs=1,
+    zstd_pairs=1,
     steady=50_000,
 )
+
+
+def sasl_ssl_settings() -> dict[str, Any] | None:
+    """The processor's [kafka] settings for the broker's SASL_SSL listener, from what
+    ``scripts/kafka-local secure-env`` exports; None without one."""
+    address = os.environ.get("CRMHOOKS_TEST_SASL_SSL")
+    if not address:
+        return None
+    return {
+        "bootstrap_servers": address,
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": os.environ.get("CRMHOOKS_TEST_KAFKA_USERNAME", ""),
+        "sasl_password": os.environ.get("CRMHOOKS_TEST_KAFKA_PASSWORD", ""),
+        "ssl_ca_file": os.environ.get("CRMHOOKS_TEST_KAFKA_CA", ""),
+    }
 
 
 def say(message: str) -> None:
@@ -288,6 +311,7 @@ class Bench:
         run: Callable[[int, float], Awaitable[Burst]],
         name: str,
         least: float,
+        label: str = "",
     ) -> None:
         """``count`` pairs, each a run of the named ``ceiling`` (its rate and CPU µs a
         request or record) then a scenario ``run`` next to it; reports the pair with the
@@ -306,15 +330,20 @@ class Bench:
         index, note = median_pair(ratios, what, notes)
         ceiling_rate, burst = runs[index]
         for figure in burst.cpu_figures:
-            self.add(figure)
+            self.add(
+                dataclasses.replace(figure, name=f"{figure.name} ({label})") if label else figure
+            )
         passed = False if any(notes) else ratio_at_least(burst.rate, ceiling_rate, least)
         target = f"ratio ≥ {least}"
         self.add(Figure(name, burst.rate, burst.unit, ceiling_rate, target, passed, note))
 
-    def instant_config(self, topics: Topics, store: str) -> dict[str, Any]:
+    def instant_config(
+        self, topics: Topics, store: str, kafka: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         config = base_config(self.bootstrap, topics, self.workdir / f"{store}.db")
         config["webhooks"] = [hook("Hook", f"{self.sink.url}/hook")]
         config["rules"] = [stage_rule("instant", "Closed Won", instant="Hook")]
+        config["kafka"].update(kafka or {})
         return config
 
     async def produce(self, topics: Topics, records: Iterable[tuple[int, bytes, bytes]]) -> int:
@@ -417,20 +446,26 @@ class Bench:
         )
 
     async def instant_run(
-        self, run: int, bare_cpu_us: float, scrape_s: float | None = None
+        self,
+        run: int,
+        bare_cpu_us: float,
+        scrape_s: float | None = None,
+        kafka: dict[str, Any] | None = None,
     ) -> Burst:
         """One run of the instant scenario: its rate, a note if it fell short, and the
         processor's CPU figures (against ``bare_cpu_us``). ``scrape_s``: the admin
-        endpoint on, /metrics scraped that often (bench/admin_scenarios.py)."""
+        endpoint on, /metrics scraped that often (bench/admin_scenarios.py). ``kafka``:
+        the processor's own [kafka] settings (a secured listener); the bench's clients
+        stay on PLAINTEXT."""
         n = self.sizes.instant
-        name = f"instant{run}"
+        name = f"instant{run}" + ("-secured" if kafka else "")
         topics = new_topics(name, PARTITIONS)
         await create_topics(self.bootstrap, topics)
         await self.produce(topics, spread(n, "Closed Won", f"i{run}"))
         await self.sink.reset()
-        config = with_admin(self.instant_config(topics, name), scrape_s)
+        config = with_admin(self.instant_config(topics, name, kafka), scrape_s)
         async with (
-            processors(config, self.workdir, name) as procs,
+            processors(config, self.workdir, name, kafka=kafka) as procs,
             scraping(procs[0].log, scrape_s) as scrapes,
             CpuSampler(procs[0].pid) as cpu,
         ):
@@ -450,7 +485,9 @@ class Bench:
 
     # -- 3. filtering -----------------------------------------------------------------
 
-    def filter_config(self, topics: Topics, run: int) -> dict[str, Any]:
+    def filter_config(
+        self, topics: Topics, run: int, kafka: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         config = base_config(self.bootstrap, topics, self.workdir / f"filter{run}.db")
         config["kafka"]["group_id"] = f"{topics.group}-{run}"  # each run reads from the start
         config["orgs"] = [{"id": f"org-{i}"} for i in range(RULE_ORGS)]
@@ -482,6 +519,7 @@ class Bench:
                 }
             )
         config["rules"] = rules
+        config["kafka"].update(kafka or {})
         return config
 
     async def filtering(self) -> None:
@@ -503,24 +541,40 @@ class Bench:
         )
 
     async def filtering_run(
-        self, run: int, consume_cpu_us: float, scrape_s: float | None = None
+        self,
+        run: int,
+        consume_cpu_us: float,
+        scrape_s: float | None = None,
+        kafka: dict[str, Any] | None = None,
+        topics: Topics | None = None,
+        from_assignment: bool = False,
     ) -> Burst:
         """One run of the filtering scenario, in a consumer group of its own: events/s,
         a note if it fell short, the processor's CPU figures (against ``consume_cpu_us``).
-        ``scrape_s``: the admin endpoint on, /metrics scraped that often."""
-        topics = self.filter_topics
+        ``scrape_s``: the admin endpoint on, /metrics scraped that often. ``kafka``: the
+        processor's own [kafka] settings; ``topics``: other events than the filtering
+        scenario's. ``from_assignment``: timed from the processor's partition
+        assignment (its log), not from the first commit seen: over compressed events a
+        fetch holds ~10 times the records, and the processor's consume loop does not
+        yield while aiokafka has records buffered, so its commits are seen only near
+        the end."""
+        topics = topics or self.filter_topics
         assert topics is not None
         n = self.sizes.filtering
         await self.sink.reset()
-        config = with_admin(self.filter_config(topics, run), scrape_s)
+        config = with_admin(self.filter_config(topics, run, kafka), scrape_s)
         async with (
-            processors(config, self.workdir, f"filter{run}") as procs,
+            processors(config, self.workdir, f"filter{run}", kafka=kafka) as procs,
             scraping(procs[0].log, scrape_s) as scrapes,
             GroupOffsets(self.bootstrap, config["kafka"]["group_id"], topics.events) as offsets,
             CpuSampler(procs[0].pid) as cpu,
         ):
             rate, done, elapsed = await offsets.rate_to(n, timeout_s=n / 2000 + 60)
             end_ms = now_ms()
+            assigned_ms = assigned_at_ms(procs[0].log) if from_assignment else None
+        if assigned_ms is not None and done >= n:
+            elapsed = (end_ms - assigned_ms) / 1000
+            rate = n / elapsed
         start_ms = end_ms - elapsed * 1000
         figures = self.cpu_figures(
             cpu, start_ms, end_ms, rate * elapsed, "event", consume_cpu_us, "filtering"
@@ -535,6 +589,105 @@ class Bench:
         cpu_us = f", {figures[0].value:.2f} µs of CPU an event" if figures else ""
         say(f"  run {run}: {rate:,.0f} events/s{cpu_us}")
         return Burst(rate, note.strip(), None, tuple(figures), "events/s")
+
+    # -- 3b. the processor on a SASL_SSL listener; a zstd-compressed events topic -------
+
+    async def security(self) -> None:
+        """Instant delivery and filtering with the processor on the SASL_SSL listener
+        (SCRAM-SHA-512, TLS), each against the same scenario on PLAINTEXT right before
+        it: alternated pairs, the median ratio reported. The bench's own producer and
+        readers stay on PLAINTEXT."""
+        secured = sasl_ssl_settings()
+        if secured is None:
+            self.add(
+                Figure(
+                    "SASL_SSL scenario",
+                    None,
+                    "",
+                    note="no SASL_SSL listener (CRMHOOKS_TEST_SASL_SSL unset; scripts/bench "
+                    "starts its broker with --secure)",
+                )
+            )
+            return
+        pairs = self.sizes.security_pairs
+        say(
+            f"7. SASL_SSL (SCRAM-SHA-512): instant delivery and filtering, {pairs} pair(s) "
+            "each (PLAINTEXT, then SASL_SSL)"
+        )
+        bare_us = self.bare_client_cpu_us or 0.0
+        instant = [
+            (
+                await self.instant_run(100 + i, bare_us),
+                await self.instant_run(100 + i, bare_us, kafka=secured),
+            )
+            for i in range(pairs)
+        ]
+        self.secured_figures("instant delivery", instant)
+        consume_us = self.consume_cpu_us or 0.0
+        filtering = [
+            (
+                await self.filtering_run(100 + 2 * i, consume_us),
+                await self.filtering_run(101 + 2 * i, consume_us, kafka=secured),
+            )
+            for i in range(pairs)
+        ]
+        self.secured_figures("filtering", filtering)
+
+    def secured_figures(self, what: str, runs: list[tuple[Burst, Burst]]) -> None:
+        """The pair with the median SASL_SSL / PLAINTEXT ratio: both CPU figures, and the
+        SASL_SSL rate against the PLAINTEXT one (target 0.85)."""
+        ratios = [secured.rate / plain.rate if plain.rate else 0.0 for plain, secured in runs]
+        notes = [b.note for pair in runs for b in pair]
+        index, note = median_pair(ratios, "pairs (PLAINTEXT, then SASL_SSL)", notes)
+        plain, secured = runs[index]
+        if plain.cpu_figures and secured.cpu_figures:
+            cpu = secured.cpu_figures[0]
+            self.add(
+                Figure(
+                    f"{cpu.name} over SASL_SSL (ceiling: PLAINTEXT)",
+                    cpu.value,
+                    cpu.unit,
+                    plain.cpu_figures[0].value,
+                )
+            )
+        self.add(
+            Figure(
+                f"{what} over SASL_SSL (ceiling: PLAINTEXT)",
+                secured.rate,
+                secured.unit,
+                plain.rate,
+                "ratio ≥ 0.85",
+                False if any(notes) else ratio_at_least(secured.rate, plain.rate, 0.85),
+                note,
+            )
+        )
+
+    async def zstd(self) -> None:
+        """Filtering of an events topic whose batches are zstd-compressed, against a raw
+        consume of the same topic (which decompresses them too)."""
+        n = self.sizes.filtering
+        topics = new_topics("zstd", PARTITIONS)
+        await create_topics(self.bootstrap, topics)
+        start = time.monotonic()
+        async with FastProducer(self.bootstrap, compression_type="zstd") as producer:
+            count = await producer.send_many(topics.events, spread(n, "Closed Won", "z"))
+        say(f"  produced {count:,} events, zstd batches, in {time.monotonic() - start:.1f} s")
+        raw = functools.partial(raw_consume_rate, self.bootstrap, topics.events, PARTITIONS, n)
+
+        async def run(i: int, consume_us: float) -> Burst:
+            return await self.filtering_run(
+                200 + i, consume_us, topics=topics, from_assignment=True
+            )
+
+        await self.measure_pairs(
+            f"8. filtering a zstd-compressed events topic: {n:,} events",
+            self.sizes.zstd_pairs,
+            ("raw consume of the zstd topic", raw),
+            run,
+            "filtering throughput, zstd events",
+            0.5,
+            label="zstd events",
+        )
 
     # -- 4. latency --------------------------------------------------------------------
 
@@ -889,6 +1042,16 @@ class Bench:
         )
 
 
+def assigned_at_ms(log: Path) -> float | None:
+    """When the processor logged its first partition assignment (epoch ms), from its
+    log's local-time stamps (``2026-12-06 21:09:13,554``)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "partitions assigned" in line:
+            whole = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+            return (whole + int(line[20:23]) / 1000) * 1000
+    return None
+
+
 @contextlib.contextmanager
 def stopped(procs: list[Processor]) -> Iterator[None]:
     """The processes stopped (SIGSTOP) inside the block, continued (SIGCONT) after."""
@@ -915,6 +1078,8 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "ceilings": Bench.ceilings,
     "instant": Bench.instant,
     "filtering": Bench.filtering,
+    "security": Bench.security,
+    "zstd": Bench.zstd,
     "latency": Bench.latency,
     "timers": Bench.timers,
     "scale": Bench.scale_out,
@@ -934,7 +1099,7 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True)
     wall = time.monotonic()
     names = args.only or list(SCENARIOS)
-    if {"filtering", "admin"} & set(names) and "ceilings" not in names:
+    if {"filtering", "security", "admin"} & set(names) and "ceilings" not in names:
         names.insert(0, "ceilings")  # the filtering test reads the ceiling's topic
     async with Sink(workdir, args.sink, batch=args.sink_scheduling == "batch") as sink:
         say(f"the sink: {sink.kind}, scheduling policy {sink.scheduling}")

@@ -49,6 +49,15 @@ class FakeKafka:
     to_fetch: list[Fetched] = field(default_factory=list)  # what the next fetches return
     dead_letter_max_bytes: int | None = None
 
+    _broken: asyncio.Future[None] | None = None
+
+    @property
+    def broken(self) -> asyncio.Future[None]:
+        """Never resolves: the fake's producer is never lost."""
+        if self._broken is None:
+            self._broken = asyncio.get_running_loop().create_future()
+        return self._broken
+
     async def commit(self, next_offsets: dict[int, int]) -> None:
         self.committed.update(next_offsets)
 

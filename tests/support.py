@@ -124,7 +124,7 @@ async def serve(
 async def running(config: Config) -> AsyncIterator[asyncio.Task[None]]:
     """The processor running in this event loop until the block ends (graceful stop)."""
     k = config.kafka
-    await ensure_topics(k.bootstrap_servers, [k.events_topic, k.results_topic, k.dlq_topic], 3)
+    await ensure_topics(k, [k.events_topic, k.results_topic, k.dlq_topic], 3)
     stop = asyncio.Event()
     task = asyncio.create_task(run_processor(config, stop, handle_signals=False))
     try:
@@ -167,7 +167,7 @@ async def produce(
 ) -> None:
     k = config.kafka
     await produce_records(
-        k.bootstrap_servers,
+        k,
         [(k.events_topic, key, v if isinstance(v, bytes) else orjson.dumps(v)) for v in values],
     )
 
@@ -179,7 +179,7 @@ async def read_all(config: Config, topic: str) -> list[dict[str, Any]]:
         config.kafka.dlq_topic: validate_dead_letter,
     }.get(topic)
     out = []
-    async for rec in read_topic(config.kafka.bootstrap_servers, topic, idle_timeout_s=1.0):
+    async for rec in read_topic(config.kafka, topic, idle_timeout_s=1.0):
         if rec.value is not None:
             record = orjson.loads(rec.value)
             if validate is not None:

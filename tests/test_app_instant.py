@@ -24,6 +24,7 @@ from crmhooks.config import Config, config_from_mapping
 from crmhooks.delivery import Outcome
 from crmhooks.endpoints import Endpoint
 from crmhooks.errors import StoreError
+from crmhooks.kafka_io import Fetched
 from crmhooks.store import Store, WriteBatch
 from crmhooks.templates import RenderedRequest
 from tests.fakes import NOW_MS, FakeKafka, GatedTransport, Rec, fetched, rec, until
@@ -567,3 +568,40 @@ async def test_quota_is_counted_a_hundredth_of_the_daily_limit_at_a_time(
         await until(lambda: kafka.committed == {0: 11}, "delivered and committed")
         assert [r["status"] for r in kafka.results] == ["delivered"]
         assert await p.store.quota_used("org-acme", "2025-11-28") == block
+
+
+async def test_offsets_are_committed_while_a_backlog_is_read(tmp_path: Path) -> None:
+    """aiokafka hands buffered records over without suspending, and a batch of events
+    no rule acts on stores and produces nothing: the consume loop still lets the
+    commit run between batches, not only once the backlog is drained."""
+    transport = GatedTransport()
+    batches = [
+        fetched([rec(n, n, record={"Stage": "Lost"}) for n in range(b * 10, b * 10 + 10)])
+        for b in range(20)
+    ]
+
+    class Backlog(FakeKafka):
+        served = 0
+        first_commit_at: int | None = None
+
+        async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
+            if self.served < len(batches):
+                self.served += 1
+                return batches[self.served - 1]  # buffered: no await
+            return await super().fetch(timeout_ms, max_records)
+
+        async def commit(self, next_offsets: dict[int, int]) -> None:
+            if self.first_commit_at is None:
+                self.first_commit_at = self.served
+            await super().commit(next_offsets)
+
+    async with processor(tmp_path, transport) as (p, _, _):
+        kafka = Backlog()
+        p.attach(kafka, {0, 1})
+        stop = asyncio.Event()
+        consume = asyncio.create_task(p._consume_loop(stop))
+        await until(lambda: kafka.committed == {0: 200}, "the backlog is committed")
+        stop.set()
+        await asyncio.wait_for(consume, 5)
+    assert kafka.first_commit_at is not None
+    assert kafka.first_commit_at < len(batches) // 2, kafka.first_commit_at

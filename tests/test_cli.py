@@ -16,7 +16,7 @@ import pytest
 from crmhooks import cli
 from crmhooks.cli import main
 from crmhooks.errors import CrmhooksError
-from crmhooks.settings import LogSettings
+from crmhooks.settings import KafkaSettings, LogSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.toml"))
@@ -365,6 +365,9 @@ def test_run_picks_uvloop_when_installed_and_asyncio_on_request(
     assert cli._loop_factory("auto") is uvloop.new_event_loop
     assert cli._loop_factory("uvloop") is uvloop.new_event_loop
     assert cli._loop_factory("asyncio") is None
+    # Kafka over TLS: asyncio's loop unless uvloop is asked for by name (its TLS stalls).
+    assert cli._loop_factory("auto", tls=True) is None
+    assert cli._loop_factory("uvloop", tls=True) is uvloop.new_event_loop
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
     assert cli._loop_factory("auto") is None
     with pytest.raises(CrmhooksError, match="uvloop is not installed"):
@@ -422,7 +425,8 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, log_settings: Any) -> None:
         log.info("planned %s", "Stage\nforged")
         log.warning("receiver said %s", "Bad\x1b[2J Gateway")
 
-    monkeypatch.setattr(cli, "_load", lambda path: types.SimpleNamespace(log=log_settings))
+    config = types.SimpleNamespace(log=log_settings, kafka=KafkaSettings())  # (run reads both)
+    monkeypatch.setattr(cli, "_load", lambda path: config)
     monkeypatch.setattr(cli, "_tune_gc", lambda: None)
     monkeypatch.setattr(crmhooks.runner, "run_processor", run_processor)
     monkeypatch.delenv("CRMHOOKS_LOG_LEVEL", raising=False)

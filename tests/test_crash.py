@@ -74,7 +74,7 @@ def record_event(n: int) -> tuple[bytes, bytes]:
 async def produce_events(config: Config, numbers: range) -> None:
     topic = config.kafka.events_topic
     await produce_records(
-        config.kafka.bootstrap_servers,
+        config.kafka,
         [(topic, *record_event(n)) for n in numbers],
     )
 
@@ -118,10 +118,7 @@ def sample(ids: set[str] | frozenset[str], limit: int = 15) -> str:
 
 async def event_partitions(config: Config) -> set[int]:
     k = config.kafka
-    return {
-        rec.partition
-        async for rec in read_topic(k.bootstrap_servers, k.events_topic, idle_timeout_s=1.0)
-    }
+    return {rec.partition async for rec in read_topic(k, k.events_topic, idle_timeout_s=1.0)}
 
 
 async def test_kill_9_mid_stream_loses_no_action_and_repeats_keep_their_webhook_id(
@@ -130,7 +127,7 @@ async def test_kill_9_mid_stream_loses_no_action_and_repeats_keep_their_webhook_
     kafka = unique_kafka()
     servers = kafka.bootstrap_servers
     await ensure_topics(
-        servers, [kafka.events_topic, kafka.results_topic, kafka.dlq_topic], kafka.partitions
+        kafka, [kafka.events_topic, kafka.results_topic, kafka.dlq_topic], kafka.partitions
     )
     async with flaky_receiver(FAIL_FIRST) as rx:
         config_path = tmp_path / "crmhooks.toml"

@@ -16,7 +16,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from crmhooks.kafka_io import read_topic
+from crmhooks.config import KafkaSettings
+from crmhooks.kafka_clients import read_topic
 from crmhooks.results import DEAD_LETTER_MAX_BYTES
 from tests.support import event, produce, receiver, running, wait_for_records
 from tests.test_e2e import commission_config, delivered
@@ -27,10 +28,10 @@ pytestmark = pytest.mark.kafka
 BROKER_DEFAULT_MAX_BYTES = 1_048_588
 
 
-async def dead_letters_as_written(bootstrap_servers: str, topic: str) -> list[bytes]:
+async def dead_letters_as_written(kafka: KafkaSettings) -> list[bytes]:
     return [
         rec.value
-        async for rec in read_topic(bootstrap_servers, topic, idle_timeout_s=1.0)
+        async for rec in read_topic(kafka, kafka.dlq_topic, idle_timeout_s=1.0)
         if rec.value is not None
     ]
 
@@ -62,7 +63,7 @@ async def test_a_900_kb_invalid_event_is_a_cut_dead_letter_and_its_partition_flo
             await wait_for_records(config, k.results_topic, delivered("evt-after"))
             (letter,) = await wait_for_records(config, k.dlq_topic, lambda ds: len(ds) >= 1)
             assert not task.done(), "the processor stopped"
-        (written,) = await dead_letters_as_written(k.bootstrap_servers, k.dlq_topic)
+        (written,) = await dead_letters_as_written(k)
     assert_cut_letter(letter, bad, offset=1)
     assert letter["message"] == "invalid event: not valid UTF-8"
     assert len(written) <= DEAD_LETTER_MAX_BYTES < BROKER_DEFAULT_MAX_BYTES
@@ -104,7 +105,7 @@ async def test_a_5_mb_event_is_a_cut_dead_letter_and_its_partition_flows(tmp_pat
             (letter,) = await wait_for_records(config, k.dlq_topic, lambda ds: len(ds) >= 1)
             await asyncio.sleep(0)
             assert not task.done(), "the processor stopped"
-        (written,) = await dead_letters_as_written(k.bootstrap_servers, k.dlq_topic)
+        (written,) = await dead_letters_as_written(k)
     assert_cut_letter(letter, big, offset=1)
     assert letter["message"] == (
         f"invalid event: event of {len(big)} bytes exceeds the limit of 1048576 bytes"

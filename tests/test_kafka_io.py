@@ -1,27 +1,22 @@
-"""KafkaIO.produce_all against a fake producer: unacknowledged records are sent again;
-the producer's partitioner; waiting for new topics to be seen in the metadata; the
-records read, against a real broker."""
+"""The producer's partitioner; waiting for new topics to be seen in the metadata; the
+records read, against a real broker (tests/test_kafka_producer.py: producing)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer import fetcher as _aiokafka_fetcher
-from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
 from crmhooks.config import KafkaSettings
-from crmhooks.errors import KafkaIOError, ProduceError
+from crmhooks.errors import KafkaIOError
 from crmhooks.kafka_io import (
-    ALONE_BYTES,
-    KafkaIO,
     _batch_records_fit,
     _BatchPartitionRecords,
     as_read,
@@ -30,163 +25,6 @@ from crmhooks.kafka_io import (
     wait_visible,
 )
 from tests.support import bootstrap_servers
-
-
-class FakeBatch:
-    """aiokafka's BatchBuilder, as KafkaIO uses it."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[bytes | None, bytes]] = []
-        self._closed = False
-
-    def append(self, *, timestamp: int | None, key: bytes | None, value: bytes) -> object | None:
-        if self._closed:
-            return None
-        self.records.append((key, value))
-        return object()
-
-    def close(self) -> None:
-        self._closed = True
-
-    def closed(self) -> bool:
-        return self._closed
-
-
-class FlakyProducer:
-    """Acknowledges a batch only once each of its records failed ``failures[value]`` times."""
-
-    def __init__(self, failures: dict[bytes, int], raise_on_send: bool = False) -> None:
-        self.failures = dict(failures)
-        self.raise_on_send = raise_on_send
-        self.sent: list[tuple[str, bytes | None, bytes]] = []
-        self.offsets: dict[tuple[str, int], int] = {}
-
-    def create_batch(self) -> FakeBatch:
-        return FakeBatch()
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        return {0, 1, 2}
-
-    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
-        if self.raise_on_send:
-            raise KafkaTimeoutError()
-        assert batch.closed(), "a batch is handed over closed"
-        self.sent += [(topic, k, v) for k, v in batch.records]
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        failing = [v for _, v in batch.records if self.failures.get(v, 0) > 0]
-        for value in failing:
-            self.failures[value] -= 1
-        if failing:
-            fut.set_exception(NotLeaderForPartitionError())
-        else:
-            base = self.offsets.get((topic, partition), 0)
-            self.offsets[(topic, partition)] = base + len(batch.records)
-            fut.set_result(SimpleNamespace(offset=base))
-        return fut
-
-
-def kafka_io(producer: FlakyProducer) -> KafkaIO:
-    async def nothing(partitions: set[int]) -> None:
-        return None
-
-    kio = KafkaIO(KafkaSettings(), nothing, nothing)
-    kio._producer = producer
-    kio.retry_pause_s = 0.0
-    return kio
-
-
-RECORDS = [("crm.webhook-dlq", b"org", b"letter-1"), ("crm.webhook-results", b"org", b"r-2")]
-
-
-async def test_a_dead_letter_not_acknowledged_is_sent_again_until_it_is() -> None:
-    producer = FlakyProducer({b"letter-1": 2})
-    await kafka_io(producer).produce_all(RECORDS)
-    assert [v for _, _, v in producer.sent] == [b"letter-1", b"r-2", b"letter-1", b"letter-1"]
-
-
-async def test_giving_up_after_five_tries_raises_so_nothing_is_committed() -> None:
-    producer = FlakyProducer({b"letter-1": 99})
-    with pytest.raises(ProduceError, match="1 records not acknowledged after 5 tries"):
-        await kafka_io(producer).produce_all(RECORDS)
-    assert [v for _, _, v in producer.sent].count(b"letter-1") == 5
-
-
-async def test_a_producer_that_cannot_queue_raises_produce_error() -> None:
-    with pytest.raises(ProduceError, match=r"produce to crm\.webhook-dlq failed"):
-        await kafka_io(FlakyProducer({}, raise_on_send=True)).produce_all(RECORDS)
-
-
-async def test_one_record_not_acknowledged_is_sent_again_until_it_is() -> None:
-    producer = FlakyProducer({b"r-1": 2})
-    await kafka_io(producer).produce_all([("crm.webhook-results", b"org", b"r-1")])
-    assert [v for _, _, v in producer.sent] == [b"r-1"] * 3
-
-
-async def test_one_record_never_acknowledged_gives_up_after_five_tries() -> None:
-    producer = FlakyProducer({b"r-1": 99})
-    with pytest.raises(ProduceError, match="1 records not acknowledged after 5 tries"):
-        await kafka_io(producer).produce_all([("crm.webhook-results", b"org", b"r-1")])
-    assert len(producer.sent) == 5
-
-
-class BatchLog(FlakyProducer):
-    """Remembers each batch handed over: (topic, partition, values)."""
-
-    def __init__(self, failures: dict[bytes, int] | None = None) -> None:
-        super().__init__(failures or {})
-        self.batches: list[tuple[str, int, list[bytes]]] = []
-
-    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
-        self.batches.append((topic, partition, [v for _, v in batch.records]))
-        return await super().send_batch(batch, topic, partition=partition)
-
-
-async def test_concurrent_records_go_out_as_one_batch_per_partition_in_their_order() -> None:
-    producer = BatchLog()
-    kio = kafka_io(producer)
-    keys = [f"org-{n % 7}".encode() for n in range(60)]
-    await asyncio.gather(
-        *(kio.produce_all([("crm.webhook-results", key, b"%d" % n)]) for n, key in enumerate(keys))
-    )
-    assert len(producer.batches) <= 2 * 3, "records of a tick share their partition's batch"
-    for topic, partition, values in producer.batches:
-        assert topic == "crm.webhook-results"
-        assert values == sorted(values, key=int), "in the order given"
-        for value in values:
-            assert keyed_partitioner(keys[int(value)], [0, 1, 2], [0, 1, 2]) == partition
-    assert sorted(int(v) for _, _, vs in producer.batches for v in vs) == list(range(60))
-
-
-async def test_changelog_acknowledgement_gives_each_partitions_next_offset() -> None:
-    producer = BatchLog()
-    kio = kafka_io(producer)
-    records = [(n % 2, b"k%d" % n, b"v%d" % n) for n in range(5)]
-    assert await (await kio.produce_changelog(records)) == {0: 3, 1: 2}
-    assert await (await kio.produce_changelog(records[:1])) == {0: 4}
-
-
-async def test_a_changelog_batch_not_acknowledged_fails_the_store_commit() -> None:
-    kio = kafka_io(BatchLog({b"v1": 1}))
-    acked = await kio.produce_changelog([(0, b"k0", b"v0"), (1, b"k1", b"v1")])
-    with pytest.raises(ProduceError, match=r"changelog produce to .* failed"):
-        await acked
-
-
-async def test_a_large_record_goes_alone_so_its_refusal_fails_no_other() -> None:
-    big = b"x" * ALONE_BYTES
-    producer = BatchLog({big: 99})
-    kio = kafka_io(producer)
-    small = [("crm.webhook-dlq", b"org", b"s%d" % n) for n in range(3)]
-    results = await asyncio.gather(
-        kio.produce_all(small[:2]),
-        kio.produce_all([("crm.webhook-dlq", b"org", big)]),
-        kio.produce_all(small[2:]),
-        return_exceptions=True,
-    )
-    assert results[0] is None
-    assert results[2] is None
-    assert isinstance(results[1], ProduceError)
-    assert [vs for _, _, vs in producer.batches][:3] == [[b"s0", b"s1"], [big], [b"s2"]]
 
 
 @given(key=st.binary(max_size=64), count=st.integers(min_value=1, max_value=64))
@@ -298,7 +136,7 @@ async def test_the_group_consumer_reads_batch_records_equal_to_aiokafkas_own(
     """With transactions committed and aborted (control batches, aborted batches
     skipped), keys and values missing, headers: the same records, a few a fetch."""
     topic = f"test-batch-{uuid.uuid4().hex[:10]}"
-    await ensure_topics(bootstrap_servers(), [topic], 1)
+    await ensure_topics(KafkaSettings(bootstrap_servers=bootstrap_servers()), [topic], 1)
     plain = AIOKafkaProducer(bootstrap_servers=bootstrap_servers())
     txn = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(), transactional_id=topic)
     await plain.start()

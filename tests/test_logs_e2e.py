@@ -99,7 +99,7 @@ instant = "Hook"
 async def test_a_json_log_parses_line_by_line_with_ids_and_escapes(tmp_path: Path) -> None:
     cfg = Config(kafka=unique_kafka())
     k = cfg.kafka
-    await ensure_topics(k.bootstrap_servers, [k.events_topic, k.results_topic, k.dlq_topic], 3)
+    await ensure_topics(k, [k.events_topic, k.results_topic, k.dlq_topic], 3)
     log_path = tmp_path / "processor.log"
     async with escaping_receiver() as hook_url, receiver() as ops:
         config_path = tmp_path / "crmhooks.toml"

@@ -224,7 +224,7 @@ async def test_consumer_lag_from_a_real_consumer_goes_to_zero_once_committed() -
     assignment (inside the callback, as the processor would) and after commits."""
     import asyncio
 
-    from crmhooks.kafka_io import KafkaIO, produce_records
+    from crmhooks.kafka_io import KafkaIO, Skipped, produce_records
     from tests.support import unique_kafka
 
     kafka = unique_kafka(partitions=2)
@@ -242,12 +242,13 @@ async def test_consumer_lag_from_a_real_consumer_goes_to_zero_once_committed() -
     async with kio:
         m.lag.ends = kio.end_offsets_seen
         await produce_records(
-            kafka.bootstrap_servers,
+            kafka,
             [(kafka.events_topic, f"org-{i}".encode(), b"{}") for i in range(20)],
         )
         read: dict[int, int] = {}
         for _ in range(100):  # bounded: ~20 s at most
             for partition, records in await kio.fetch(200, 500):
+                assert not isinstance(records, Skipped)
                 read[partition] = records[-1].offset + 1
             if sum(read.values()) >= 20 and len(kio.end_offsets_seen()) == 2:
                 break

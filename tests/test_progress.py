@@ -78,14 +78,12 @@ async def test_replay_dlq_shows_progress_on_a_terminal_only(
 ) -> None:
     kafka = unique_kafka(partitions=1)
     config = Config(kafka=kafka)
-    await ensure_topics(kafka.bootstrap_servers, [kafka.dlq_topic, kafka.events_topic], 1)
+    await ensure_topics(kafka, [kafka.dlq_topic, kafka.events_topic], 1)
     letters = [
         {"error_code": "daily_limit_reached", "event": {"event_id": f"e{i}"}, "raw": None}
         for i in range(5)
     ]
-    await produce_records(
-        kafka.bootstrap_servers, [(kafka.dlq_topic, b"org-a", orjson.dumps(x)) for x in letters]
-    )
+    await produce_records(kafka, [(kafka.dlq_topic, b"org-a", orjson.dumps(x)) for x in letters])
     stream, controller = terminal
     with Progress("replay-dlq", stream, every_s=0.0) as p:
         assert await replay_dlq(config, None, idle_timeout_s=1.0, progress=p) == 5

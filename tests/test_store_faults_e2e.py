@@ -262,7 +262,7 @@ async def committed_offsets(kafka: KafkaSettings) -> dict[int, int]:
 async def events_at(kafka: KafkaSettings) -> list[tuple[int, int, str]]:
     """(partition, offset, event_id) of every event produced."""
     out = []
-    async for rec in read_topic(kafka.bootstrap_servers, kafka.events_topic, idle_timeout_s=1.0):
+    async for rec in read_topic(kafka, kafka.events_topic, idle_timeout_s=1.0):
         assert rec.value is not None
         out.append((rec.partition, rec.offset, orjson.loads(rec.value)["event_id"]))
     return out
@@ -306,7 +306,7 @@ async def test_a_failing_disk_stops_the_processor_and_a_restart_finishes_everyth
 ) -> None:
     kafka = unique_kafka()
     servers = kafka.bootstrap_servers
-    await ensure_topics(servers, [kafka.events_topic, kafka.results_topic, kafka.dlq_topic], 3)
+    await ensure_topics(kafka, [kafka.events_topic, kafka.results_topic, kafka.dlq_topic], 3)
     with fault(kind, tmp_path) as f:
         async with receiver() as rx:
 
@@ -328,7 +328,7 @@ async def test_a_failing_disk_stops_the_processor_and_a_restart_finishes_everyth
             )
             try:
                 await first.start()
-                await produce_records(servers, [record_event(kafka, n) for n in range(WARM)])
+                await produce_records(kafka, [record_event(kafka, n) for n in range(WARM)])
                 warm = {a for n in range(WARM) for a in action_ids(n)}
                 await wait_until(
                     lambda: warm <= set(sent(rx)),
@@ -352,7 +352,7 @@ async def test_a_failing_disk_stops_the_processor_and_a_restart_finishes_everyth
                         if produced == FIRST_QUICK:
                             f.make(first)  # events flowing, requests in flight, timers pending
                         wave = range(produced, min(produced + WAVE, WARM + EVENTS))
-                        await produce_records(servers, [record_event(kafka, n) for n in wave])
+                        await produce_records(kafka, [record_event(kafka, n) for n in wave])
                         produced = wave.stop
                         next_wave = now + WAVE_GAP_S
                     if failed_seen is None and failed_line in first.log_path.read_text("utf-8"):
@@ -366,7 +366,7 @@ async def test_a_failing_disk_stops_the_processor_and_a_restart_finishes_everyth
                 log_text = first.log_path.read_text("utf-8")
                 sent_before = collections.Counter(sent(rx))
                 await produce_records(
-                    servers, [record_event(kafka, n) for n in range(produced, WARM + EVENTS)]
+                    kafka, [record_event(kafka, n) for n in range(produced, WARM + EVENTS)]
                 )
 
                 # The real error, once, and the exit: non-zero, within seconds of it.

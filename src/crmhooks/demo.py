@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from crmhooks.config import Config, load_config
+from crmhooks.config import Config, KafkaSettings, load_config
 from crmhooks.kafka_io import ensure_topics, produce_records, read_topic
 
 FINAL = {"delivered", "failed", "cancelled", "skipped", "quota_exceeded", "suspended"}
@@ -110,23 +110,19 @@ async def demo(config: Config, config_path: str, wait_s: float) -> int:
         "fails, its retry 2 s later fails, the webhook is suspended and the administrator "
         "alerted: watch for 'ADMINISTRATOR ALERT' from the receiver)"
     )
-    await ensure_topics(
-        k.bootstrap_servers, [k.events_topic, k.results_topic, k.dlq_topic], k.partitions
-    )
-    await produce_records(
-        k.bootstrap_servers, [(k.events_topic, b"org-acme", value) for _, value in events]
-    )
+    await ensure_topics(k, [k.events_topic, k.results_topic, k.dlq_topic], k.partitions)
+    await produce_records(k, [(k.events_topic, b"org-acme", value) for _, value in events])
     print(f"\n== waiting up to {wait_s:.0f} s for every action to reach a final status ==\n")
     prefix = f"demo-{run}-"
     results = await _until_final(config, prefix, 6, wait_s)
     print(f"\n== then: {late[0]} ==\n")
-    await produce_records(k.bootstrap_servers, [(k.events_topic, b"org-acme", late[1])])
+    await produce_records(k, [(k.events_topic, b"org-acme", late[1])])
     results = await _until_final(config, prefix, 9, wait_s)
     # This run's: the malformed event's bytes, or an event of this run (a dead letter
     # left by an earlier run, read only now, is not this run's).
     letters = [
         d
-        async for d in _records(k.bootstrap_servers, k.dlq_topic)
+        async for d in _records(k, k.dlq_topic)
         if (d.get("raw") is not None and f"demo run {run}".encode() in base64.b64decode(d["raw"]))
         or str((d.get("event") or {}).get("event_id", "")).startswith(prefix)
     ]
@@ -170,7 +166,7 @@ async def _until_final(
     while time.monotonic() < deadline:
         results = [
             r
-            async for r in _records(k.bootstrap_servers, k.results_topic)
+            async for r in _records(k, k.results_topic)
             if str(r.get("event_id", "")).startswith(prefix)
         ]
         last: dict[str, str] = {r["action_id"]: r["status"] for r in results}
@@ -261,8 +257,8 @@ def _clock(rfc3339: str | None) -> str:
     return rfc3339[11:23] if rfc3339 else "-"
 
 
-async def _records(bootstrap: str, topic: str) -> Any:
-    async for rec in read_topic(bootstrap, topic, idle_timeout_s=1.0):
+async def _records(kafka: KafkaSettings, topic: str) -> Any:
+    async for rec in read_topic(kafka, topic, idle_timeout_s=1.0):
         if rec.value is not None:
             yield orjson.loads(rec.value)
 

@@ -17,7 +17,7 @@ import orjson
 from crmhooks.actions import Action
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent, decode_wanted_event
-from crmhooks.kafka_io import BatchRecord, Fetched
+from crmhooks.kafka_io import BatchRecord, Fetched, Skipped
 from crmhooks.modules import UNSUPPORTED_MODULES
 from crmhooks.reporter import Produced, Reporter
 from crmhooks.scheduler import Scheduler
@@ -86,6 +86,11 @@ class Intake:
         for partition, records in fetched:
             if not owns(partition):
                 continue  # revoked since the fetch: the new owner reads it again
+            if isinstance(records, Skipped):  # offsets the consumer could not decode
+                out.append(self._reporter.skipped(records, now_ms))
+                plan.dead_lettered += 1
+                plan.next_offsets[partition] = records.next_offset  # committed past them
+                continue
             plan.read += len(records)
             plan.next_offsets[partition] = records[-1].offset + 1
             for rec in records:

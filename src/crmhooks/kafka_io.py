@@ -1,31 +1,64 @@
-"""Kafka at the edge: topics, the group consumer with manual commits, and the producer.
+"""Kafka at the edge of the processor: the group consumer of the events topic with
+manual commits, and the producer of results, dead letters and the changelog.
 
-aiokafka exceptions are translated to ``KafkaIOError``/``ProduceError`` here and
-nowhere else. The group consumer's records are read as aiokafka's batch reader
-yields them (``BatchRecord``; importing this module installs that in aiokafka's
-fetcher), other consumers' as aiokafka's ``ConsumerRecord``s.
+aiokafka exceptions are translated to ``KafkaIOError``/``ProduceError`` here (and in
+``kafka_clients``/``kafka_producer``) and nowhere else. The group consumer's records
+are read as aiokafka's batch reader yields them (``BatchRecord``; importing this
+module installs that in aiokafka's fetcher), other consumers' as aiokafka's
+``ConsumerRecord``s. Offsets the consumer cannot decode (a batch compressed with a
+codec this install lacks, a corrupt batch) are read past and handed over as
+``Skipped``, never retried for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.consumer import fetcher as _aiokafka_fetcher
-from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.errors import (
+    CorruptRecordException,
+    IllegalStateError,
+    KafkaError,
+    UnsupportedCodecError,
+)
 
 from crmhooks.aio import wait_all
 from crmhooks.config import KafkaSettings
 from crmhooks.errors import KafkaIOError, ProduceError
+from crmhooks.kafka_clients import (
+    InRecord,
+    client_options,
+    compression,
+    ensure_topics,
+    produce_records,
+    read_topic,
+    start_error,
+    wait_visible,
+)
+from crmhooks.kafka_producer import ALONE_BYTES, Producer, keyed_partitioner
+
+__all__ = [
+    "ALONE_BYTES",
+    "BatchRecord",
+    "Fetched",
+    "InRecord",
+    "KafkaIO",
+    "Skipped",
+    "as_read",
+    "client_options",
+    "ensure_topics",
+    "keyed_partitioner",
+    "produce_records",
+    "read_topic",
+    "wait_visible",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +80,48 @@ class BatchRecord(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
-class InRecord(BatchRecord, Protocol):
-    """One record read from a topic with its partition: aiokafka's ``ConsumerRecord``."""
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Offsets ``first_offset..last_offset`` of a partition that the consumer could not
+    decode (a batch compressed with a codec this install lacks, a corrupt batch):
+    read past, never handed over as records. The range may take in offsets of
+    transaction markers next to the batch. The processor dead-letters it and
+    commits past it (``next_offset``)."""
+
+    partition: int
+    first_offset: int
+    last_offset: int
+    reason: str
 
     @property
-    def partition(self) -> int: ...
+    def next_offset(self) -> int:
+        return self.last_offset + 1
+
+    @property
+    def message(self) -> str:
+        offsets = (
+            f"offset {self.first_offset}"
+            if self.first_offset == self.last_offset
+            else f"offsets {self.first_offset}-{self.last_offset}"
+        )
+        return f"undecodable record batch at {offsets} of partition {self.partition}: {self.reason}"
 
 
-# A fetch: each partition with records, and its records in offset order.
-Fetched = list[tuple[int, Sequence[BatchRecord]]]
+# A fetch: each partition with its records in offset order, or a range of offsets
+# that could not be read (``Skipped``; a partition's entries come in offset order).
+Fetched = list[tuple[int, Sequence[BatchRecord] | Skipped]]
+
+# What aiokafka raises from a fetch when a record batch cannot be decoded: a codec
+# it lacks, a CRC mismatch or a malformed batch, a header key that is not UTF-8.
+_UNDECODABLE: tuple[type[BaseException], ...] = (
+    UnsupportedCodecError,
+    CorruptRecordException,
+    UnicodeDecodeError,
+)
+# Reading past an undecodable batch: at most this long per fetch (the rest the next
+# fetch), waiting at most PROBE_WAIT_MS for each offset read one at a time.
+CAREFUL_BUDGET_S = 2.0
+PROBE_WAIT_MS = 1000
 
 
 def as_read(value: bytes | None) -> bytes | None:
@@ -113,221 +179,32 @@ if _batch_records_fit(_aiokafka_fetcher.PartitionRecords):
     _aiokafka_fetcher.PartitionRecords = _BatchPartitionRecords
 
 
-async def ensure_topics(
-    bootstrap_servers: str,
-    names: Iterable[str],
-    partitions: int,
-    *,
-    changelog: str | None = None,
-) -> None:
-    """Create the topics that do not exist yet (replication factor up to 3).
-
-    ``changelog`` (compacted) gets as many partitions as ``names[0]``, the events
-    topic: changelog partition p holds the state of events partition p.
-    """
-    names = list(dict.fromkeys(names))
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    try:
-        await admin.start()
-        existing = set(await admin.list_topics())
-        factor = min(3, len(admin._client.cluster.brokers()) or 1)
-        missing = [n for n in names if n not in existing]
-        if missing:
-            await admin.create_topics(
-                [NewTopic(n, num_partitions=partitions, replication_factor=factor) for n in missing]
-            )
-            log.info("created topics %s with %d partitions", missing, partitions)
-        if changelog is not None and changelog not in existing:
-            (described,) = await admin.describe_topics([names[0]])
-            count = len(described.get("partitions") or []) or partitions
-            await admin.create_topics(
-                [
-                    NewTopic(
-                        changelog,
-                        num_partitions=count,
-                        replication_factor=factor,
-                        topic_configs={"cleanup.policy": "compact"},
-                    )
-                ]
-            )
-            log.info("created changelog topic %s with %d partitions", changelog, count)
-        await wait_visible(admin, names + ([changelog] if changelog is not None else []))
-    except KafkaError as exc:
-        raise KafkaIOError(f"cannot create topics on {bootstrap_servers}: {exc}") from exc
-    finally:
-        await admin.close()
-
-
-class DescribesTopics(Protocol):
-    """What ``wait_visible`` needs of aiokafka's admin client."""
-
-    async def describe_topics(self, topics: list[str] | None = None) -> list[Any]: ...
-
-
-async def wait_visible(
-    admin: DescribesTopics, names: list[str], tries: int = 600, pause_s: float = 0.05
-) -> None:
-    """Until the cluster's metadata shows every topic of ``names`` with a leader for
-    each partition (KafkaIOError naming those still missing after ``tries``).
-
-    A topic just created is not in every broker's metadata at once (a broker just
-    started applies it later still). A consumer that subscribes before it is seen
-    gets no partitions, and aiokafka looks again only after ``metadata_max_age_ms``
-    (5 minutes): the processor would sit idle.
-    """
-    missing = list(names)
-    for attempt in range(tries):
-        if attempt:
-            await asyncio.sleep(pause_s)
-        described = await admin.describe_topics(missing)
-        visible = {
-            t["topic"]
-            for t in described
-            if not t["error_code"]
-            and t["partitions"]
-            and all(not p["error_code"] and p["leader"] >= 0 for p in t["partitions"])
-        }
-        missing = [n for n in missing if n not in visible]
-        if not missing:
-            return
-    raise KafkaIOError(
-        f"topics {missing} are not in the cluster's metadata with a leader for every "
-        f"partition after {tries * pause_s:.0f} s"
-    )
-
-
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_revoked: PartitionsCallback, on_assigned: PartitionsCallback) -> None:
+    def __init__(
+        self, kio: KafkaIO, on_revoked: PartitionsCallback, on_assigned: PartitionsCallback
+    ) -> None:
+        self._kio = kio
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        await self._on_revoked({tp.partition for tp in revoked})
+        partitions = {tp.partition for tp in revoked}
+        await self._on_revoked(partitions)
+        self._kio.forget_positions(partitions)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        await self._on_assigned({tp.partition for tp in assigned})
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _key_hash(key: bytes) -> int:
-    return int(murmur2(key)) & 0x7FFFFFFF
-
-
-_default_partitioner = DefaultPartitioner()
-
-# A record this large gets a batch of its own: should the broker refuse it
-# (message.max.bytes), no other record fails with it.
-ALONE_BYTES = 64 << 10
-
-
-class _Pending:
-    """One batch being filled, and the future of its acknowledgement (the
-    partition's next offset after it)."""
-
-    __slots__ = ("acked", "builder", "count")
-
-    def __init__(self, builder: Any, acked: asyncio.Future[int]) -> None:
-        self.builder = builder
-        self.count = 0
-        self.acked = acked
-
-
-class _Outbox:
-    """The records of one topic partition not yet handed to aiokafka, in batches.
-
-    ``AIOKafkaProducer.send`` costs ~5 µs of CPU a record: a coroutine, a future
-    and a metadata object each. Here records go into a batch (aiokafka's
-    ``BatchBuilder``, in C) and each batch is handed over whole with ``send_batch``
-    and one future. aiokafka holds one batch of a partition at a time (the next
-    waits until the one before is taken for a request), so records that come
-    meanwhile fill the next: under load a request carries many, in their order.
-    """
-
-    __slots__ = ("_flusher", "_producer", "_queue", "partition", "topic")
-
-    def __init__(self, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
-        self._producer = producer
-        self.topic = topic
-        self.partition = partition
-        self._queue: deque[_Pending] = deque()  # full batches first, the open one last
-        self._flusher: asyncio.Task[None] | None = None
-
-    def add(self, key: bytes | None, value: bytes | None) -> asyncio.Future[int]:
-        """Queue a record; the future resolves once it is acknowledged."""
-        pending = self._queue[-1] if self._queue else None
-        alone = value is not None and len(value) >= ALONE_BYTES
-        if pending is None or pending.builder.closed() or (alone and pending.count):
-            pending = self._open()
-        if pending.builder.append(timestamp=None, key=key, value=value) is None:  # full
-            pending = self._open()
-            pending.builder.append(timestamp=None, key=key, value=value)  # the first fits
-        pending.count += 1
-        if alone:
-            pending.builder.close()
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name=f"outbox {self.topic}")
-        return pending.acked
-
-    def _open(self) -> _Pending:
-        acked: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        pending = _Pending(self._producer.create_batch(), acked)
-        self._queue.append(pending)
-        return pending
-
-    async def _flush(self) -> None:
-        pending: _Pending | None = None
-        try:
-            while self._queue:
-                pending = self._queue.popleft()
-                pending.builder.close()  # handed over: nothing more goes in
-                try:
-                    fut = await self._producer.send_batch(
-                        pending.builder, self.topic, partition=self.partition
-                    )
-                except Exception as exc:  # KafkaError; an unknown partition: AssertionError
-                    _settle_batch(pending, None, exc)
-                else:
-                    fut.add_done_callback(functools.partial(_settle_batch, pending))
-                pending = None
-        finally:
-            self._flusher = None
-            stopped = ProduceError(f"produce to {self.topic} stopped")
-            for left in ([pending] if pending is not None else []) + list(self._queue):
-                _settle_batch(left, None, stopped)
-            self._queue.clear()
-
-    async def drained(self) -> None:
-        """Once every record queued so far is handed to aiokafka."""
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
-
-
-def _settle_batch(
-    pending: _Pending, fut: asyncio.Future[Any] | None, error: BaseException | None = None
-) -> None:
-    acked = pending.acked
-    if acked.done():
-        return
-    if fut is not None:
-        error = ProduceError("produce cancelled") if fut.cancelled() else fut.exception()
-    if error is None and fut is not None:
-        acked.set_result(fut.result().offset + pending.count)
-        return
-    acked.set_exception(error if error is not None else ProduceError("produce failed"))
-    acked.exception()  # retrieved: the callers see it when they await
-
-
-def keyed_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-    """aiokafka's default partitioner (Kafka's murmur2 of the key), with the hash of
-    each key remembered: murmur2 is pure Python in aiokafka (~2 µs a record), and
-    our keys (organisation ids, store row keys) repeat."""
-    if key is None:
-        return int(_default_partitioner(key, all_partitions, available))
-    return all_partitions[_key_hash(key) % len(all_partitions)]
+        partitions = {tp.partition for tp in assigned}
+        self._kio.forget_positions(partitions)
+        await self._on_assigned(partitions)
 
 
 class KafkaIO:
-    """The consumer of the events topic and the producer of results and dead letters."""
+    """The consumer of the events topic and the producer of results, dead letters and
+    the changelog.
+
+    ``broken`` resolves with a KafkaIOError once the producer cannot be made again
+    (see ``kafka_producer``): the process can no longer write, and must stop.
+    """
 
     def __init__(
         self,
@@ -337,47 +214,59 @@ class KafkaIO:
         client_id: str = "crmhooks",
     ) -> None:
         self.settings = settings
-        self._listener = _Listener(on_revoked, on_assigned)
+        self._listener = _Listener(self, on_revoked, on_assigned)
         self._client_id = client_id
         self.retry_pause_s = 0.2  # times the try number, between tries of produce_all
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
-        self._outboxes: dict[tuple[str, int], _Outbox] = {}
-        self._partitions: dict[str, list[int]] = {}  # of the topics produced to
+        self._producer: Producer | None = None
+        # Partition → the offset after the last record (or skipped offset) handed over:
+        # where reading goes on after a fetch that failed part-way.
+        self._handed: dict[int, int] = {}
         # The largest dead letter the dead-letter topic takes (None: not known).
         self.dead_letter_max_bytes: int | None = None
 
     def __repr__(self) -> str:
-        return f"KafkaIO({self.settings.bootstrap_servers!r}, group={self.settings.group_id!r})"
+        s = self.settings
+        return (
+            f"KafkaIO({s.bootstrap_servers!r}, {s.security_protocol}, group={s.group_id!r}, "
+            f"compression={s.compression_type})"
+        )
 
     async def __aenter__(self) -> KafkaIO:
         s = self.settings
+        options = client_options(s)  # KafkaIOError naming the setting
+        codec = compression(s)
         await ensure_topics(
-            s.bootstrap_servers,
-            [s.events_topic, s.results_topic, s.dlq_topic],
-            s.partitions,
-            changelog=s.changelog,
+            s, [s.events_topic, s.results_topic, s.dlq_topic], s.partitions, changelog=s.changelog
         )
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            client_id=self._client_id,
-            acks="all",
-            enable_idempotence=True,
-            # No linger: every store commit and offset commit waits for acknowledgements,
-            # so waiting to fill a batch adds to every event's latency (p50 42 -> 16 ms
-            # at 1,000 events/s); under load, records queue while a request is in
-            # flight and go out together anyway.
-            linger_ms=0,
-            max_request_size=4 << 20,
-            # Records per partition wait for the one batch in flight; with aiokafka's
-            # 16 KB (~27 results) a burst waits in wait_drain, costly in CPU. 256 KB:
-            # 35 -> 21 µs of CPU per record (bursts of 256), instant bench -5 % CPU.
-            # (Below the broker's default message.max.bytes, 1 MB.)
-            max_batch_size=256 << 10,
-            partitioner=keyed_partitioner,
-        )
+
+        def new_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(
+                **options,
+                client_id=self._client_id,
+                acks="all",
+                enable_idempotence=True,
+                # None by default: every delivery's result and changelog record is
+                # produced on the hot path, and compressing costs CPU there (lz4 cost
+                # scale-out in round 11); a topic or broker can compress on its own.
+                compression_type=codec,
+                # No linger: every store commit and offset commit waits for
+                # acknowledgements, so waiting to fill a batch adds to every event's
+                # latency (p50 42 -> 16 ms at 1,000 events/s); under load, records queue
+                # while a request is in flight and go out together anyway.
+                linger_ms=0,
+                max_request_size=4 << 20,
+                # Records per partition wait for the one batch in flight; with
+                # aiokafka's 16 KB (~27 results) a burst waits in wait_drain, costly in
+                # CPU. 256 KB: 35 -> 21 µs of CPU per record (bursts of 256), instant
+                # bench -5 % CPU. (Below the broker's default message.max.bytes, 1 MB.)
+                max_batch_size=256 << 10,
+                partitioner=keyed_partitioner,
+            )
+
+        self._producer = Producer(new_producer, s.bootstrap_servers)
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers,
+            **options,
             client_id=self._client_id,
             group_id=s.group_id,
             enable_auto_commit=False,
@@ -394,7 +283,7 @@ class KafkaIO:
             await self._consumer.start()
         except KafkaError as exc:
             await self.__aexit__(None, None, None)
-            raise KafkaIOError(f"cannot connect to Kafka at {s.bootstrap_servers}: {exc}") from exc
+            raise await start_error(s, exc, "starting the consumer and producer") from exc
         self._consumer.subscribe([s.events_topic], listener=self._listener)
         return self
 
@@ -411,19 +300,7 @@ class KafkaIO:
                 log.warning("consumer stop failed: %s", err)
             self._consumer = None
         if self._producer is not None:
-            try:
-                # Records still in outboxes first, then the producer flushes them.
-                await asyncio.wait_for(
-                    asyncio.gather(*(o.drained() for o in self._outboxes.values())),
-                    timeout=10.0,
-                )
-            except (TimeoutError, ProduceError) as err:
-                log.warning("records not handed to the producer before stop: %s", err)
-            self._outboxes.clear()
-            try:
-                await self._producer.stop()  # flushes what is still buffered
-            except KafkaError as err:
-                log.warning("producer stop failed: %s", err)
+            await self._producer.stop()
             self._producer = None
 
     @property
@@ -433,17 +310,124 @@ class KafkaIO:
         return self._consumer
 
     @property
-    def producer(self) -> AIOKafkaProducer:
+    def producer(self) -> Producer:
         if self._producer is None:
             raise KafkaIOError("Kafka is not started")
         return self._producer
 
+    @property
+    def broken(self) -> asyncio.Future[None]:
+        """Resolves with a KafkaIOError when no producer can be made any more."""
+        return self.producer.fatal
+
+    def forget_positions(self, partitions: set[int]) -> None:
+        """Partitions revoked or assigned: reading them starts again from the group's
+        committed offsets."""
+        for p in partitions:
+            self._handed.pop(p, None)
+
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
         try:
             batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except _UNDECODABLE as exc:
+            return await self._fetch_carefully(max_records, exc)
         except KafkaError as exc:
             raise KafkaIOError(f"fetch failed: {exc}") from exc
-        return [(tp.partition, records) for tp, records in batches.items() if records]
+        handed = self._handed
+        fetched: Fetched = []
+        for tp, records in batches.items():
+            if records:
+                handed[tp.partition] = records[-1].offset + 1
+                fetched.append((tp.partition, records))
+        return fetched
+
+    async def _fetch_carefully(self, max_records: int, error: BaseException) -> Fetched:
+        """A fetch after one that failed to decode a batch: each partition read one
+        record at a time from where the processor has it, the undecodable offsets
+        skipped (bounded by CAREFUL_BUDGET_S; the next fetch goes on)."""
+        consumer = self.consumer
+        topic = self.settings.events_topic
+        log.warning(
+            "a fetch of %s could not decode a batch (%r): reading on with care", topic, error
+        )
+        tps = sorted(consumer.assignment())
+        # aiokafka loses the records of the partitions it drained, in the fetch that
+        # failed, before the one it failed on, and their positions moved on past them:
+        # each partition goes back to where the processor has it.
+        for tp in tps:
+            await self._rewind(tp)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CAREFUL_BUDGET_S
+        each = max(1, max_records // max(1, len(tps)))
+        fetched: Fetched = []
+        for tp in tps:
+            if loop.time() >= deadline:
+                break
+            try:
+                fetched += await self._read_carefully(tp, each, deadline)
+            except IllegalStateError:  # revoked meanwhile: its next owner reads it
+                continue
+            except KafkaError as exc:
+                raise KafkaIOError(f"fetch failed: {exc}") from exc
+        for partition, entry in fetched:
+            if isinstance(entry, Skipped):
+                log.error(
+                    "%s: %s: skipped, reported on the dead-letter topic", topic, entry.message
+                )
+                self._handed[partition] = entry.next_offset
+            elif entry:
+                self._handed[partition] = entry[-1].offset + 1
+        return fetched
+
+    async def _rewind(self, tp: TopicPartition) -> None:
+        consumer = self.consumer
+        start = self._handed.get(tp.partition)
+        if start is None:
+            start = await consumer.committed(tp)
+        if start is None:
+            await consumer.seek_to_beginning(tp)  # auto_offset_reset="earliest"
+        else:
+            consumer.seek(tp, start)
+
+    async def _read_carefully(self, tp: TopicPartition, limit: int, deadline: float) -> Fetched:
+        """Records of ``tp`` one at a time, up to ``limit``, each undecodable offset read
+        past: aiokafka raises at the batch it cannot decode with the position right
+        before it, and a fetch from the next offset brings the same batch until the
+        offset is past its end."""
+        consumer = self.consumer
+        loop = asyncio.get_running_loop()
+        end = (await consumer.end_offsets([tp]))[tp]
+        p = tp.partition
+        out: Fetched = []
+        records: list[BatchRecord] = []
+        skipped: Skipped | None = None
+        while len(records) < limit and loop.time() < deadline:
+            if await consumer.position(tp) >= end:
+                break
+            try:
+                got = (await consumer.getmany(tp, timeout_ms=PROBE_WAIT_MS, max_records=1)).get(tp)
+            except _UNDECODABLE as exc:
+                bad = await consumer.position(tp)
+                if records:
+                    out.append((p, records))
+                    records = []
+                if skipped is None:
+                    skipped = Skipped(p, bad, bad, f"{type(exc).__name__}: {exc}")
+                else:
+                    skipped = Skipped(p, skipped.first_offset, bad, skipped.reason)
+                consumer.seek(tp, bad + 1)
+                continue
+            if not got:
+                break  # nothing more within PROBE_WAIT_MS
+            if skipped is not None:
+                out.append((p, skipped))
+                skipped = None
+            records.extend(got)
+        if records:
+            out.append((p, records))
+        if skipped is not None:
+            out.append((p, skipped))
+        return out
 
     def assigned_partitions(self) -> set[int]:
         return {tp.partition for tp in self.consumer.assignment()}
@@ -479,38 +463,25 @@ class KafkaIO:
             raise KafkaIOError(f"cannot read committed offsets of {topic}: {exc}") from exc
         return out
 
-    async def _partitions_of(self, topic: str) -> list[int]:
-        found = self._partitions.get(topic)
-        if found is None:
-            try:
-                found = sorted(await self.producer.partitions_for(topic))
-            except KafkaError as exc:
-                raise ProduceError(f"produce to {topic} failed: {exc}") from exc
-            self._partitions[topic] = found
-        return found
-
-    def _outbox(self, topic: str, partition: int) -> _Outbox:
-        outbox = self._outboxes.get((topic, partition))
-        if outbox is None:
-            outbox = self._outboxes[(topic, partition)] = _Outbox(self.producer, topic, partition)
-        return outbox
-
     async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
         """Produce records and wait until every one is acknowledged (ProduceError if not).
 
         Records with a key go to the partition Kafka's default partitioner picks
-        (murmur2 of the key). A failed send is retried a few times: the offset behind
-        it is not committed until it succeeded, so giving up here means the batch is
-        processed again.
+        (murmur2 of the key). A batch the broker refused is tried again a few times:
+        the offset behind it is not committed until it succeeded, so giving up here
+        means the batch is processed again. (A batch not written for a broker away
+        is sent again by the producer itself, once it is back.)
         """
+        producer = self.producer
+        known = producer.partitions  # looked up without an await: once per record
         attempts = 0
         remaining = list(records)
         while remaining:
             futures: list[asyncio.Future[int]] = []
             for topic, key, value in remaining:
-                partitions = self._partitions.get(topic) or await self._partitions_of(topic)
+                partitions = known.get(topic) or await producer.partitions_of(topic)
                 partition = keyed_partitioner(key, partitions, partitions)
-                futures.append(self._outbox(topic, partition).add(key, value))
+                futures.append(producer.outbox(topic, partition).add(key, value))
             await wait_all(futures)
             failed = [
                 r
@@ -520,7 +491,7 @@ class KafkaIO:
             if not failed:
                 return
             attempts += 1
-            if attempts >= 5:
+            if attempts >= 5 or producer.failed is not None:
                 raise ProduceError(
                     f"produce to {failed[0][0]} failed: {len(failed)} records not acknowledged "
                     f"after {attempts} tries ({_first_error(futures)})"
@@ -536,9 +507,10 @@ class KafkaIO:
         """Queue store changes for the changelog, in order; returns without waiting for
         the broker an awaitable of partition → next offset (acknowledged)."""
         topic = self.settings.changelog
+        producer = self.producer
         batches: dict[asyncio.Future[int], int] = {}
         for p, k, v in records:
-            batches[self._outbox(topic, p).add(k, v)] = p  # one future per batch
+            batches[producer.outbox(topic, p).add(k, v)] = p  # one future per batch
         return _changelog_acked(topic, [(p, fut) for fut, p in batches.items()])
 
     async def read_changelog(
@@ -547,7 +519,7 @@ class KafkaIO:
         """(offset, key, value) of changelog ``partition`` from ``from_offset`` to its end."""
         tp = TopicPartition(self.settings.changelog, partition)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers,
+            **client_options(self.settings),
             enable_auto_commit=False,
             group_id=None,
             auto_offset_reset="earliest",
@@ -586,71 +558,6 @@ class KafkaIO:
             raise KafkaIOError(f"commit failed: {exc}") from exc
 
 
-async def read_topic(
-    bootstrap_servers: str, topic: str, *, follow: bool = False, idle_timeout_s: float = 2.0
-) -> AsyncIterator[InRecord]:
-    """Every record of ``topic`` from the beginning (no consumer group, nothing committed).
-
-    Without ``follow`` it stops at the end offsets seen when it started, or after
-    ``idle_timeout_s`` with nothing new.
-    """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        group_id=None,
-    )
-    try:
-        await consumer.start()
-        if topic not in await consumer.topics():
-            return
-        consumer.subscribe([topic])  # without a group: every partition, from the earliest
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 10.0
-        while not consumer.assignment():
-            if loop.time() > give_up:
-                raise KafkaIOError(f"no partitions of {topic} assigned after 10 s")
-            await asyncio.sleep(0.05)
-        tps = sorted(consumer.assignment())
-        ends = await consumer.end_offsets(tps)
-        idle_since = asyncio.get_running_loop().time()
-        while True:
-            batches = await consumer.getmany(timeout_ms=200, max_records=1000)
-            for messages in batches.values():
-                for m in messages:
-                    yield m
-            now = asyncio.get_running_loop().time()
-            if batches:
-                idle_since = now
-            if follow:
-                continue
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            if all(positions[tp] >= ends[tp] for tp in tps) or now - idle_since > idle_timeout_s:
-                return
-    except KafkaError as exc:
-        raise KafkaIOError(f"cannot read {topic} from {bootstrap_servers}: {exc}") from exc
-    finally:
-        await consumer.stop()
-
-
-async def produce_records(
-    bootstrap_servers: str,
-    records: Sequence[tuple[str, bytes | None, bytes]],
-    headers: Sequence[tuple[str, bytes]] | None = None,
-) -> None:
-    """Produce records with a short-lived producer and wait for every acknowledgement."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5)
-    try:
-        await producer.start()
-        extra = list(headers) if headers else None
-        futures = [await producer.send(t, value=v, key=k, headers=extra) for t, k, v in records]
-        await asyncio.gather(*futures)
-    except KafkaError as exc:
-        raise ProduceError(f"produce to {bootstrap_servers} failed: {exc}") from exc
-    finally:
-        await producer.stop()
-
-
 def _first_error(futures: Sequence[asyncio.Future[int]]) -> str:
     for f in futures:
         if f.cancelled():
@@ -669,7 +576,7 @@ async def _changelog_acked(
     for partition, fut in batches:
         try:
             next_offset = fut.result()
-        except KafkaError as exc:
+        except (KafkaError, KafkaIOError) as exc:
             raise ProduceError(f"changelog produce to {topic} failed: {exc}") from exc
         offsets[partition] = max(offsets.get(partition, 0), next_offset)
     return offsets

@@ -24,7 +24,7 @@ from crmhooks.config import KafkaSettings
 from crmhooks.delivery import Outcome
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent
-from crmhooks.kafka_io import BatchRecord
+from crmhooks.kafka_io import BatchRecord, Skipped
 from crmhooks.logs import about
 from crmhooks.metrics import Metrics
 from crmhooks.results import (
@@ -194,6 +194,24 @@ class Reporter:
             max_bytes=self.dead_letter_max_bytes,
         )
         return self._letter(letter, rec.key, partition, rec.offset)
+
+    def skipped(self, skipped: Skipped, now_ms: int) -> Produced:
+        """The dead letter of offsets the consumer could not decode (kafka_io logged them)."""
+        self.dead_letters += 1
+        self._metrics.dead_letters.inc("internal_process_error")
+        kafka = self._kafka()
+        letter = dead_letter(
+            error_code="internal_process_error",
+            message=skipped.message,
+            failed_at_ms=now_ms,
+            topic=kafka.events_topic,
+            partition=skipped.partition,
+            offset=skipped.first_offset,
+            key=None,
+            event=None,
+            raw=None,
+        )
+        return (kafka.dlq_topic, None, encode(letter))
 
     def action_letter(
         self, action: Action, event: RecordEvent | None, code: str, message: str

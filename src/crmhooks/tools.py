@@ -33,7 +33,7 @@ async def replay_dlq(
     k = config.kafka
     out: list[tuple[str, bytes | None, bytes]] = []
     read = 0
-    async for rec in read_topic(k.bootstrap_servers, k.dlq_topic, idle_timeout_s=idle_timeout_s):
+    async for rec in read_topic(k, k.dlq_topic, idle_timeout_s=idle_timeout_s):
         read += 1
         if progress is not None:
             progress.update(read, note=f"dead letters read, {len(out):,} to replay")
@@ -56,7 +56,7 @@ async def replay_dlq(
     if out:
         if progress is not None:
             progress.update(read, note=f"dead letters read; producing {len(out):,} events")
-        await produce_records(k.bootstrap_servers, out, headers=[(REPLAY_HEADER, b"1")])
+        await produce_records(k, out, headers=[(REPLAY_HEADER, b"1")])
     return len(out)
 
 
@@ -134,7 +134,7 @@ async def tail_results(
     name = k.dlq_topic if dlq else k.results_topic
     print(DLQ_HEADER if dlq else RESULT_HEADER, file=stream, flush=True)
     printed = 0
-    async for rec in read_topic(k.bootstrap_servers, name, follow=follow):
+    async for rec in read_topic(k, name, follow=follow):
         if rec.value is None:
             continue
         r = orjson.loads(rec.value)
