@@ -11,7 +11,7 @@ import orjson
 
 from crmhooks.delivery import Outcome
 from crmhooks.endpoints import Endpoint
-from crmhooks.errors import ProduceError
+from crmhooks.errors import ProduceError, RecordsTooLarge
 from crmhooks.kafka_io import BatchRecord, Fetched
 from crmhooks.templates import RenderedRequest
 from tests.support import event
@@ -63,13 +63,18 @@ class FakeKafka:
 
     produce_calls: int = 0
     produce_failures: int = 0  # the next ones fail
+    refuse_over_bytes: int | None = None  # larger records are refused, as a broker would
 
     async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
         self.produce_calls += 1
         if self.produce_failures:
             self.produce_failures -= 1
             raise ProduceError("broker away")
-        self.results += [orjson.loads(v) for _, _, v in records]
+        limit = self.refuse_over_bytes
+        refused = [r for r in records if limit is not None and len(r[2]) > limit]
+        self.results += [orjson.loads(r[2]) for r in records if r not in refused]
+        if refused:
+            raise RecordsTooLarge("refused: larger than the topic takes", refused)
 
     async def produce_changelog(
         self, records: Sequence[tuple[int, bytes, bytes | None]]

@@ -21,7 +21,7 @@ from crmhooks.app import Processor
 from crmhooks.clock import FakeClock
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import decode_event
-from crmhooks.results import DEAD_LETTER_MAX_BYTES, KEY_MAX_BYTES, dead_letter, encode
+from crmhooks.results import DEAD_LETTER_MAX_BYTES, KEY_MAX_BYTES, dead_letter, encode, shrink
 from crmhooks.store import Store
 from crmhooks.tools import _not_replayed
 from tests.fakes import NOW_MS, FakeKafka, GatedTransport, Rec
@@ -260,3 +260,57 @@ def test_replay_says_where_the_whole_event_of_a_cut_letter_is() -> None:
         f"{hashlib.sha256(payload).hexdigest()}); the whole event is there while that "
         "topic keeps it"
     )
+
+
+@pytest.mark.parametrize(("takes", "written"), [(12_000, True), (8_000, False)])
+async def test_a_letter_the_topic_refuses_is_cut_to_half_then_skipped_never_looped_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, takes: int, written: bool
+) -> None:
+    """The topic takes less than it said at start (its max.message.bytes lowered): the
+    refused letter is cut to half its size, and so is every letter after it; refused
+    again, it is logged with where its event is and skipped. The batch goes on."""
+    kafka = FakeKafka(dead_letter_max_bytes=20_000, refuse_over_bytes=takes)
+    async with Store(tmp_path / "s.db") as store:
+        p = Processor(config(), store, GatedTransport(), FakeClock(NOW_MS))
+        p.attach(kafka, {0})
+        reporter = p.reporter
+        bad = Rec(0, 7, b"\xff" * 50_000)
+        letters = reporter.poison(0, bad, InvalidEvent("not valid UTF-8"), NOW_MS)
+        assert len(letters[0][2]) > 19_990
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="crmhooks.reporter"):
+            await reporter.produce([*letters, ("crm.webhook-results", b"org-acme", b"{}")])
+        assert reporter.dead_letter_max_bytes == len(letters[0][2]) // 2
+        assert caplog.messages[0] == (
+            f"crm.webhook-dlq refused 1 dead letters of {len(letters[0][2])} bytes or more as "
+            f"too large: dead letters are cut to {reporter.dead_letter_max_bytes} bytes from "
+            "now on (was the topic's max.message.bytes lowered?)"
+        )
+        assert {} in kafka.results  # the batch's other records are written
+        cut = [r for r in kafka.results if r != {}]
+        if written:
+            (letter,) = cut
+            assert len(encode(letter)) <= reporter.dead_letter_max_bytes
+            assert_cut(letter, bad.value, reporter.dead_letter_max_bytes)
+            assert len(caplog.messages) == 1
+        else:
+            assert cut == []
+            assert caplog.messages[1].startswith(
+                "dead letter of partition 0 offset 7 (internal_process_error) not written: "
+                "crm.webhook-dlq refused it even cut to "
+            )
+            assert caplog.messages[1].endswith(" bytes; skipped")
+        # The letters after it are cut to the new size at once.
+        (later,) = reporter.poison(0, Rec(0, 9, b"\xfe" * 50_000), InvalidEvent("x"), NOW_MS)
+        assert len(later[2]) <= reporter.dead_letter_max_bytes
+
+
+def test_a_letter_cut_again_keeps_the_size_and_hash_of_the_whole() -> None:
+    payload = os.urandom(300_000)
+    letter = letter_of(raw=payload, max_bytes=200_000)
+    again = shrink(letter, 50_000)
+    assert_cut(again, payload, 50_000)
+    whole = letter_of(event={"event_id": "e", "notes": "n" * 60_000})
+    assert whole["truncated"] is False
+    event_json = orjson.dumps(whole["event"])
+    assert_cut(shrink(whole, 20_000), event_json, 20_000)

@@ -26,17 +26,20 @@ from aiokafka.errors import (
     CorruptRecordException,
     IllegalStateError,
     KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
     UnsupportedCodecError,
 )
 
 from crmhooks.aio import wait_all
 from crmhooks.config import KafkaSettings
-from crmhooks.errors import KafkaIOError, ProduceError
+from crmhooks.errors import KafkaIOError, ProduceError, RecordsTooLarge
 from crmhooks.kafka_clients import (
     InRecord,
     client_options,
     compression,
     ensure_topics,
+    max_message_bytes,
     produce_records,
     read_topic,
     start_error,
@@ -198,6 +201,17 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._on_assigned(partitions)
 
 
+# A record the broker refused as larger than its topic takes: sending it again cannot help.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+
+# The largest request the producer sends: aiokafka refuses a larger record itself.
+MAX_REQUEST_BYTES = 4 << 20
+# What a batch of one dead letter adds to its value: the batch's header (61 bytes),
+# the record's (at most 32), its key (at most results.KEY_MAX_BYTES), and room to
+# spare for a codec's frame around an incompressible value.
+LETTER_FRAMING_BYTES = 2048
+
+
 class KafkaIO:
     """The consumer of the events topic and the producer of results, dead letters and
     the changelog.
@@ -239,6 +253,16 @@ class KafkaIO:
         await ensure_topics(
             s, [s.events_topic, s.results_topic, s.dlq_topic], s.partitions, changelog=s.changelog
         )
+        # A dead letter must fit its topic (SPEC §10): what this one takes, once a start.
+        limit = (await max_message_bytes(s, [s.dlq_topic])).get(s.dlq_topic)
+        if limit is not None:
+            self.dead_letter_max_bytes = min(limit, MAX_REQUEST_BYTES) - LETTER_FRAMING_BYTES
+            log.info(
+                "dead letters up to %d bytes (%s takes %d)",
+                self.dead_letter_max_bytes,
+                s.dlq_topic,
+                limit,
+            )
 
         def new_producer() -> AIOKafkaProducer:
             return AIOKafkaProducer(
@@ -255,7 +279,7 @@ class KafkaIO:
                 # latency (p50 42 -> 16 ms at 1,000 events/s); under load, records queue
                 # while a request is in flight and go out together anyway.
                 linger_ms=0,
-                max_request_size=4 << 20,
+                max_request_size=MAX_REQUEST_BYTES,
                 # Records per partition wait for the one batch in flight; with
                 # aiokafka's 16 KB (~27 results) a burst waits in wait_drain, costly in
                 # CPU. 256 KB: 35 -> 21 µs of CPU per record (bursts of 256), instant
@@ -470,12 +494,15 @@ class KafkaIO:
         (murmur2 of the key). A batch the broker refused is tried again a few times:
         the offset behind it is not committed until it succeeded, so giving up here
         means the batch is processed again. (A batch not written for a broker away
-        is sent again by the producer itself, once it is back.)
+        is sent again by the producer itself, once it is back.) A record refused as
+        larger than its topic takes is not sent again: once every other record is
+        acknowledged, RecordsTooLarge names those.
         """
         producer = self.producer
         known = producer.partitions  # looked up without an await: once per record
         attempts = 0
         remaining = list(records)
+        too_large: list[tuple[str, bytes | None, bytes]] = []
         while remaining:
             futures: list[asyncio.Future[int]] = []
             for topic, key, value in remaining:
@@ -483,23 +510,32 @@ class KafkaIO:
                 partition = keyed_partitioner(key, partitions, partitions)
                 futures.append(producer.outbox(topic, partition).add(key, value))
             await wait_all(futures)
-            failed = [
-                r
-                for r, f in zip(remaining, futures, strict=True)
-                if f.cancelled() or f.exception() is not None
-            ]
+            failed = []
+            for r, f in zip(remaining, futures, strict=True):
+                error = None if f.cancelled() else f.exception()
+                if error is not None and isinstance(error.__cause__, _TOO_LARGE):
+                    too_large.append(r)  # refused for what it holds: never again
+                elif f.cancelled() or error is not None:
+                    failed.append(r)
             if not failed:
-                return
+                break
             attempts += 1
             if attempts >= 5 or producer.failed is not None:
                 raise ProduceError(
                     f"produce to {failed[0][0]} failed: {len(failed)} records not acknowledged "
                     f"after {attempts} tries ({_first_error(futures)})"
                 )
-            error = _first_error(futures)
-            log.warning("retrying %d unacknowledged records: %s", len(failed), error)
+            log.warning(
+                "retrying %d unacknowledged records: %s", len(failed), _first_error(futures)
+            )
             await asyncio.sleep(self.retry_pause_s * attempts)
             remaining = failed
+        if too_large:
+            raise RecordsTooLarge(
+                f"produce to {too_large[0][0]} refused: {len(too_large)} records larger than "
+                f"the topic takes (the largest {max(len(v) for *_, v in too_large)} bytes)",
+                too_large,
+            )
 
     async def produce_changelog(
         self, records: Sequence[tuple[int, bytes, bytes | None]]

@@ -17,12 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import orjson
+
 from crmhooks.actions import Action
 from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.config import KafkaSettings
 from crmhooks.delivery import Outcome
-from crmhooks.errors import InvalidEvent
+from crmhooks.errors import InvalidEvent, RecordsTooLarge
 from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord, Skipped
 from crmhooks.logs import about
@@ -33,6 +35,7 @@ from crmhooks.results import (
     dead_letter,
     encode,
     result_record,
+    shrink,
 )
 from crmhooks.store import Store, WriteBatch
 
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 # is waited out with a line in the log every few seconds, not a flood.
 REPORT_RETRY_FIRST_MS = 500
 REPORT_RETRY_MAX_MS = 5_000
+# Dead letters are never cut below this for a topic that refused them: a letter with
+# no payload left is a few hundred bytes; a topic taking less than this takes none.
+DEAD_LETTER_MIN_BYTES = 4096
 
 # (topic, key, value) of one record to produce.
 Produced = tuple[str, bytes | None, bytes]
@@ -137,9 +143,55 @@ class Reporter:
     # -- records of a batch ---------------------------------------------------------
 
     async def produce(self, records: Sequence[Produced]) -> None:
-        """Produce and wait for every acknowledgement."""
-        await self.producer.produce_all(records)
+        """Produce and wait for every acknowledgement.
+
+        Dead letters the broker refuses as too large (their topic takes less than it
+        said at start: its max.message.bytes lowered since) are cut to half that size,
+        letters from now on too, and produced once more; refused again, they are
+        logged with where their events are and skipped. One record never stops its
+        partition (SPEC §10)."""
+        try:
+            await self.producer.produce_all(records)
+        except RecordsTooLarge as exc:
+            await self._refused(exc)
         self.results += len(records)
+
+    async def _refused(self, exc: RecordsTooLarge) -> None:
+        dlq = self._kafka().dlq_topic
+        if any(topic != dlq for topic, _, _ in exc.records):
+            raise exc  # results and changelog records are small: not ours to mend
+        smallest = min(len(value) for _, _, value in exc.records)
+        self.dead_letter_max_bytes = max(
+            DEAD_LETTER_MIN_BYTES, min(self.dead_letter_max_bytes, smallest // 2)
+        )
+        log.error(
+            "%s refused %d dead letters of %d bytes or more as too large: dead letters are "
+            "cut to %d bytes from now on (was the topic's max.message.bytes lowered?)",
+            dlq,
+            len(exc.records),
+            smallest,
+            self.dead_letter_max_bytes,
+        )
+        again = [
+            (topic, key, encode(shrink(orjson.loads(value), self.dead_letter_max_bytes)))
+            for topic, key, value in exc.records
+        ]
+        try:
+            await self.producer.produce_all(again)
+        except RecordsTooLarge as still:
+            for _, _, value in still.records:
+                letter = orjson.loads(value)
+                src = letter.get("source") or {}
+                log.error(
+                    "dead letter of partition %s offset %s (%s) not written: %s refused it "
+                    "even cut to %d bytes; skipped",
+                    src.get("partition"),
+                    src.get("offset"),
+                    letter.get("error_code"),
+                    dlq,
+                    len(value),
+                    extra={"partition": src.get("partition"), "offset": src.get("offset")},
+                )
 
     def result(self, action: Action, status: str, *, reason: str | None = None) -> Produced:
         """The result record of an action that changed without being sent."""

@@ -153,7 +153,7 @@ def dead_letter(
 
 
 def fit(letter: dict[str, Any], payload: bytes | None, max_bytes: int) -> dict[str, Any]:
-    """``letter`` cut to at most ``max_bytes`` encoded, where its ids allow.
+    """``letter`` cut to at most ``max_bytes`` encoded, where its ids allow (in place).
 
     The payload goes first: ``raw`` keeps as many of its first bytes as there is
     room for, and ``original_bytes`` and ``sha256`` say what it was (the whole is
@@ -187,6 +187,21 @@ def fit(letter: dict[str, Any], payload: bytes | None, max_bytes: int) -> dict[s
         room = max_bytes - len(encode(letter))
         letter["raw"] = base64.b64encode(payload[: max(0, room) // 4 * 3]).decode("ascii")
     return letter
+
+
+def shrink(letter: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """A dead letter already made (as decoded from its bytes) cut to ``max_bytes``, for a
+    topic that takes less than it said: what ``fit`` would have made of it, keeping the
+    size and hash of the whole payload when it was cut before. Changes ``letter``."""
+    if letter.get("original_bytes") is not None:  # its raw is the payload's start
+        whole = letter["original_bytes"], letter["sha256"]
+        letter = fit(letter, base64.b64decode(letter["raw"]), max_bytes)
+        letter["original_bytes"], letter["sha256"] = whole
+        return letter
+    raw = letter.get("raw")
+    event = letter.get("event")
+    payload = base64.b64decode(raw) if raw else encode(event) if event is not None else None
+    return fit(letter, payload, max_bytes)
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
