@@ -207,6 +207,14 @@ class ProcessorProcess:
         """Make sure nothing is left behind (for ``finally``)."""
         await self.kill()
 
+    def log_lines(self) -> int:
+        """Lines the process logged so far."""
+        try:
+            with self.log_path.open("rb") as f:
+                return sum(1 for _ in f)
+        except OSError:
+            return 0
+
     def log_tail(self, lines: int = 25) -> str:
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
