@@ -48,6 +48,7 @@ class FakeKafka:
     fetches: int = 0
     to_fetch: list[Fetched] = field(default_factory=list)  # what the next fetches return
     dead_letter_max_bytes: int | None = None
+    event_max_bytes: int | None = None
 
     _broken: asyncio.Future[None] | None = None
 

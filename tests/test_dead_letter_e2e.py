@@ -20,9 +20,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from crmhooks.config import KafkaSettings
 from crmhooks.kafka_clients import max_message_bytes, read_topic
-from crmhooks.kafka_io import LETTER_FRAMING_BYTES
+from crmhooks.kafka_io import LETTER_FRAMING_BYTES, SNAPSHOT_FRAMING_BYTES
 from tests.support import event, produce, receiver, running, wait_for_records
 from tests.test_e2e import commission_config, delivered
+from tests.test_operations_e2e import config_for
 
 pytestmark = pytest.mark.kafka
 
@@ -32,11 +33,15 @@ BROKER_DEFAULT_MAX_BYTES = 1_048_588
 LETTER_MAX_BYTES = BROKER_DEFAULT_MAX_BYTES - LETTER_FRAMING_BYTES
 
 
-async def create_topic(kafka: KafkaSettings, name: str, max_message_bytes: int) -> None:
+async def create_topic(
+    kafka: KafkaSettings, name: str, max_message_bytes: int, *, compact: bool = False
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
     try:
         configs = {"max.message.bytes": str(max_message_bytes)}
+        if compact:
+            configs["cleanup.policy"] = "compact"
         await admin.create_topics([NewTopic(name, 3, 1, topic_configs=configs)])
     finally:
         await admin.close()
@@ -203,3 +208,30 @@ async def test_a_dead_letter_topic_lowered_while_running_never_stops_the_partiti
         assert skipped.startswith("dead letter of partition ")
         assert " offset 1 (internal_process_error) not written: " in skipped
     assert len(rx.requests) == 2
+
+
+async def test_an_event_the_changelog_cannot_take_is_dead_lettered_and_its_partition_flows(
+    tmp_path: Path,
+) -> None:
+    """A rule with a scheduled action stores its event's record (the snapshot it renders
+    from) and sends it to the changelog topic. One larger than that topic takes was
+    refused there: the store write failed, the process exited, and the restart met the
+    same event. The changelog's max.message.bytes (100 KB here) is read at start, and
+    larger events are dead-lettered as too large."""
+    big = event("big", record={"Notes": "n" * 150_000})
+    async with receiver() as rx:
+        config = config_for(rx, tmp_path, limit=1000, scheduled=True)
+        k = config.kafka
+        await create_topic(k, k.changelog, 100_000, compact=True)
+        async with running(config) as task:
+            await produce(config, big, event("after"))
+            await wait_for_records(config, k.results_topic, delivered("evt-after"))
+            (letter,) = await wait_for_records(config, k.dlq_topic, lambda ds: len(ds) >= 1)
+            assert not task.done(), "the processor stopped"
+    limit = 100_000 - SNAPSHOT_FRAMING_BYTES
+    assert letter["message"] == (
+        f"invalid event: event of {len(orjson.dumps(big))} bytes exceeds the limit of {limit} bytes"
+    )
+    assert letter["source"]["offset"] == 0
+    assert "evt-after:r1:Hook" in {r.headers["webhook-id"] for r in rx.requests}
+    assert all(r.headers["webhook-id"].startswith("evt-after:") for r in rx.requests)

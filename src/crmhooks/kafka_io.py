@@ -210,6 +210,10 @@ MAX_REQUEST_BYTES = 4 << 20
 # the record's (at most 32), its key (at most results.KEY_MAX_BYTES), and room to
 # spare for a codec's frame around an incompressible value.
 LETTER_FRAMING_BYTES = 2048
+# What a record snapshot's changelog record adds to its event: the batch's and the
+# record's headers, and its key (the table letter and the record's key: organisation,
+# module and record id, a few dozen bytes; a few KiB at most that is not a bug).
+SNAPSHOT_FRAMING_BYTES = 4096
 
 
 class KafkaIO:
@@ -238,6 +242,9 @@ class KafkaIO:
         self._handed: dict[int, int] = {}
         # The largest dead letter the dead-letter topic takes (None: not known).
         self.dead_letter_max_bytes: int | None = None
+        # The largest event whose record snapshot the changelog topic takes (None: not
+        # known): a larger one is dead-lettered, or storing it would stop its partition.
+        self.event_max_bytes: int | None = None
 
     def __repr__(self) -> str:
         s = self.settings
@@ -253,8 +260,10 @@ class KafkaIO:
         await ensure_topics(
             s, [s.events_topic, s.results_topic, s.dlq_topic], s.partitions, changelog=s.changelog
         )
-        # A dead letter must fit its topic (SPEC §10): what this one takes, once a start.
-        limit = (await max_message_bytes(s, [s.dlq_topic])).get(s.dlq_topic)
+        # One record never stops its partition (SPEC §10): what the dead-letter topic
+        # and the changelog take, read once a start.
+        limits = await max_message_bytes(s, [s.dlq_topic, s.changelog])
+        limit = limits.get(s.dlq_topic)
         if limit is not None:
             self.dead_letter_max_bytes = min(limit, MAX_REQUEST_BYTES) - LETTER_FRAMING_BYTES
             log.info(
@@ -263,6 +272,19 @@ class KafkaIO:
                 s.dlq_topic,
                 limit,
             )
+        limit = limits.get(s.changelog)
+        if limit is not None:
+            self.event_max_bytes = min(limit, MAX_REQUEST_BYTES) - SNAPSHOT_FRAMING_BYTES
+            if self.event_max_bytes < s.max_event_bytes:
+                log.warning(
+                    "kafka.max_event_bytes is %d, but the changelog topic %s takes %d: events "
+                    "over %d bytes are dead-lettered (their record could not be stored); "
+                    "raise the topic's max.message.bytes to take larger ones",
+                    s.max_event_bytes,
+                    s.changelog,
+                    limit,
+                    self.event_max_bytes,
+                )
 
         def new_producer() -> AIOKafkaProducer:
             return AIOKafkaProducer(
