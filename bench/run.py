@@ -51,6 +51,7 @@ from bench.harness import (
     render_toml,
     scraping,
 )
+from bench.receivers import SCENARIOS as RECEIVER_SCENARIOS
 from bench.report import (
     Figure,
     at_least,
@@ -1085,6 +1086,8 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "scale": Bench.scale_out,
     "steady": steady,
     "admin": admin,
+    # Issue 24's, through the processor: HTTPS, 1,000 origins, a cached OAuth2 token.
+    **RECEIVER_SCENARIOS,
 }
 
 

@@ -8,6 +8,8 @@ not the processor's or the bench driver's. Every request is answered
 - ``/_stats`` → ``count first_ms last_ms`` (receive times in epoch ms, 0 before any)
 - ``/_lat``   → the latency samples as a JSON array of ms
 - ``/_reset`` → forget counts and samples
+- ``/_conns`` → the connections that carried a request (not a control one) since
+  the last reset: connections opened per request (this sink only, not sink.c)
 
 The bench runs bench/sink.c, the same server in C, unless given ``--sink python``
 (tests/test_bench_sink.py holds both to the same behaviour). Only this one speaks
@@ -48,12 +50,15 @@ class Stats:
         self.first_ms = 0.0
         self.last_ms = 0.0
         self.latencies_ms: list[float] = []
+        self.connections = 0
 
     def control(self, path: bytes) -> bytes:
         if path.startswith(b"/_stats"):
             body = f"{self.count} {self.first_ms:.3f} {self.last_ms:.3f}".encode()
         elif path.startswith(b"/_lat"):
             body = ("[" + ",".join(f"{x:.3f}" for x in self.latencies_ms) + "]").encode()
+        elif path.startswith(b"/_conns"):
+            body = str(self.connections).encode()
         elif path.startswith(b"/_reset"):
             self.reset()
             body = b"ok"
@@ -69,6 +74,7 @@ class SinkProtocol(asyncio.Protocol):
         self.stats = stats
         self.buf = b""
         self.transport: asyncio.Transport | None = None
+        self.counted = False  # among Stats.connections (once it carried a request)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -96,6 +102,9 @@ class SinkProtocol(asyncio.Protocol):
                     continue
             st = self.stats
             st.count += 1
+            if not self.counted:
+                self.counted = True
+                st.connections += 1
             if not st.first_ms:
                 st.first_ms = now_ms
             st.last_ms = now_ms

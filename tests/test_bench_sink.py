@@ -100,3 +100,18 @@ async def test_runs_under_the_policy_asked_for(sink: Sink, tmp_path: Path) -> No
         assert os.sched_getscheduler(other.pid) == os.SCHED_OTHER
         await other.reset()
         assert await other.stats() == (0, 0.0, 0.0)
+
+
+async def test_the_python_sink_counts_connections_that_carried_a_request(tmp_path: Path) -> None:
+    from bench.receivers import PythonSink
+
+    async with PythonSink(tmp_path) as sink:
+        for _ in range(3):  # three connections, two requests each
+            async with connection(sink) as (reader, writer):
+                writer.write(post(b"{}") + post(b"{}"))
+                assert await reader.readexactly(2 * len(OK)) == 2 * OK
+        # The control requests (each on a connection of its own) are not counted.
+        assert await sink.connections() == 3
+        assert (await sink.stats())[0] == 6
+        await sink.reset()
+        assert await sink.connections() == 0

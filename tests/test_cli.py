@@ -30,7 +30,11 @@ CREATOR_KEY = "creator+key/SECRET=1&x"
 SMS_KEY = "sms-key-SECRET-2"
 HEADER_KEY = "header-key-SECRET-3"
 CLIENT_SECRET = "client-SECRET-4"
+DEMO_CLIENT_SECRET = "demo-client-SECRET-5"
+CREATOR_TICKET = "creator-ticket-SECRET-6"
 ENV = {
+    "DEMO_CLIENT_SECRET": DEMO_CLIENT_SECRET,
+    "CREATOR_API_TICKET": CREATOR_TICKET,
     "CREATOR_SIGNING_SECRET": SIGNING_SECRET,
     "CREATOR_API_KEY": CREATOR_KEY,
     "CREATOR_HEADER_KEY": HEADER_KEY,
@@ -45,6 +49,8 @@ SECRET_FORMS = [
     SMS_KEY,
     HEADER_KEY,
     CLIENT_SECRET,
+    DEMO_CLIENT_SECRET,
+    CREATOR_TICKET,
 ]
 
 
@@ -102,11 +108,12 @@ def test_check_config_accepts_every_shipped_config(
     assert code == 0, err
     assert out.count("\n") == 1
     assert out.startswith(f"{path}: ok (")
-    # Both seed scenarios everywhere; the demo adds a failing webhook and its rule, and
-    # the demo and compose configs an organisation-less webhook for administrator alerts.
+    # Both seed scenarios everywhere; the demo adds a webhook behind OAuth2, a failing
+    # webhook, each with a rule of its own, and the demo and compose configs an
+    # organisation-less webhook for administrator alerts.
     summary = {
         "compose.toml": "3 webhooks, 1 rule: 1 instant, 1 scheduled",
-        "demo.toml": "4 webhooks, 2 rules: 2 instant, 1 scheduled",
+        "demo.toml": "5 webhooks, 3 rules: 3 instant, 1 scheduled",
     }.get(path.name, "2 webhooks, 1 rule: 1 instant, 1 scheduled")
     assert summary in out
 
@@ -181,7 +188,7 @@ def test_check_config_names_a_missing_secret_and_an_unreadable_file(
     monkeypatch.setenv("CREATOR_SIGNING_SECRET", "not-a-whsec-secret")
     code, _, err = run(capsys, "check-config", "--config", str(PRODUCTION))
     assert code == 1
-    assert "webhooks[PaymentDueSms].custom_params.apikey: environment variable SMS_API_KEY" in err
+    assert "webhooks[PaymentDueSms].body.template: environment variable SMS_API_KEY" in err
     assert "webhooks[CreatorCommission].secret: must be a Standard Webhooks secret" in err
     assert "not-a-whsec-secret" not in err
 
@@ -230,14 +237,15 @@ def test_preview_of_the_commission_webhook_is_a_form_post_with_the_key_redacted(
     code, out, err = preview(capsys, "CreatorCommission", event, config=str(PRODUCTION))
     assert code == 0, err
     first, headers, body = split_preview(out)
-    assert first == "POST https://creator.example.com/api/xml/write"
+    # The seed's scenario 1: the Creator XML API, key, ticket and owner name.
+    assert first == "POST https://creator.zoho.com/api/xml/write"
     assert headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert headers["User-Agent"].startswith("crmhooks/")
     assert headers["webhook-id"] == "evt-000123:commission-on-close:CreatorCommission"
     assert headers["webhook-signature"] == "v1,***"
-    assert body.startswith("deal=Big%20deal&apikey=***&zc_ownername=acme&XMLString=%3CZohoCreator")
+    assert body.startswith("apikey=***&ticket=***&zc_ownername=***&XMLString=%3CZohoCreator")
     form = parse_qs(body, keep_blank_values=True)
-    assert form["apikey"] == ["***"]
+    assert form["apikey"] == form["ticket"] == form["zc_ownername"] == ["***"]
     root = ET.fromstring(form["XMLString"][0])
     fields = {f.attrib["name"]: f.findtext("value") for f in root.iter("field")}
     assert fields == {
@@ -268,10 +276,12 @@ def test_preview_of_the_sms_webhook_is_the_raw_xml_with_escaped_values(
     code, out, err = preview(capsys, "PaymentDueSms", event, config=str(PRODUCTION))
     assert code == 0, err
     first, headers, body = split_preview(out)
-    assert first == "POST https://sms-gateway.example.com/smsgateway/post?apikey=***"
+    # The seed's gateway, on a private network; the key travels inside the document.
+    assert first == "POST http://10.20.0.15/smsgateway/post"
     assert headers["Content-Type"] == "application/xml; charset=utf-8"
     assert "webhook-signature" not in headers  # PaymentDueSms has no signing secret
     assert body.startswith('<?xml version="1.0"?>\n<m:Library')
+    assert "<apikey>***</apikey>" in body
     assert (
         '<message mobilenumber="+351 &quot;900&quot;">Hi O\'Brien &lt;Jr&gt;, Payment amount'
         " 25000 is due today from Wong &amp; Sons. Please contact Wong ASAP</message>"
@@ -289,8 +299,21 @@ def test_the_seed_event_previews_with_the_demo_config(
     config = str(ROOT / "config" / "demo.toml")
     code, out, _ = preview(capsys, "PaymentDueSms", str(SEED_EVENT), config=config)
     assert code == 0
-    assert out.startswith("POST http://127.0.0.1:8765/smsgateway/post?apikey=demo-sms-key\n")
+    assert out.startswith("POST http://127.0.0.1:8765/smsgateway/post\n")
+    assert "<apikey>***</apikey>" in out
     assert "Hi Silva, Payment amount 25000 is due today from Acme Corp." in out
+    code, out, _ = preview(capsys, "PortalAccess", str(SEED_EVENT), config=config)
+    assert code == 0
+    _, headers, body = split_preview(out)
+    assert headers["Authorization"] == (
+        "Bearer *** (an OAuth2 token from http://127.0.0.1:8765/oauth/token)"
+    )
+    assert json.loads(body) == {
+        "account": "Acme Corp",
+        "contact": "Wong",
+        "deal": "Big deal",
+        "portal": True,
+    }
 
 
 def test_preview_of_an_unknown_webhook_names_it(capsys: pytest.CaptureFixture[str]) -> None:
@@ -340,7 +363,7 @@ def test_preview_accepts_a_module_alias_and_notes_another_org(
     event = write_event(tmp_path, seed_event(module="Deals", org_id="org-other"))
     code, out, err = preview(capsys, "CreatorCommission", event, config=str(PRODUCTION))
     assert code == 0
-    assert out.startswith("POST https://creator.example.com/api/xml/write\n")
+    assert out.startswith("POST https://creator.zoho.com/api/xml/write\n")
     assert "belongs to org-acme; it is never sent for events of org-other" in err
 
 

@@ -17,6 +17,7 @@ from crmhooks.config import (
     Condition,
     Config,
     Not,
+    OAuth2Auth,
     config_from_mapping,
     load_config,
 )
@@ -611,9 +612,11 @@ def test_load_config_reports_unreadable_and_invalid_toml(tmp_path: Path) -> None
 EXAMPLE_ENV = {
     "CREATOR_SIGNING_SECRET": SECRET,
     "CREATOR_API_KEY": "creator-key",
+    "CREATOR_API_TICKET": "creator-ticket",
     "CREATOR_HEADER_KEY": "header-key",
     "CREATOR_CLIENT_SECRET": "client-secret",
     "SMS_API_KEY": "sms-key",
+    "DEMO_CLIENT_SECRET": "demo-client-secret",
 }
 
 
@@ -638,16 +641,14 @@ def test_main_example_needs_its_secrets() -> None:
         "is not set",
         "webhooks[CreatorCommission].custom_params.apikey: environment variable CREATOR_API_KEY "
         "is not set",
-        "webhooks[CreatorCommission].headers.X-Api-Key: environment variable CREATOR_HEADER_KEY "
-        "is not set",
-        "webhooks[CreatorCommission].auth.client_secret: environment variable "
-        "CREATOR_CLIENT_SECRET is not set",
-        "webhooks[PaymentDueSms].custom_params.apikey: environment variable SMS_API_KEY is not set",
+        "webhooks[CreatorCommission].custom_params.ticket: environment variable "
+        "CREATOR_API_TICKET is not set",
+        "webhooks[PaymentDueSms].body.template: environment variable SMS_API_KEY is not set",
     )
 
 
 def test_demo_config_settings() -> None:
-    config = load_config(CONFIG_DIR / "demo.toml", env={})
+    config = load_config(CONFIG_DIR / "demo.toml", env=EXAMPLE_ENV)
     assert config.kafka.bootstrap_servers == "127.0.0.1:9092"
     assert config.store.path == "var/demo.db"
     assert config.delivery.allow_private_networks is True
@@ -656,6 +657,12 @@ def test_demo_config_settings() -> None:
     spec = config.rules[0].scheduled[0]
     assert (spec.relative_to, spec.offset_ms, spec.at) == ("trigger", 5000, None)
     assert all(r.repeat == "every" for r in config.rules)
+    # The seed's SMS document, its key inside it; a webhook behind OAuth2.
+    sms = config.webhooks["PaymentDueSms"]
+    assert sms.body is not None
+    assert "<apikey>${env:SMS_API_KEY}</apikey>" in sms.body.template
+    assert sms.env_values == {"env:SMS_API_KEY": "sms-key"}
+    assert isinstance(config.webhooks["PortalAccess"].auth, OAuth2Auth)
 
 
 def test_every_template_problem_of_one_webhook_is_named() -> None:

@@ -228,3 +228,31 @@ def test_secret_values_of_a_config_include_the_kafka_password() -> None:
     assert "kafka-pw" not in repr(config.kafka)
     assert config.secret_values() >= {"kafka-pw", "key-123", SECRET}
     assert "crmhooks" not in config.secret_values()
+
+
+def test_template_problems_of_headers_and_references_are_named() -> None:
+    raw = base()
+    hook = lead_hook(raw)
+    hook["headers"] = {"X-Who": "${Foo.Bar}", "X-Key": "${env:MULTILINE}"}
+    hook["body"] = {"format": "json", "param": "doc", "template": '{"k": ${env:KEY}'}
+    errors = errors_of(raw, {**ENV, "MULTILINE": "a\nb", "KEY": "k"})
+    lead = "webhooks[LeadHook]"
+    assert errors[0].startswith(f"{lead}.body.template: not well-formed JSON")
+    assert errors[1:] == (
+        f"{lead}.headers.X-Who: unknown namespace 'Foo' in ${{Foo.Bar}}",
+        f"{lead}.headers.X-Key: a value holds CR, LF or NUL, which would end the header",
+    )
+
+
+def test_references_are_not_crm_fields() -> None:
+    raw = base()
+    hook = lead_hook(raw)
+    # Ten CRM fields, the most a webhook may send, and secrets beside them.
+    hook["entity_params"] = {f"f{i}": f"${{Leads.Field {i}}}" for i in range(10)}
+    hook["headers"] = {"X-Api-Key": "${env:K1}"}
+    hook["url"] = "https://hooks.example.com/lead?k=${env:K2}"
+    hook["body"] = {"format": "xml", "param": "x", "template": "<k>${env:K3}</k>"}
+    config_from_mapping(raw, {**ENV, "K1": "1", "K2": "2", "K3": "3"})
+    hook["headers"]["X-Eleventh"] = "${Leads.Email}"
+    errors = errors_of(raw, {**ENV, "K1": "1", "K2": "2", "K3": "3"})
+    assert errors == ("webhooks[LeadHook]: sends 11 distinct CRM fields; at most 10",)

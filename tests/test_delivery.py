@@ -46,6 +46,11 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     peer: object
+    # Every header line as received (name lower case): duplicates stay visible.
+    raw: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, name: str) -> list[str]:
+        return [v for n, v in self.raw if n == name.lower()]
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Receiver:
                 dict(request.headers),
                 await request.read(),
                 request.transport.get_extra_info("peername") if request.transport else None,
+                [(n.decode().lower(), v.decode()) for n, v in request.raw_headers],
             )
         )
         path = request.path
@@ -292,7 +298,6 @@ async def test_headers_and_exact_body(receiver: Receiver) -> None:
         headers={
             "Content-Type": "application/xml",
             "Webhook-Id": "forged",
-            "user-agent": "forged",
             "Webhook-Signature": "v1,forged",
         },
         body=body,
@@ -309,6 +314,30 @@ async def test_headers_and_exact_body(receiver: Receiver) -> None:
     assert seen.headers["webhook-timestamp"] == str((NOW_MS + 999) // 1000)
     assert seen.headers["Content-Type"] == "application/xml"
     assert "webhook-signature" not in seen.headers
+
+
+async def test_template_headers_are_sent_once_and_replace_ours(receiver: Receiver) -> None:
+    request = RenderedRequest(
+        method="POST",
+        url=receiver.url("/hook"),
+        headers={
+            "Content-Type": "application/vnd.acme+json",
+            "X-Api-Key": "k3y",
+            "user-agent": "acme-crm/2",
+            "Accept": "application/json",
+        },
+        body=b"{}",
+        redacted_url=receiver.url("/hook"),
+    )
+    async with HttpTransport(settings(), FakeClock(NOW_MS)) as transport:
+        outcome = await transport.send("evt-9:r:W", request, PLAIN)
+    assert outcome.delivered
+    [seen] = receiver.seen
+    assert seen.all("User-Agent") == ["acme-crm/2"]
+    assert seen.all("Content-Type") == ["application/vnd.acme+json"]
+    assert seen.all("Accept") == ["application/json"]
+    assert seen.all("X-Api-Key") == ["k3y"]
+    assert seen.all("Accept-Encoding") == ["identity"]
 
 
 async def test_get_without_body(receiver: Receiver) -> None:
@@ -468,7 +497,9 @@ def reference_head(
             continue
         given.add(lower)
         headers.append((name, value))
-    headers += [("User-Agent", user_agent), ("Accept-Encoding", "identity")]
+    if "user-agent" not in given:  # the template's replaces ours
+        headers.append(("User-Agent", user_agent))
+    headers.append(("Accept-Encoding", "identity"))
     headers += [("webhook-id", action_id), ("webhook-timestamp", str(timestamp_s))]
     if secret is not None:
         headers.append(("webhook-signature", sign(secret, action_id, timestamp_s, request.body)))

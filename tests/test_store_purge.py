@@ -12,6 +12,7 @@ import pytest
 from crmhooks.clock import FakeClock
 from crmhooks.store import Store, WriteBatch
 from crmhooks.store import actions as actions_module
+from crmhooks.store import events as events_module
 from crmhooks.store import quota as quota_module
 from crmhooks.store import records as records_module
 from crmhooks.store.quota import oldest_day_kept
@@ -122,7 +123,7 @@ async def test_quota_days_over_everywhere_go_with_tombstones(tmp_path: Path) -> 
 async def test_a_purge_goes_in_chunks_of_their_own_transactions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for module in (actions_module, records_module, quota_module):
+    for module in (actions_module, records_module, quota_module, events_module):
         monkeypatch.setattr(module, "PURGE_CHUNK", 3)
     monkeypatch.setattr(records_module, "SNAPSHOT_PURGE_WINDOW", 4)
     clock = FakeClock(T0)
@@ -130,7 +131,8 @@ async def test_a_purge_goes_in_chunks_of_their_own_transactions(
     async with Store(tmp_path / "s.db", clock=clock) as store:
         store.changelog = changelog
         actions = [action(n, record=f"r{n}") for n in range(10)]
-        await store.write(WriteBatch(new_actions=actions))
+        events = [(a.action_id, 0, b'{"event_id": "e"}') for a in actions]
+        await store.write(WriteBatch(new_actions=actions, action_events=events))
         await store.write(
             WriteBatch(
                 finished=[(a.action_id, "delivered", T0) for a in actions],
@@ -144,12 +146,14 @@ async def test_a_purge_goes_in_chunks_of_their_own_transactions(
         commits = store.commits
         await store.purge([0], before_ms=clock.now_ms() - RETENTION_MS)
         # Rows by 3 (snapshots: rowids by 4), a step ending with a chunk not full:
-        # 14 actions (4 of a done batch) 5, 1 done batch 1, 10 snapshots 3, 7 flags 3,
-        # 7 quota days 3.
-        assert store.commits - commits == 15
+        # 14 actions (4 of a done batch) 5, 1 done batch 1, 10 actions' events 4,
+        # 10 snapshots 3, 7 flags 3, 7 quota days 3.
+        assert store.commits - commits == 19
         tombstones = [key for key, value in changelog.partitions[0] if value is None]
-        assert len(tombstones) == 10 + 1 + 10 + 7 + 7  # (a done batch's rows: its one tombstone)
-        for table in ("actions", "done_batches", "records", "rule_state", "quota"):
+        # (a done batch's rows: its one tombstone)
+        assert len(tombstones) == 10 + 1 + 10 + 10 + 7 + 7
+        tables = ("actions", "done_batches", "action_events", "records", "rule_state", "quota")
+        for table in tables:
             with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:
                 assert db.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
 

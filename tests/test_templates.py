@@ -128,7 +128,7 @@ def test_creator_xml_string_form_body_is_exact() -> None:
         f"&XMLString={quote(expected_xml, safe='')}"
     ).encode("ascii")
     assert req.redacted_body == (
-        f"deal={quote(name, safe='')}&apikey=***&zc_ownername=acme"
+        f"deal={quote(name, safe='')}&apikey=***&zc_ownername=***"
         f"&XMLString={quote(expected_xml, safe='')}"
     ).encode("ascii")
 
@@ -415,7 +415,10 @@ def test_get_sends_everything_in_the_query_string() -> None:
         "https://h.example.com/api?v=2&deal=A%26B%3Dc&amt=10&apikey=abc&owner=acme"
         "&doc=%7B%22n%22%3A%20%22A%26B%3Dc%22%7D"
     )
-    assert req.redacted_url == req.url.replace("apikey=abc", "apikey=***")
+    # Every custom parameter is a secret (SPEC §3.1), from a reference or not.
+    assert req.redacted_url == req.url.replace("apikey=abc", "apikey=***").replace(
+        "owner=acme", "owner=***"
+    )
     assert parse_qsl(urlsplit(req.url).query) == [
         ("v", "2"),
         ("deal", "A&B=c"),
@@ -452,8 +455,8 @@ def test_post_params_only_is_a_form() -> None:
     )
     req = compiled.render(ctx(record={"Potential Name": "大单 & co"}))
     assert req.url == req.redacted_url == "https://hooks.example.com/in"
-    assert req.redacted_body is None
     assert parse_qsl(req.body.decode("ascii")) == [("name", "Deal: 大单 & co!"), ("x", "a b")]
+    assert parse_qsl(req.shown_body.decode("ascii")) == [("name", "Deal: 大单 & co!"), ("x", "***")]
 
 
 def test_raw_get_body_is_refused() -> None:
@@ -573,7 +576,6 @@ def test_parse_placeholders() -> None:
         ("${Potentials.Name", "unterminated"),
         ("${Potentials}", "must be ${Module.Field Name}"),
         ("${.Name}", "must be ${Module.Field Name}"),
-        ("${env:API_KEY}", "only allowed in custom parameters"),
         ("${A.${B.C}}", "nested"),
     ],
 )
@@ -590,9 +592,12 @@ def test_unknown_namespace_names_it() -> None:
         compile_(body=BodySpec(format="xml", template="<a>${Calls.Subject}</a>"))
 
 
-def test_env_in_entity_param_is_refused() -> None:
-    with pytest.raises(TemplateError, match=r"^entity_params\.k: .*only allowed"):
+def test_reference_without_a_value_is_refused() -> None:
+    with pytest.raises(TemplateError) as info:
         compile_(entity_params={"k": "${env:SECRET}"})
+    assert str(info.value) == (
+        "entity_params.k: ${env:SECRET} has no value (the config did not resolve it)"
+    )
 
 
 def test_custom_params_are_literal() -> None:

@@ -63,7 +63,7 @@ class Ticket:
 
 
 # An instant action sent (or about to be) before being stored: its batch's ticket,
-# the action, and the event's bytes (its snapshot, if it must be stored pending).
+# the action, and its event's bytes (stored with it unless it is delivered at once).
 Unstored = tuple[Ticket, Action, bytes]
 
 
@@ -193,7 +193,10 @@ class Checkpoint:
             del self._unstored[action_id]
             taken.append((ticket, action, raw))
             batch.new_actions.append(action)
-            batch.snapshots.append((action.record_key, action.partition, raw))
+            # Its own event, not the record's snapshot: it renders (now, on each retry,
+            # after a restart) the record as it was in this event (SPEC §5), and a
+            # later edit's snapshot, which scheduled actions render, stays in place.
+            batch.action_events.append((action.action_id, action.partition, raw))
         if not taken:
             return
         try:

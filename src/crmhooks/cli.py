@@ -1,4 +1,5 @@
-"""The command line: run, check-config, preview, explain, replay-dlq, resume, tail."""
+"""The command line: run, check-config, preview, send-test, explain, replay-dlq, resume,
+redeliver, tail."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from zoneinfo import ZoneInfo
 
 from crmhooks import __version__
 from crmhooks.actions import action_ids
-from crmhooks.config import Config, config_warnings, load_config
-from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent
+from crmhooks.config import Config, Webhook, config_warnings, load_config
+from crmhooks.errors import ConfigError, CrmhooksError, InvalidEvent, TemplateError
 from crmhooks.events import RecordEvent, decode_event
 from crmhooks.explain import StoredState
 from crmhooks.logs import LOG_LEVELS, configure_logging
+from crmhooks.showing import shown_request
 from crmhooks.templates import CompiledWebhook, RenderContext
 
 
@@ -160,34 +162,25 @@ def _preview_action_id(config: Config, event: RecordEvent, webhook: str) -> str:
     return f"{event.event_id}:<rule>:{webhook}"  # no rule sends it (yet)
 
 
-def cmd_preview(args: argparse.Namespace) -> int:
-    """Print the request a webhook would send for an event (SPEC §4), secrets as ***.
-
-    Line 1 is ``METHOD URL`` (query string included), then the headers: the
-    template's and those delivery adds (the timestamp and signature depend on
-    the moment of sending; the signature is never shown), a blank line, the body.
-    """
-    config = _load(args.config)
-    try:
-        webhook = config.webhooks.get(args.webhook)
-        if webhook is None:
-            known = ", ".join(sorted(config.webhooks)) or "none"
-            raise _PreviewError(
-                f"no webhook named {args.webhook!r} in {args.config} (known: {known})"
-            )
-        event = _preview_event(args.event, config.kafka.max_event_bytes)
-        module = config.catalog.canonical(event.module)
-        if module != webhook.module:
-            raise _PreviewError(
-                f"event file {args.event} is a {event.module} event; "
-                f"webhook {webhook.name} is for {webhook.module}"
-            )
-    except _PreviewError as exc:
-        print(f"preview: {exc}", file=sys.stderr)
-        return _PREVIEW_USAGE_ERROR
+def _webhook_and_event(
+    config: Config, args: argparse.Namespace, command: str
+) -> tuple[Webhook, RecordEvent, RenderContext]:
+    """The webhook and event a command names, and the context it renders from;
+    _PreviewError naming what is wrong with either."""
+    webhook = config.webhooks.get(args.webhook)
+    if webhook is None:
+        known = ", ".join(sorted(config.webhooks)) or "none"
+        raise _PreviewError(f"no webhook named {args.webhook!r} in {args.config} (known: {known})")
+    event = _preview_event(args.event, config.kafka.max_event_bytes)
+    module = config.catalog.canonical(event.module)
+    if module is None or module != webhook.module:
+        raise _PreviewError(
+            f"event file {args.event} is a {event.module} event; "
+            f"webhook {webhook.name} is for {webhook.module}"
+        )
     if webhook.org is not None and webhook.org != event.org_id:
         print(
-            f"preview: note: webhook {webhook.name} belongs to {webhook.org}; "
+            f"{command}: note: webhook {webhook.name} belongs to {webhook.org}; "
             f"it is never sent for events of {event.org_id}",
             file=sys.stderr,
         )
@@ -199,23 +192,48 @@ def cmd_preview(args: argparse.Namespace) -> int:
         organization=event.organization,
         time_zone=ZoneInfo(config.org(event.org_id).time_zone),
     )
-    request = CompiledWebhook(webhook, config.catalog).render(ctx)
-    # redacted_body is set exactly when the body carries secret parameters (a form
-    # body); a raw body never does: ${env:...} is only allowed in custom_params.
-    body = request.body if request.redacted_body is None else request.redacted_body
-    lines = [f"{request.method} {request.redacted_url}"]
-    lines += [f"{name}: {value}" for name, value in request.headers.items()]
-    lines += [
-        f"User-Agent: crmhooks/{__version__}",
-        "Accept-Encoding: identity",
-        f"webhook-id: {_preview_action_id(config, event, webhook.name)}",
-        "webhook-timestamp: <epoch seconds when sent>",
-    ]
-    if webhook.secret is not None:
-        lines.append("webhook-signature: v1,***")
-    lines += ["", body.decode("utf-8", "replace")]
+    return webhook, event, ctx
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Print the request a webhook would send for an event (SPEC §4), secrets as ***.
+
+    Line 1 is ``METHOD URL`` (query string included), then the headers: the
+    template's and those delivery adds (the timestamp and signature depend on
+    the moment of sending; the signature is never shown), a blank line, the body.
+    """
+    config = _load(args.config)
+    try:
+        webhook, event, ctx = _webhook_and_event(config, args, "preview")
+    except _PreviewError as exc:
+        print(f"preview: {exc}", file=sys.stderr)
+        return _PREVIEW_USAGE_ERROR
+    try:
+        request = CompiledWebhook(webhook, config.catalog).render(ctx)
+    except TemplateError as exc:  # a header or URL this event would break
+        print(f"preview: {exc}", file=sys.stderr)
+        return 1
+    action_id = _preview_action_id(config, event, webhook.name)
+    lines = shown_request(request, webhook, action_id, "<epoch seconds when sent>")
     print("\n".join(lines))
     return 0
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    """Render and really send one request now (SPEC §11); exit 0 when delivered.
+
+    Exit 1 when it was not delivered (any error class, a template error, an
+    invalid config), 2 for an unknown webhook or a bad event file (as preview).
+    """
+    from crmhooks.sendtest import send_test
+
+    config = _load(args.config)
+    try:
+        webhook, _, ctx = _webhook_and_event(config, args, "send-test")
+    except _PreviewError as exc:
+        print(f"send-test: {exc}", file=sys.stderr)
+        return _PREVIEW_USAGE_ERROR
+    return asyncio.run(send_test(config, webhook, ctx, sys.stdout))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -287,6 +305,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    """Ask the owner of a finished action's partition to send it again (SPEC §11)."""
+    from crmhooks.redeliver import request_redelivery, store_file
+
+    config = _load(args.config)
+    print(asyncio.run(request_redelivery(config, store_file(config), args.action)))
+    return 0
+
+
 def cmd_replay_dlq(args: argparse.Namespace) -> int:
     from crmhooks.progress import Progress
     from crmhooks.tools import replay_dlq
@@ -353,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", required=True)
     p.add_argument("--event", required=True, help="a JSON file holding one record event")
     p.set_defaults(func=cmd_preview)
+    p = command("send-test", "render and really send one request now; print it and the outcome")
+    p.add_argument("--webhook", required=True)
+    p.add_argument("--event", required=True, help="a JSON file holding one record event")
+    p.set_defaults(func=cmd_send_test)
     p = command("explain", "why each rule of an event's organisation matched it or not")
     p.add_argument("--event", required=True, help="a JSON file holding one record event")
     p.set_defaults(func=cmd_explain)
@@ -364,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", required=True)
     p.add_argument("--webhook", required=True)
     p.set_defaults(func=cmd_resume)
+    p = command("redeliver", "send a finished action again, as a new attempt of the same id")
+    p.add_argument("--action", required=True, help="the action_id (as in results)")
+    p.set_defaults(func=cmd_redeliver)
     p = command("tail", "print result records (or dead letters) as a table")
     p.add_argument("--org", help="only this organisation")
     p.add_argument("--event", help="only this event_id")

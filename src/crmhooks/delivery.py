@@ -725,11 +725,11 @@ class HttpTransport:
         return "connection_error", f"unexpected {type(exc).__name__}: {exc}"
 
 
-# Headers the transport writes itself; a template's are dropped.
+# Headers the transport writes itself; a template's are dropped (the config
+# refuses them; a User-Agent of the template replaces ours instead).
 _OWN_HEADERS = frozenset(
     {
         "host",
-        "user-agent",
         "accept-encoding",
         "content-length",
         "transfer-encoding",
@@ -755,7 +755,8 @@ def _static_head(
     user_agent: str,
 ) -> tuple[str, str]:
     """The header lines before ``webhook-id`` (Host, the template's, ours) and those
-    after ``webhook-signature`` (Authorization, Accept, Content-Type), checked.
+    after ``webhook-signature`` (Authorization, Accept, Content-Type), checked. A
+    template's User-Agent, Accept and Content-Type replace ours.
 
     ``auth``: the Authorization value; with ``strong`` (the webhook's auth) it
     replaces a template's Authorization header, else (the URL's user:pass) a
@@ -774,7 +775,8 @@ def _static_head(
             continue
         given.add(lower)
         before.append((name, value))
-    before.append(("User-Agent", user_agent))
+    if "user-agent" not in given:
+        before.append(("User-Agent", user_agent))
     before.append(("Accept-Encoding", "identity"))
     after: list[tuple[str, str]] = []
     if auth is not None and "authorization" not in given:

@@ -29,6 +29,7 @@ from crmhooks.alerts import Alerter
 from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.delivery import Outcome, Transport
+from crmhooks.endpoints import scrub
 from crmhooks.errors import TemplateError
 from crmhooks.events import RecordEvent
 from crmhooks.logs import about
@@ -225,7 +226,9 @@ class Dispatcher:
         try:
             request = self._render(target, action, event)
         except TemplateError as exc:
-            await self._reporter.internal_error(action, event, f"template failed: {exc}")
+            # Its text names the part, never a value; scrubbed all the same (SPEC §3.1).
+            message = scrub(f"template failed: {exc}", target.endpoint.secrets)
+            await self._reporter.internal_error(action, event, message)
             return False
         storing = quota.take(action.org_id, day, action.partition, limit)
         if storing is not None:
@@ -237,7 +240,7 @@ class Dispatcher:
         if outcome.sent_at_ms is None:  # refused before sending: not counted, not retried
             await quota.give_back(action.org_id, day, action.partition)
             if outcome.error_class != "ssrf_blocked":  # a header or URL we could not send
-                message = f"request not sent: {outcome.error}"
+                message = scrub(f"request not sent: {outcome.error}", target.endpoint.secrets)
                 await self._reporter.internal_error(action, event, message)
                 return False
         self._settle(action, request, outcome)
@@ -321,11 +324,14 @@ class Dispatcher:
         now_ms = self._clock.now_ms()
         if retry is not None and unstored is not None:
             batch.new_actions.append(retry)  # stored for the first time, for its retry
-            batch.snapshots.append((action.record_key, action.partition, unstored[2]))
+            # With its own event: the retry renders what the first attempt did (SPEC §5).
+            batch.action_events.append((action.action_id, action.partition, unstored[2]))
         elif retry is not None:
             batch.moved.append((action.action_id, retry.due_ms, retry.attempt))
         elif unstored is not None:  # stored for the first time, finished
             batch.done.append((action, status, now_ms))
+            if status != "delivered":  # rare: kept so that `crmhooks redeliver` renders it
+                batch.action_events.append((action.action_id, action.partition, unstored[2]))
         else:
             batch.finished.append((action.action_id, status, now_ms))
         group.results.append(

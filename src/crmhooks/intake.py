@@ -1,4 +1,5 @@
-"""Events in: a fetched batch decoded, checked and planned into what it changes.
+"""Events in: a fetched batch decoded, checked and planned into what it changes (and the
+`crmhooks redeliver` requests among them, made into actions due again).
 
 ``Intake.plan`` turns a batch into a ``BatchPlan``: the changes to store (one
 transaction), the records to produce (results, dead letters), the actions the
@@ -19,6 +20,7 @@ from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent, decode_wanted_event
 from crmhooks.kafka_io import BatchRecord, Fetched, Skipped
 from crmhooks.modules import UNSUPPORTED_MODULES
+from crmhooks.redeliver import Request, plan_redeliveries, request_of
 from crmhooks.reporter import Produced, Reporter
 from crmhooks.scheduler import Scheduler
 from crmhooks.snapshot import ConfigSnapshot, LiveConfig
@@ -88,6 +90,7 @@ class Intake:
         needs_planning = snapshot.needs_planning
         owns = self._owns
         out = plan.out
+        redeliver: list[Request] = []
         for partition, records in fetched:
             if not owns(partition):
                 continue  # revoked since the fetch: the new owner reads it again
@@ -106,6 +109,11 @@ class Intake:
                 try:
                     event = decode_wanted_event(rec.value, needs_planning, max_bytes)
                 except InvalidEvent as exc:
+                    # Not an event: a `crmhooks redeliver` request, or a poison pill.
+                    request = request_of(partition, rec.headers, rec.value) if rec.headers else None
+                    if request is not None:
+                        redeliver.append(request)
+                        continue
                     out += self._reporter.poison(partition, rec, exc, now_ms)
                     plan.dead_lettered += 1
                     continue
@@ -117,6 +125,11 @@ class Intake:
         plan.planned = len(todo)
         if todo:
             await self._plan_events(snapshot, todo, now_ms, plan)
+        if redeliver:
+            retention_s = snapshot.config.store.finished_retention_s
+            again = await plan_redeliveries(self._store, redeliver, now_ms, retention_s)
+            plan.batch.redelivered += again
+            plan.heap_new += again
         return plan
 
     async def _plan_events(
@@ -195,12 +208,14 @@ class Intake:
                         continue  # finished before: a reprocessed event never sends again
                     batch.rearmed.append(action)  # replayed after its cause was fixed
                 into.heap_new.append(action)
-                scheduler.keep(action.record_key, event)
+                scheduler.keep(action, event)
                 if action.kind == "instant" and status is None:
                     into.unstored.append((action, raw))  # sent first, stored when finished
                     continue
                 batch.new_actions.append(action)
-                if not snapshot_stored:  # an instant action stored: renders after a restart
+                if action.kind == "instant":  # stored (replayed, read again): with its event
+                    batch.action_events.append((action.action_id, partition, raw))
+                elif not snapshot_stored:
                     snapshot_stored = True
                     batch.snapshots.append((record_key, partition, raw))
                 if action.kind == "scheduled":

@@ -391,8 +391,10 @@ async def produce_records(
     settings: KafkaSettings,
     records: Sequence[tuple[str, bytes | None, bytes]],
     headers: Sequence[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
 ) -> None:
-    """Produce records with a short-lived producer and wait for every acknowledgement."""
+    """Produce records with a short-lived producer and wait for every acknowledgement;
+    ``partition``: to that partition (else the key's)."""
     producer = AIOKafkaProducer(
         **client_options(settings),
         acks="all",
@@ -405,7 +407,10 @@ async def produce_records(
         except KafkaError as exc:
             raise await start_error(settings, exc, "producing") from exc
         extra = list(headers) if headers else None
-        futures = [await producer.send(t, value=v, key=k, headers=extra) for t, k, v in records]
+        futures = [
+            await producer.send(t, value=v, key=k, headers=extra, partition=partition)
+            for t, k, v in records
+        ]
         await asyncio.gather(*futures)
     except KafkaError as exc:
         raise ProduceError(f"produce to {settings.bootstrap_servers} failed: {exc}") from exc

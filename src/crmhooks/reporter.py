@@ -347,8 +347,12 @@ class Reporter:
         await self.produce([*out, *extra])
         unstored = self._checkpoint.take_unstored(action.action_id)  # stored here now
         ended = (action.action_id, status, self._clock.now_ms())
-        batch = (  # stored for the first time, finished; or ended if still pending
-            WriteBatch(done=[(action, status, ended[2])])
+        batch = (  # stored for the first time, finished (with its event, which
+            # `crmhooks redeliver` renders); or ended if still pending
+            WriteBatch(
+                done=[(action, status, ended[2])],
+                action_events=[(action.action_id, action.partition, unstored[2])],
+            )
             if unstored is not None
             else WriteBatch(finished=[ended])
         )

@@ -3,8 +3,12 @@ and which are being fired.
 
 The store holds every pending action (SPEC §5: the durable delay heap); memory
 holds only those due within HORIZON_MS, loaded when a partition is assigned and
-refilled every half horizon. With them, the latest version of each record they
-render (``RecordEvent``), kept while an action of the record is in memory.
+refilled every half horizon. With them, what each renders (SPEC §5, "Which version
+of the record"): a scheduled action the latest version of its record seen
+(``RecordEvent``, one per record, kept while a scheduled action of the record is in
+memory); an instant action, and each retry of it, the event that triggered it
+(kept per action id while the action is in memory; stored with the action when it
+is stored pending).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class Scheduler:
         self._heap = DelayHeap()
         self._actions: dict[str, Action] = {}  # actions in the heap or firing
         self._snapshots: dict[str, RecordEvent] = {}  # record_key → latest event seen
-        self._snapshot_refs: dict[str, int] = {}
+        self._snapshot_refs: dict[str, int] = {}  # record_key → scheduled actions in memory
+        self._own: dict[str, RecordEvent] = {}  # instant action id → its triggering event
         self._inflight: set[str] = set()
         self._loaded_until_ms = 0
         self.changed = asyncio.Event()  # set when an action is pushed
@@ -66,7 +71,7 @@ class Scheduler:
             if action.record_key not in self._snapshot_refs:
                 self._snapshots.pop(action.record_key, None)  # nothing due soon needs it
             return
-        if action.action_id not in self._actions:
+        if action.action_id not in self._actions and action.kind == "scheduled":
             self._snapshot_refs[action.record_key] = (
                 self._snapshot_refs.get(action.record_key, 0) + 1
             )
@@ -82,10 +87,14 @@ class Scheduler:
             self._heap.remove(aid)
             if aid not in self._inflight:
                 self._forget(aid)
+                self._own.pop(aid, None)  # kept for it, though it was never pushed
 
     def _forget(self, action_id: str) -> None:
         action = self._actions.pop(action_id, None)
         if action is None:
+            return
+        if action.kind == "instant":
+            self._own.pop(action_id, None)
             return
         refs = self._snapshot_refs.get(action.record_key, 0) - 1
         if refs <= 0:
@@ -125,12 +134,28 @@ class Scheduler:
         if record_key in self._snapshots:
             self._snapshots[record_key] = event
 
-    def keep(self, record_key: str, event: RecordEvent) -> None:
-        """The version an action about to be pushed renders."""
-        self._snapshots[record_key] = event
+    def keep(self, action: Action, event: RecordEvent) -> None:
+        """The version an action about to be pushed renders: for an instant action its
+        own event, for a scheduled one its record's latest."""
+        if action.kind == "instant":
+            self._own[action.action_id] = event
+        else:
+            self._snapshots[action.record_key] = event
 
     async def record_of(self, action: Action) -> RecordEvent | None:
-        """The latest version of the action's record: in memory, else the store's."""
+        """What ``action`` renders (SPEC §5): an instant action its triggering event,
+        a scheduled one the latest version of its record; from memory, else the store.
+
+        An instant action stored before crmhooks kept events per action renders its
+        record's stored snapshot, the best version there is."""
+        if action.kind == "instant":
+            own = self._own.get(action.action_id)
+            if own is not None:
+                return own
+            data = (await self._store.action_events([action.action_id])).get(action.action_id)
+            own = event_or_none(data)
+            if own is not None:
+                return own
         event = self._snapshots.get(action.record_key)
         if event is None:
             data = (await self._store.snapshots([action.record_key])).get(action.record_key)
@@ -163,13 +188,38 @@ class Scheduler:
         mine = [a for a in loaded if self._owns(a.partition)]
         if not mine:
             return
-        missing = [a.record_key for a in mine if a.record_key not in self._snapshots]
-        if missing:
-            stored = await self._store.snapshots(list(dict.fromkeys(missing)))
-            for record_key, data in stored.items():
+        own: dict[str, RecordEvent] = {}  # instant action id → its triggering event
+        instant = [
+            a.action_id for a in mine if a.kind == "instant" and a.action_id not in self._own
+        ]
+        if instant:
+            for action_id, data in (await self._store.action_events(instant)).items():
                 found = event_or_none(data)
                 if found is not None:
+                    own[action_id] = found
+        # Scheduled actions render their record's latest version, and so do instant
+        # ones stored before events were kept per action (the best version there is).
+        older = [
+            a
+            for a in mine
+            if a.kind == "instant" and a.action_id in instant and a.action_id not in own
+        ]
+        missing = [
+            a.record_key
+            for a in mine
+            if a.kind == "scheduled" and a.record_key not in self._snapshots
+        ]
+        keys = list(dict.fromkeys(missing + [a.record_key for a in older]))
+        if keys:
+            stored = {k: event_or_none(d) for k, d in (await self._store.snapshots(keys)).items()}
+            for record_key in missing:
+                found = stored.get(record_key)
+                if found is not None:
                     self._snapshots[record_key] = found
+            for action in older:
+                found = stored.get(action.record_key)
+                if found is not None:
+                    own[action.action_id] = found
         statuses = await self._store.action_statuses([a.action_id for a in mine])
         for action in mine:
             if (
@@ -177,6 +227,9 @@ class Scheduler:
                 and action.action_id not in self._actions  # in the heap, queued or firing
                 and self._owns(action.partition)
             ):
+                found = own.get(action.action_id)
+                if found is not None:
+                    self._own[action.action_id] = found
                 self.push(action)
 
     async def refill_loop(self, partitions: Callable[[], list[int]]) -> None:

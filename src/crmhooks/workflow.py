@@ -101,8 +101,8 @@ def plan_event(
             _reschedule(plan, state, mine, rule, event, tz)
         if fires:
             # Scheduled actions render the record as it is when they fire; instant ones
-            # are sent with this very event (the processor stores its snapshot itself
-            # whenever it has to store an instant action).
+            # are sent with this very event (the processor stores the event with the
+            # action whenever it has to store an instant action undelivered).
             plan.touched = plan.touched or bool(rule.scheduled)
             _create(
                 plan,

@@ -16,6 +16,7 @@ restore and its purge — and the one mechanism they share:
                     failure (``Writer``)
     actions.py      pending and finished actions, done batches  ``store.actions``
     records.py      record snapshots, ``repeat = "once"`` flags   ``store.records``
+    events.py       instant actions' triggering events           ``store.events``
     quota.py        quota counters per organisation and day      ``store.quota``
     suspensions.py  suspensions, and the config ``fingerprint``   ``store.suspensions``
     changes.py      ``WriteBatch``, changelog records, the ``Table`` protocol
@@ -47,6 +48,7 @@ from crmhooks.store.changes import (
     ChangelogSource,
     WriteBatch,
 )
+from crmhooks.store.events import EventTable
 from crmhooks.store.quota import QuotaTable
 from crmhooks.store.records import RecordTable
 from crmhooks.store.suspensions import SuspensionTable, fingerprint
@@ -65,7 +67,7 @@ __all__ = [
 
 
 class Store:
-    """The store's parts, composed: ``store.actions``, ``.records``, ``.quota``,
+    """The store's parts, composed: ``store.actions``, ``.events``, ``.records``, ``.quota``,
     ``.suspensions`` and their one ``writer``.
 
     ``clock`` stamps the rows whose purge goes by age (snapshots, cleared flags).
@@ -77,7 +79,15 @@ class Store:
         self.records = RecordTable(self.writer)
         self.quota = QuotaTable(self.writer)
         self.suspensions = SuspensionTable(self.writer)
-        self.writer.tables = (self.actions, self.records, self.quota, self.suspensions)
+        # Events after actions: their purge forgets the events of actions purged before.
+        self.events = EventTable(self.writer)
+        self.writer.tables = (
+            self.actions,
+            self.events,
+            self.records,
+            self.quota,
+            self.suspensions,
+        )
         # The hot path's one call (every report, every batch of events): the writer's
         # own method, without a frame of delegation.
         self.write = self.writer.write
@@ -169,6 +179,9 @@ class Store:
     async def action_statuses(self, action_ids: Sequence[str]) -> dict[str, str]:
         return await self.actions.statuses(action_ids)
 
+    async def actions_with_status(self, action_ids: Sequence[str]) -> dict[str, tuple[Action, str]]:
+        return await self.actions.with_status(action_ids)
+
     async def get_actions(self, action_ids: Sequence[str]) -> dict[str, Action]:
         return await self.actions.pending(action_ids)
 
@@ -188,6 +201,9 @@ class Store:
 
     async def once_states(self, state_keys: Sequence[str]) -> dict[str, bool]:
         return await self.records.once_states(state_keys)
+
+    async def action_events(self, action_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return await self.events.events(action_ids)
 
     async def quota_used(self, org_id: str, day: str) -> int:
         return await self.quota.used(org_id, day)

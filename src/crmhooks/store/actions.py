@@ -203,6 +203,12 @@ class ActionTable:
                 "WHERE action_id = ? AND status NOT IN ('pending', 'delivered')",
                 [(a.due_ms, a.partition, a.source_offset, a.action_id) for a in b.rearmed],
             )
+        if b.redelivered:
+            db.executemany(
+                "UPDATE actions SET status = 'pending', finished_ms = NULL, attempt = ?, "
+                "due_ms = ? WHERE action_id = ? AND status != 'pending'",
+                [(a.attempt, a.due_ms, a.action_id) for a in b.redelivered],
+            )
         if b.moved:
             db.executemany(
                 "UPDATE actions SET due_ms = ?, attempt = ? "
@@ -215,7 +221,8 @@ class ActionTable:
                 "WHERE action_id = ? AND status = 'pending'",
                 [(status, at, aid) for aid, status, at in finished],
             )
-        if out is not None and (b.new_actions or b.rearmed or b.moved or finished or done_rows):
+        touched = b.new_actions or b.rearmed or b.redelivered or b.moved or finished or done_rows
+        if out is not None and touched:
             self._changelog_of(db, b, finished, done_rows, out)
 
     def _insert_done(self, db: sqlite3.Connection, b: WriteBatch) -> list[ChangelogRecord] | None:
@@ -242,6 +249,7 @@ class ActionTable:
         )
         others = {a.action_id for a in b.new_actions}
         others.update(a.action_id for a in b.rearmed)
+        others.update(a.action_id for a in b.redelivered)
         others.update(m[0] for m in b.moved)
         others.update(f[0] for f in b.finished)
         if db.total_changes - before != len(rows) or any(r[0] in others for r in rows):
@@ -270,6 +278,7 @@ class ActionTable:
             dict.fromkeys(
                 [a.action_id for a in b.new_actions]
                 + [a.action_id for a in b.rearmed]
+                + [a.action_id for a in b.redelivered]
                 + [m[0] for m in b.moved]
                 + [f[0] for f in finished]
             )
@@ -364,6 +373,13 @@ class ActionTable:
         """Status of each known action id ('pending' or a final status)."""
         sql = "SELECT action_id, status FROM actions WHERE action_id IN ({marks})"
         return {row[0]: row[1] for row in await self._writer.select_in(sql, action_ids)}
+
+    async def with_status(self, action_ids: Sequence[str]) -> dict[str, tuple[Action, str]]:
+        """Actions by id, whatever their status: (the action, 'pending' or its final
+        status). A finished action's ``attempt`` is the attempts made before its last."""
+        sql = f"SELECT {_ACTION_COLUMNS}, status FROM actions WHERE action_id IN ({{marks}})"
+        rows = await self._writer.select_in(sql, action_ids)
+        return {row[0]: (_action_from_row(row), row[-1]) for row in rows}
 
     async def pending(self, action_ids: Sequence[str]) -> dict[str, Action]:
         """Pending actions by id."""

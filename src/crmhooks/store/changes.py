@@ -10,6 +10,7 @@ encodes and restores its records:
     d  the actions of one transaction stored finished at their first write
     r  a record's latest snapshot            records.py
     o  a ``repeat = "once"`` flag
+    e  the event that triggered an instant action   events.py
     q  a quota counter                       quota.py
     s  a suspension                          suspensions.py
 """
@@ -61,6 +62,9 @@ class WriteBatch:
     moved: list[tuple[str, int, int]] = field(default_factory=list)
     # replayed from the dead-letter topic: a finished, undelivered action made pending again
     rearmed: list[Action] = field(default_factory=list)
+    # `crmhooks redeliver`: a finished action made pending again, due at its due_ms, its
+    # attempts so far kept in its attempt (the next one continues the count)
+    redelivered: list[Action] = field(default_factory=list)
     # (action_id, final status, finished_ms)
     finished: list[tuple[str, str, int]] = field(default_factory=list)
     # (action, final status, finished_ms): stored for the first time, already finished
@@ -68,6 +72,9 @@ class WriteBatch:
     done: list[tuple[Action, str, int]] = field(default_factory=list)
     # (record_key, partition, the event as JSON)
     snapshots: list[tuple[str, int, bytes]] = field(default_factory=list)
+    # (action_id, partition, the event as JSON): an instant action's triggering event,
+    # for an instant action stored without being delivered (events.py)
+    action_events: list[tuple[str, int, bytes]] = field(default_factory=list)
     # (state key of workflow.once_key, partition, matched)
     once_state: list[tuple[str, int, bool]] = field(default_factory=list)
     # (org_id, day, partition, delta)
@@ -97,9 +104,11 @@ CHANGE_LISTS = (
     "new_actions",
     "moved",
     "rearmed",
+    "redelivered",
     "finished",
     "done",
     "snapshots",
+    "action_events",
     "once_state",
     "quota",
     "suspensions",

@@ -22,6 +22,15 @@ or form parameter, a path segment or a header — alone, or side by side with
 other values and the template's text (``xmldoc.separate_slots``). Characters
 illegal in XML 1.0 and lone surrogates (anywhere) become U+FFFD.
 
+Secrets (``${env:NAME}``, ``${file:PATH}``, whose values the config resolved into
+``Webhook.env_values``) stand anywhere a placeholder may: each is escaped by its
+context's encoder once, at compile time, into literal text of its own
+(``segments.SecretText``), never counted as a CRM field. Every part holding a
+secret (or a custom parameter, a URL password, a header value written in the
+config) has a second fill that shows it as ``***``: ``RenderedRequest``'s
+``redacted_url`` (results, logs), ``redacted_body`` and ``redacted_headers``
+(preview, send-test).
+
 Modules, each one job:
 
 * ``placeholders`` — scanning ``${Namespace.Field}``, the render context, and
@@ -30,7 +39,8 @@ Modules, each one job:
 * ``xmldoc`` / ``jsondoc`` — escaping for each context of an XML / JSON document,
   and the scanner that tells which context each placeholder sits in;
 * ``url`` — percent-encoding, and the webhook's URL template;
-* ``segments`` — a compiled template (literals and slots) and how it is filled;
+* ``segments`` — a compiled template (literals, slots, secrets) and how it is filled;
+* ``headers`` — ``[webhooks.headers]``: values on one line, shown with secrets as ***;
 * ``webhook`` — ``CompiledWebhook``: the request shape, and ``RenderedRequest``.
 """
 

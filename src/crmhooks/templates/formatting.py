@@ -30,6 +30,22 @@ _RFC3339: Final = re.compile(
 _EXACT_INT_FLOAT: Final = 2.0**53
 
 
+class Verbatim:
+    """Text that formats as itself: a secret is sent as written, never read as a
+    date-time (``format_value`` ends in ``str(value)`` for it)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:  # never the value
+        return "Verbatim(***)"
+
+
 def fix_surrogates(text: str) -> str:
     """Lone surrogates (any surrogate code point in a str) → U+FFFD; they cannot be UTF-8."""
     return _SURROGATES.sub("\ufffd", text)

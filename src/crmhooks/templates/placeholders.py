@@ -22,6 +22,18 @@ class Placeholder:
     field: str
 
 
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """``${env:NAME}`` or ``${file:PATH}`` as written in a template: a secret, whose value
+    the config resolved when it loaded (``Webhook.env_values``, keyed by ``key``)."""
+
+    key: str  # the text inside the braces: "env:NAME", "file:/run/secrets/x"
+
+    @property
+    def written(self) -> str:
+        return f"${{{self.key}}}"
+
+
 class RenderContext(msgspec.Struct, frozen=True, gc=False):
     """What a template is rendered from: the latest version of a record and its neighbours."""
 
@@ -34,18 +46,20 @@ class RenderContext(msgspec.Struct, frozen=True, gc=False):
 
 
 _OPEN: Final = "${"
-_ENV_PREFIX: Final = "env:"
+# What starts a secret reference inside the braces (crmhooks.config.references).
+_REFERENCE_PREFIXES: Final = ("env:", "file:")
 
 # The canonical namespace of the owner and organisation in ``crm_fields``.
 USER_NAMESPACE: Final = "User"
 ORG_NAMESPACE: Final = "Organization"
 
-# A placeholder with its span in the template: (start, end, placeholder).
-Span = tuple[int, int, Placeholder]
+# A placeholder or a secret reference with its span in the template: (start, end, it).
+Span = tuple[int, int, Placeholder | Reference]
 
 
 def scan(text: str) -> list[Span]:
-    """Every placeholder of ``text`` with its span; TemplateError if one is malformed."""
+    """Every placeholder and secret reference of ``text`` with its span; TemplateError
+    if one is malformed."""
     found: list[Span] = []
     start = text.find(_OPEN)
     while start != -1:
@@ -56,10 +70,10 @@ def scan(text: str) -> list[Span]:
         written = text[start : close + 1]
         if _OPEN in inner:
             raise TemplateError(f"nested placeholder in {written}")
-        if inner.startswith(_ENV_PREFIX):
-            raise TemplateError(
-                f"{written}: ${{env:NAME}} is only allowed in custom parameters and secret"
-            )
+        if inner.startswith(_REFERENCE_PREFIXES):
+            found.append((start, close + 1, Reference(inner)))
+            start = text.find(_OPEN, close + 1)
+            continue
         namespace, dot, field = inner.partition(".")
         namespace, field = namespace.strip(), field.strip()
         if not dot or not namespace or not field:
@@ -70,8 +84,9 @@ def scan(text: str) -> list[Span]:
 
 
 def parse_placeholders(text: str) -> list[Placeholder]:
-    """The placeholders of ``text`` in order, as written; TemplateError if malformed."""
-    return [p for _, _, p in scan(text)]
+    """The placeholders of ``text`` in order, as written (secret references left out);
+    TemplateError if one is malformed."""
+    return [p for _, _, p in scan(text) if isinstance(p, Placeholder)]
 
 
 # Where a placeholder's value is read from: a record of the context, or None.
@@ -98,15 +113,26 @@ _ORG: Final[Source] = attrgetter("organization")
 
 
 class Resolver:
-    """Maps a placeholder's namespace to where its value comes from."""
+    """Maps a placeholder's namespace to where its value comes from, and a secret
+    reference to its value (``env_values``: ``Webhook.env_values``)."""
 
-    __slots__ = ("_catalog", "_module", "_own_names", "_related")
+    __slots__ = ("_catalog", "_env_values", "_module", "_own_names", "_related")
 
-    def __init__(self, module: str, catalog: ModuleCatalog) -> None:
+    def __init__(
+        self, module: str, catalog: ModuleCatalog, env_values: Mapping[str, str] | None = None
+    ) -> None:
         self._catalog = catalog
+        self._env_values = env_values or {}
         self._module = catalog.canonical(module) or module
         self._own_names = catalog.names_of(self._module) | {module, self._module}
         self._related: dict[str, Source] = {}
+
+    def secret(self, ref: Reference) -> str:
+        """The value the config resolved for ``ref``; TemplateError when it has none."""
+        value = self._env_values.get(ref.key)
+        if value is None:
+            raise TemplateError(f"{ref.written} has no value (the config did not resolve it)")
+        return value
 
     def resolve(self, ph: Placeholder) -> tuple[Placeholder, Source]:
         """(the placeholder with its canonical namespace, its value source)."""

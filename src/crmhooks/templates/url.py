@@ -9,8 +9,15 @@ from zoneinfo import ZoneInfo
 
 from crmhooks.errors import TemplateError
 from crmhooks.templates.formatting import Encoder, fix_surrogates, format_value
-from crmhooks.templates.placeholders import Placeholder, Resolver, scan
-from crmhooks.templates.segments import Segment, Slot, merge_literals
+from crmhooks.templates.placeholders import Placeholder, Reference, Resolver, scan
+from crmhooks.templates.segments import (
+    REDACTED,
+    SecretText,
+    Segment,
+    Slot,
+    merge_literals,
+    secret_text,
+)
 
 
 def url_component(text: str) -> str:
@@ -78,6 +85,17 @@ _URL_LITERAL_SAFE: Final = "!$%&'()*+,/:;=?@[]~"
 FORBIDDEN_IN_HEADERS: Final = ("\r", "\n", "\x00")
 
 
+def _origin_segment(origin: str) -> Segment:
+    """``scheme://user:password@host:port``: a password is a secret (SPEC §3.1), shown
+    as ***; the rest is literal."""
+    scheme_end = origin.find("://") + 3
+    userinfo, at, hostport = origin[scheme_end:].rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not at or not colon or not password:
+        return origin
+    return SecretText(origin, f"{origin[:scheme_end]}{user}:{REDACTED}@{hostport}")
+
+
 def compile_url(
     url: str, resolver: Resolver, fields: set[Placeholder]
 ) -> tuple[tuple[Segment, ...], PathCheck | None]:
@@ -103,14 +121,19 @@ def compile_url(
             )
     if "#" in url:
         raise TemplateError("url: has a fragment (#…), which is never sent to the server")
-    segments: list[Segment] = [url[:authority_end]]
-    marked: list[str] = []  # the template from the path on, a mark for each slot
+    segments: list[Segment] = [_origin_segment(url[:authority_end])]
+    marked: list[str] = []  # the template from the path on, a mark for each value
     pos = authority_end
     for start, end, ph in spans:
         literal = quote(url[pos:start], safe=_URL_LITERAL_SAFE)
-        canonical, source = resolver.resolve(ph)
-        fields.add(canonical)
-        segments += (literal, Slot(source, ph.field, url_value))
+        value: Segment
+        if isinstance(ph, Reference):
+            value = secret_text(ph, url_value, resolver)
+        else:
+            canonical, source = resolver.resolve(ph)
+            fields.add(canonical)
+            value = Slot(source, ph.field, url_value)
+        segments += (literal, value)
         marked += (literal, _SLOT_MARK)
         pos = end
     segments.append(quote(url[pos:], safe=_URL_LITERAL_SAFE))
