@@ -275,7 +275,9 @@ class KafkaIO:
         limit = limits.get(s.changelog)
         if limit is not None:
             self.event_max_bytes = min(limit, MAX_REQUEST_BYTES) - SNAPSHOT_FRAMING_BYTES
-            if self.event_max_bytes < s.max_event_bytes:
+            # (Said when max_event_bytes is over what the topic takes at all; the framing
+            # below it is no news: Kafka's defaults are 1 MiB for both.)
+            if s.max_event_bytes > limit:
                 log.warning(
                     "kafka.max_event_bytes is %d, but the changelog topic %s takes %d: events "
                     "over %d bytes are dead-lettered (their record could not be stored); "
