@@ -21,7 +21,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from crmhooks.config import KafkaSettings
 from crmhooks.kafka_clients import max_message_bytes, read_topic
 from crmhooks.kafka_io import LETTER_FRAMING_BYTES, SNAPSHOT_FRAMING_BYTES
-from tests.support import event, produce, receiver, running, wait_for_records
+from tests.support import event, produce, receiver, running, unique_kafka, wait_for_records
 from tests.test_e2e import commission_config, delivered
 from tests.test_operations_e2e import config_for
 
@@ -236,3 +236,16 @@ async def test_an_event_the_changelog_cannot_take_is_dead_lettered_and_its_parti
     assert letter["source"]["offset"] == 0
     assert "evt-after:r1:Hook" in {r.headers["webhook-id"] for r in rx.requests}
     assert all(r.headers["webhook-id"].startswith("evt-after:") for r in rx.requests)
+
+
+async def test_what_each_topic_takes_is_read_and_a_topic_not_told_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    k = unique_kafka()
+    await create_topic(k, k.dlq_topic, 200_000)
+    with caplog.at_level(logging.WARNING, logger="crmhooks.kafka_clients"):
+        found = await max_message_bytes(k, [k.dlq_topic, k.results_topic])
+    assert found == {k.dlq_topic: 200_000}
+    assert caplog.messages == [
+        f"max.message.bytes of {k.results_topic} not read: UnknownTopicOrPartitionError"
+    ]

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
@@ -273,9 +274,8 @@ async def max_message_bytes(settings: KafkaSettings, topics: Sequence[str]) -> d
     for response in responses:
         for error_code, error, _, name, entries in response.resources:
             if error_code:
-                log.warning(
-                    "max.message.bytes of %s not read: error %d %s", name, error_code, error
-                )
+                why = f"{kafka_errors.for_code(error_code).__name__} {error or ''}".strip()
+                log.warning("max.message.bytes of %s not read: %s", name, why)
                 continue
             for key, value, *_ in entries:
                 if key == "max.message.bytes" and value is not None:
