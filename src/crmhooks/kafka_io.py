@@ -534,26 +534,30 @@ class KafkaIO:
                 partition = keyed_partitioner(key, partitions, partitions)
                 futures.append(producer.outbox(topic, partition).add(key, value))
             await wait_all(futures)
-            failed = []
-            for r, f in zip(remaining, futures, strict=True):
-                error = None if f.cancelled() else f.exception()
-                if error is not None and isinstance(error.__cause__, _TOO_LARGE):
-                    too_large.append(r)  # refused for what it holds: never again
-                elif f.cancelled() or error is not None:
-                    failed.append(r)
+            failed = [
+                (r, f)
+                for r, f in zip(remaining, futures, strict=True)
+                if f.cancelled() or f.exception() is not None
+            ]
+            if not failed:
+                break
+            # Refused for what it holds (too large): never sent again.
+            sized = [r for r, f in failed if not f.cancelled() and _too_large(f.exception())]
+            too_large += sized
+            failed = [(r, f) for r, f in failed if r not in sized] if sized else failed
             if not failed:
                 break
             attempts += 1
             if attempts >= 5 or producer.failed is not None:
                 raise ProduceError(
-                    f"produce to {failed[0][0]} failed: {len(failed)} records not acknowledged "
-                    f"after {attempts} tries ({_first_error(futures)})"
+                    f"produce to {failed[0][0][0]} failed: {len(failed)} records not "
+                    f"acknowledged after {attempts} tries ({_first_error(futures)})"
                 )
             log.warning(
                 "retrying %d unacknowledged records: %s", len(failed), _first_error(futures)
             )
             await asyncio.sleep(self.retry_pause_s * attempts)
-            remaining = failed
+            remaining = [r for r, _ in failed]
         if too_large:
             raise RecordsTooLarge(
                 f"produce to {too_large[0][0]} refused: {len(too_large)} records larger than "
@@ -616,6 +620,10 @@ class KafkaIO:
             )
         except KafkaError as exc:
             raise KafkaIOError(f"commit failed: {exc}") from exc
+
+
+def _too_large(error: BaseException | None) -> bool:
+    return error is not None and isinstance(error.__cause__, _TOO_LARGE)
 
 
 def _first_error(futures: Sequence[asyncio.Future[int]]) -> str:
