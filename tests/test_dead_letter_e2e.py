@@ -21,6 +21,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from crmhooks.config import KafkaSettings
 from crmhooks.kafka_clients import max_message_bytes, read_topic
 from crmhooks.kafka_io import LETTER_FRAMING_BYTES, SNAPSHOT_FRAMING_BYTES
+from crmhooks.tools import replay_dlq
 from tests.support import event, produce, receiver, running, unique_kafka, wait_for_records
 from tests.test_e2e import commission_config, delivered
 from tests.test_operations_e2e import config_for
@@ -85,8 +86,16 @@ async def test_a_900_kb_invalid_event_is_a_cut_dead_letter_and_its_partition_flo
             (letter,) = await wait_for_records(config, k.dlq_topic, lambda ds: len(ds) >= 1)
             assert not task.done(), "the processor stopped"
         (written,) = await dead_letters_as_written(k)
+        skipped: list[str] = []
+        assert await replay_dlq(config, None, idle_timeout_s=1.0, on_skipped=skipped.append) == 0
     assert_cut_letter(letter, bad, offset=1)
     assert letter["message"] == "invalid event: not valid UTF-8"
+    assert skipped == [  # replay-dlq does not replay a cut letter, and says where it is
+        f"not replayed: the internal_process_error dead letter of {k.events_topic} partition "
+        f"{letter['source']['partition']} offset 1 holds only the start of its event "
+        f"({len(bad):,} bytes, sha256 {hashlib.sha256(bad).hexdigest()}); the whole event is "
+        "there while that topic keeps it"
+    ]
     assert LETTER_MAX_BYTES - 4 < len(written) <= LETTER_MAX_BYTES  # as much as fits
     assert sorted(r.headers["webhook-id"] for r in rx.requests) == [
         "evt-after:commission-on-close:CreatorCommission",
