@@ -199,7 +199,7 @@ async def test_a_dead_letter_topic_lowered_while_running_never_stops_the_partiti
                 if (await max_message_bytes(k, [k.dlq_topic])).get(k.dlq_topic) == lowered_to:
                     break
                 await asyncio.sleep(0.1)
-            with caplog.at_level(logging.ERROR, logger="crmhooks.reporter"):
+            with caplog.at_level(logging.ERROR, logger="crmhooks"):
                 await produce(config, bad, event("after"))
                 await wait_for_records(config, k.results_topic, delivered("evt-after"))
                 if written:

@@ -220,7 +220,7 @@ async def test_the_reporter_cuts_to_what_the_topic_takes_and_skips_what_cannot_f
         reporter = p.reporter
         assert reporter.dead_letter_max_bytes == 20_000
         big = Rec(0, 7, b"\xff" * 50_000)
-        with caplog.at_level(logging.WARNING, logger="crmhooks.reporter"):
+        with caplog.at_level(logging.WARNING, logger="crmhooks"):
             ((topic, key, value),) = reporter.poison(0, big, InvalidEvent("not JSON"), NOW_MS)
         assert (topic, key) == ("crm.webhook-dlq", b"org-acme")
         assert len(value) <= 20_000
@@ -237,7 +237,7 @@ async def test_the_reporter_cuts_to_what_the_topic_takes_and_skips_what_cannot_f
             ACTION, event_id=event_id, action_id=f"{event_id}:r:Hook", partition=0
         )
         event = decode_event(orjson.dumps(qualifying(event_id)))
-        with caplog.at_level(logging.WARNING, logger="crmhooks.reporter"):
+        with caplog.at_level(logging.WARNING, logger="crmhooks"):
             skipped = reporter.action_letter(action, event, "daily_limit_reached", "over")
         assert skipped == []
         assert reporter.dead_letters == 1
@@ -278,7 +278,7 @@ async def test_a_letter_the_topic_refuses_is_cut_to_half_then_skipped_never_loop
         letters = reporter.poison(0, bad, InvalidEvent("not valid UTF-8"), NOW_MS)
         assert len(letters[0][2]) > 19_990
         caplog.clear()
-        with caplog.at_level(logging.ERROR, logger="crmhooks.reporter"):
+        with caplog.at_level(logging.ERROR, logger="crmhooks"):
             await reporter.produce([*letters, ("crm.webhook-results", b"org-acme", b"{}")])
         assert reporter.dead_letter_max_bytes == len(letters[0][2]) // 2
         assert caplog.messages[0] == (

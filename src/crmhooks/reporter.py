@@ -15,28 +15,20 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import orjson
+from typing import Any, Protocol
 
 from crmhooks.actions import Action
 from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.config import KafkaSettings
+from crmhooks.dead_letters import as_record, produce_refused
 from crmhooks.delivery import Outcome
 from crmhooks.errors import InvalidEvent, RecordsTooLarge
 from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord, Skipped
 from crmhooks.logs import about
 from crmhooks.metrics import Metrics
-from crmhooks.results import (
-    DEAD_LETTER_MAX_BYTES,
-    KEY_MAX_BYTES,
-    dead_letter,
-    encode,
-    result_record,
-    shrink,
-)
+from crmhooks.results import DEAD_LETTER_MAX_BYTES, dead_letter, encode, result_record
 from crmhooks.store import Store, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -46,12 +38,10 @@ log = logging.getLogger(__name__)
 # is waited out with a line in the log every few seconds, not a flood.
 REPORT_RETRY_FIRST_MS = 500
 REPORT_RETRY_MAX_MS = 5_000
-# Dead letters are never cut below this for a topic that refused them: a letter with
-# no payload left is a few hundred bytes; a topic taking less than this takes none.
-DEAD_LETTER_MIN_BYTES = 4096
 
 # (topic, key, value) of one record to produce.
 Produced = tuple[str, bytes | None, bytes]
+
 # An attempt in a report group: the action, its unstored entry, its retry.
 Reported = tuple[Action, Unstored | None, Action | None]
 # Ends one attempt once its group is written (error None) or failed to be.
@@ -152,46 +142,12 @@ class Reporter:
         partition (SPEC §10)."""
         try:
             await self.producer.produce_all(records)
-        except RecordsTooLarge as exc:
-            await self._refused(exc)
+        except RecordsTooLarge as refused:
+            dlq = self._kafka().dlq_topic
+            self.dead_letter_max_bytes = await produce_refused(
+                self.producer, refused, dlq, self.dead_letter_max_bytes
+            )
         self.results += len(records)
-
-    async def _refused(self, exc: RecordsTooLarge) -> None:
-        dlq = self._kafka().dlq_topic
-        if any(topic != dlq for topic, _, _ in exc.records):
-            raise exc  # results and changelog records are small: not ours to mend
-        smallest = min(len(value) for _, _, value in exc.records)
-        self.dead_letter_max_bytes = max(
-            DEAD_LETTER_MIN_BYTES, min(self.dead_letter_max_bytes, smallest // 2)
-        )
-        log.error(
-            "%s refused %d dead letters of %d bytes or more as too large: dead letters are "
-            "cut to %d bytes from now on (was the topic's max.message.bytes lowered?)",
-            dlq,
-            len(exc.records),
-            smallest,
-            self.dead_letter_max_bytes,
-        )
-        again = [
-            (topic, key, encode(shrink(orjson.loads(value), self.dead_letter_max_bytes)))
-            for topic, key, value in exc.records
-        ]
-        try:
-            await self.producer.produce_all(again)
-        except RecordsTooLarge as still:
-            for _, _, value in still.records:
-                letter = orjson.loads(value)
-                src = letter.get("source") or {}
-                log.error(
-                    "dead letter of partition %s offset %s (%s) not written: %s refused it "
-                    "even cut to %d bytes; skipped",
-                    src.get("partition"),
-                    src.get("offset"),
-                    letter.get("error_code"),
-                    dlq,
-                    len(value),
-                    extra={"partition": src.get("partition"), "offset": src.get("offset")},
-                )
 
     def result(self, action: Action, status: str, *, reason: str | None = None) -> Produced:
         """The result record of an action that changed without being sent."""
@@ -245,7 +201,7 @@ class Reporter:
             raw=rec.value,
             max_bytes=self.dead_letter_max_bytes,
         )
-        return self._letter(letter, rec.key, partition, rec.offset)
+        return self._letter(letter, rec.key)
 
     def skipped(self, skipped: Skipped, now_ms: int) -> Produced:
         """The dead letter of offsets the consumer could not decode (kafka_io logged them)."""
@@ -289,43 +245,16 @@ class Reporter:
             webhook=action.webhook,
             max_bytes=self.dead_letter_max_bytes,
         )
-        return self._letter(letter, key, action.partition, action.source_offset)
+        return self._letter(letter, key)
 
-    def _letter(
-        self, letter: dict[str, object], key: bytes | None, partition: int, offset: int
-    ) -> list[Produced]:
-        """A dead letter as the record to produce, if it fits its topic (``dead_letter``
-        cut what it could). One that does not is logged with where its event is and
-        skipped: a record the broker refuses would stop the partition for good."""
-        value = encode(letter)
-        code = str(letter["error_code"])
-        if len(value) > self.dead_letter_max_bytes:
-            log.error(
-                "dead letter of partition %d offset %d (%s) not written: %d bytes even cut "
-                "(its ids alone are too long), the dead-letter topic takes %d; skipped",
-                partition,
-                offset,
-                code,
-                len(value),
-                self.dead_letter_max_bytes,
-                extra={"partition": partition, "offset": offset},
-            )
+    def _letter(self, letter: dict[str, Any], key: bytes | None) -> list[Produced]:
+        """A letter as the record to produce, if it fits its topic (``dead_letters``)."""
+        record = as_record(self._kafka().dlq_topic, letter, key, self.dead_letter_max_bytes)
+        if record is None:
             return []
-        if letter["truncated"]:
-            log.warning(
-                "dead letter of partition %d offset %d (%s) cut to fit the dead-letter "
-                "topic: %s bytes, sha256 %s",
-                partition,
-                offset,
-                code,
-                letter["original_bytes"],
-                letter["sha256"],
-                extra={"partition": partition, "offset": offset},
-            )
         self.dead_letters += 1
-        self._metrics.dead_letters.inc(code)
-        short_key = key[:KEY_MAX_BYTES] if key is not None else None
-        return [(self._kafka().dlq_topic, short_key, value)]
+        self._metrics.dead_letters.inc(letter["error_code"])
+        return [record]
 
     # -- an action ended without a request ------------------------------------------
 
