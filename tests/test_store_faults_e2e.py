@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import json
 import signal
 import sqlite3
@@ -47,6 +46,7 @@ from crmhooks.config import KafkaSettings, load_config
 from crmhooks.kafka_io import ensure_topics, produce_records, read_topic
 from tests.crash_support import ProcessorProcess
 from tests.support import Receiver, event, read_all, receiver, unique_kafka
+from tests.test_store_disk import fill
 
 pytestmark = pytest.mark.kafka
 
@@ -176,21 +176,6 @@ def mount_tmpfs(mnt: Path, size: str) -> None:
         pytest.skip("no mount command: cannot make a small file system (the sqlite-* variants run)")
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()} (the sqlite-* variants run)")
-
-
-def fill(directory: Path) -> Path:
-    """A file taking every free byte of ``directory``'s file system."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for size in (1 << 20, 65536, 4096, 1):
-            while True:
-                try:
-                    f.write(b"\0" * size)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-    return filler
 
 
 @contextlib.contextmanager
