@@ -99,6 +99,14 @@ class Kafka(Committer, Producer, Protocol):
     def broken(self) -> asyncio.Future[None]:
         """Resolves with a KafkaIOError once nothing can be written any more."""
 
+    @property
+    def dead_letter_max_bytes(self) -> int | None:
+        """The largest dead letter the dead-letter topic takes (None: not known)."""
+
+    @property
+    def event_max_bytes(self) -> int | None:
+        """The largest event whose snapshot the changelog takes (None: not known)."""
+
     async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]: ...
 
     def end_offsets_seen(self) -> dict[int, int]: ...
@@ -218,7 +226,8 @@ class Processor:
         self._kafka = kafka
         self.store.changelog = kafka.produce_changelog
         self.checkpoint.attach(kafka)
-        self.reporter.attach(kafka)
+        self.reporter.attach(kafka, kafka.dead_letter_max_bytes)
+        self.intake.event_max_bytes = kafka.event_max_bytes
         self.metrics.lag.ends = kafka.end_offsets_seen
         self.scheduler.start(self.clock.now_ms())
         if partitions:

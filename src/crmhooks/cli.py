@@ -319,9 +319,15 @@ def cmd_replay_dlq(args: argparse.Namespace) -> int:
     from crmhooks.tools import replay_dlq
 
     config = _load(args.config)
+    skipped: list[str] = []
     with Progress("replay-dlq") as progress:  # drawn on stderr when it is a terminal
-        count = asyncio.run(replay_dlq(config, args.error_code, args.timeout_s, progress))
-    print(f"replayed {count} dead-lettered event(s) to {config.kafka.events_topic}")
+        count = asyncio.run(
+            replay_dlq(config, args.error_code, args.timeout_s, progress, skipped.append)
+        )
+    for line in skipped:
+        print(f"replay-dlq: {line}", file=sys.stderr)
+    more = f"; {len(skipped)} truncated dead letter(s) not replayed" if skipped else ""
+    print(f"replayed {count} dead-lettered event(s) to {config.kafka.events_topic}{more}")
     return 0
 
 

@@ -342,6 +342,7 @@ class ConfigTopic:
             key=rec.key,
             event=masked_document(parsed) if isinstance(parsed, Mapping) else None,
             raw=None,  # what does not parse may hold secrets anywhere: not carried
+            max_bytes=self._reporter.dead_letter_max_bytes,  # (cut to fit its topic)
         )
         if org_id is None:  # nowhere to store it: written now by events partition 0's owner
             if self._owns(0):

@@ -70,6 +70,9 @@ class Intake:
         self._suspensions = suspensions
         self._reporter = reporter
         self._owns = owns
+        # Events larger than this are refused whatever kafka.max_event_bytes says: their
+        # snapshot would not fit the changelog topic (``KafkaIO.event_max_bytes``).
+        self.event_max_bytes: int | None = None
 
     def __repr__(self) -> str:
         return f"Intake({self._config.current!r})"
@@ -84,6 +87,8 @@ class Intake:
         # org_id, read and compiled the first time: ``orgconfig``.)
         snapshot = self._config.current
         max_bytes = snapshot.config.kafka.max_event_bytes
+        if self.event_max_bytes is not None and self.event_max_bytes < max_bytes:
+            max_bytes = self.event_max_bytes
         canonical = snapshot.catalog.canonical
         needs_planning = snapshot.needs_planning
         owns = self._owns
@@ -112,7 +117,7 @@ class Intake:
                     if request is not None:
                         redeliver.append(request)
                         continue
-                    out.append(self._reporter.poison(partition, rec, exc, now_ms))
+                    out += self._reporter.poison(partition, rec, exc, now_ms)
                     plan.dead_lettered += 1
                     continue
                 if event is not None:
