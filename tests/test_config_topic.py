@@ -314,3 +314,29 @@ async def test_a_changed_document_lifts_a_suspension_of_what_it_changed(tmp_path
         topic.append(org, document(org, "/hook", repeat="once"))  # the rule changed
         await follow(p, topic)
         assert not p.suspensions.is_suspended(org, "won", "Hook")
+
+
+async def test_a_document_change_keeps_repeat_once_state_quota_and_timers(tmp_path: Path) -> None:
+    """SPEC §5 / issue 23.5: a new version of the document (another URL) changes neither
+    the rule's repeat = "once" state of a record, nor quota counts, nor pending timers."""
+    org = ORGS[0]
+    topic = FakeTopic()
+    topic.append(org, document(org, repeat="once"))
+    async with processor(tmp_path, {0}) as (p, kafka, transport):
+        await started(p, topic)
+        await p._process_batch(fetched([won(1, org, 0)]))
+        await until(lambda: len(transport.sent) == 1, "the instant action is sent")
+        due_before = {a.action_id: a.due_ms for a in await p.store.load_pending([0], 1 << 62)}
+        day, _ = p.quota.today(org, NOW_MS)
+        used_before = await p.store.quota_used(org, day)
+        topic.append(org, document(org, "/moved", repeat="once"))
+        await follow(p, topic)
+        await p.sweeper.until_idle()
+        again = Rec(0, 200, orjson.dumps(event(2, org_id=org, record_id="rec-1")), key=org.encode())
+        await p._process_batch(fetched([again]))  # the same record, still Closed Won
+        await asyncio.sleep(0.05)
+        assert len(transport.sent) == 1  # once: not again, whatever the document's URL
+        due_after = {a.action_id: a.due_ms for a in await p.store.load_pending([0], 1 << 62)}
+        assert due_after == due_before  # the scheduled one is still pending, as it was
+        assert await p.store.quota_used(org, day) == used_before
+        assert not [r for r in kafka.results if r.get("status") == "cancelled"]
