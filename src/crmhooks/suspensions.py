@@ -2,9 +2,12 @@
 the webhooks suspended after ``suspend_after_failed_actions`` of them in a row.
 
 A suspension holds for the rule and webhook as they were configured when it was
-counted (a fingerprint of both): a config change to either lifts it, as does
-``crmhooks resume`` (written to the store by another process, noticed by polling
-the store's data version).
+counted (a fingerprint of both, made through the configuration in force: an
+organisation's config-topic document when it has one): a config change to either
+lifts it — read at start and at each assignment, and looked at again by
+``config_changed`` after a reload or a document — as does ``crmhooks resume``
+(written to the store by another process, noticed by polling the store's data
+version).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Suspensions:
         self._store = store
         self._config = config
         self._table: dict[SuspensionKey, tuple[int, bool]] = {}
+        # The fingerprint each entry of ``_table`` was counted under.
+        self._counted_under: dict[SuspensionKey, str] = {}
         # (org, rule, webhook) → fingerprint under the snapshot ``_fingerprints_of``
         self._fingerprints: dict[tuple[str, str, str], str] = {}
         self._fingerprints_of = 0
@@ -53,12 +58,14 @@ class Suspensions:
         """Read suspensions; one recorded under another config of its rule or webhook
         is lifted."""
         table: dict[SuspensionKey, tuple[int, bool]] = {}
+        counted: dict[SuspensionKey, str] = {}
         for skey, (failed, suspended, fingerprint) in (
             await self._store.suspension_table()
         ).items():
             if fingerprint == self.fingerprint(*skey):
                 if failed or suspended:
                     table[skey] = (failed, suspended)
+                    counted[skey] = fingerprint
             elif suspended:
                 log.info(
                     "suspension of %s lifted: its rule or webhook config changed",
@@ -66,6 +73,21 @@ class Suspensions:
                     extra={"org_id": skey[0], "rule_id": skey[1], "webhook": skey[2]},
                 )
         self._table = table
+        self._counted_under = counted
+
+    def config_changed(self, org_id: str | None = None) -> int:
+        """The configuration changed (of ``org_id``, or of every organisation): counts
+        and suspensions made under another config of their rule or webhook are lifted
+        (in memory; the store's rows say so with their fingerprint). How many."""
+        lifted = 0
+        for skey in [k for k in self._table if org_id is None or k[0] == org_id]:
+            if self._counted_under.get(skey) != self.fingerprint(*skey):
+                _, suspended = self._table.pop(skey)
+                self._counted_under.pop(skey, None)
+                if suspended:
+                    lifted += 1
+                    log.info("suspension of %s lifted: its rule or webhook config changed", skey)
+        return lifted
 
     def fingerprint(self, org_id: str, rule_id: str, webhook: str) -> str:
         """Changes whenever the rule's or the webhook's config changes (SPEC §5), its
@@ -98,6 +120,7 @@ class Suspensions:
         skey = (action.org_id, action.rule_id, action.webhook)
         if self._table.get(skey, (0, False))[0]:
             del self._table[skey]  # reset: stored as (0, False), absent in memory
+            self._counted_under.pop(skey, None)
             batch.suspensions.append((*skey, action.partition, 0, False, self.fingerprint(*skey)))
 
     def count_failure(self, action: Action, batch: WriteBatch, threshold: int) -> bool:
@@ -116,9 +139,9 @@ class Suspensions:
                 extra=about(action),
             )
         self._table[skey] = (failed, suspended)
-        batch.suspensions.append(
-            (*skey, action.partition, failed, suspended, self.fingerprint(*skey))
-        )
+        fingerprint = self.fingerprint(*skey)
+        self._counted_under[skey] = fingerprint
+        batch.suspensions.append((*skey, action.partition, failed, suspended, fingerprint))
         return suspended and not before[1]
 
     async def poll_loop(self) -> None:
