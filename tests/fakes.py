@@ -45,6 +45,7 @@ class FakeKafka:
     committed: dict[int, int] = field(default_factory=dict)
     results: list[dict[str, Any]] = field(default_factory=list)
     changelog_keys: list[bytes] = field(default_factory=list)
+    changelog: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
     fetches: int = 0
     to_fetch: list[Fetched] = field(default_factory=list)  # what the next fetches return
     dead_letter_max_bytes: int | None = None
@@ -81,6 +82,7 @@ class FakeKafka:
         self, records: Sequence[tuple[int, bytes, bytes | None]]
     ) -> Awaitable[dict[int, int]]:
         self.changelog_keys += [k for _, k, _ in records]
+        self.changelog += records
 
         async def acked() -> dict[int, int]:
             return {}

@@ -151,7 +151,7 @@ class Processor:
         self.quota = QuotaLedger(
             store, lambda: live.current.config.quota, lambda org_id: live.current.org(org_id)
         )
-        self.suspensions = Suspensions(store, lambda: live.current)
+        self.suspensions = Suspensions(store, lambda: live.current, owns)
         self.reporter = Reporter(
             store,
             self.checkpoint,

@@ -37,9 +37,16 @@ class Suspensions:
     one is absent, so while every webhook delivers the table is empty and the
     look-ups of each delivery (``is_suspended``, ``count_success``) are skipped."""
 
-    def __init__(self, store: Store, config: Callable[[], ConfigSnapshot]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Callable[[], ConfigSnapshot],
+        owns: Callable[[int], bool] = lambda partition: False,
+    ) -> None:
+        """``owns`` says which partitions' rows this process may write (their owner)."""
         self._store = store
         self._config = config
+        self._owns = owns
         self._table: dict[SuspensionKey, tuple[int, bool]] = {}
         # The fingerprint each entry of ``_table`` was counted under.
         self._counted_under: dict[SuspensionKey, str] = {}
@@ -56,24 +63,41 @@ class Suspensions:
 
     async def load(self) -> None:
         """Read suspensions; one recorded under another config of its rule or webhook
-        is lifted."""
+        is lifted.
+
+        A row of an owned partition that changed outside this process's writer is
+        written again through it, so the changelog says so too and the next owner of
+        the partition does not restore the old row: one ``crmhooks resume`` reset
+        (the command writes the SQLite file only), one lifted by a config change
+        (stored reset, under the new fingerprint: it is not lifted, and logged, again
+        at every start)."""
         table: dict[SuspensionKey, tuple[int, bool]] = {}
         counted: dict[SuspensionKey, str] = {}
-        for skey, (failed, suspended, fingerprint) in (
-            await self._store.suspension_table()
-        ).items():
-            if fingerprint == self.fingerprint(*skey):
+        rewrite: list[tuple[str, str, str, int, int, bool, str]] = []
+        for org_id, rule_id, webhook, partition, failed, suspended, fingerprint in (
+            await self._store.suspension_rows()
+        ):
+            skey = (org_id, rule_id, webhook)
+            now = self.fingerprint(*skey)
+            if fingerprint == now:
                 if failed or suspended:
                     table[skey] = (failed, suspended)
                     counted[skey] = fingerprint
-            elif suspended:
+                elif skey in self._table and self._owns(partition):  # reset by resume
+                    rewrite.append((*skey, partition, 0, False, now))
+                continue
+            if suspended:
                 log.info(
                     "suspension of %s lifted: its rule or webhook config changed",
                     skey,
-                    extra={"org_id": skey[0], "rule_id": skey[1], "webhook": skey[2]},
+                    extra={"org_id": org_id, "rule_id": rule_id, "webhook": webhook},
                 )
+            if (failed or suspended) and self._owns(partition):
+                rewrite.append((*skey, partition, 0, False, now))
         self._table = table
         self._counted_under = counted
+        if rewrite:
+            await self._store.write(WriteBatch(suspensions=rewrite))
 
     def config_changed(self, org_id: str | None = None) -> int:
         """The configuration changed (of ``org_id``, or of every organisation): counts

@@ -218,5 +218,8 @@ class Store:
     async def suspension_table(self) -> dict[tuple[str, str, str], tuple[int, bool, str]]:
         return await self.suspensions.table()
 
+    async def suspension_rows(self) -> list[tuple[str, str, str, int, int, bool, str]]:
+        return await self.suspensions.rows()
+
     async def resume(self, rule_id: str, webhook: str) -> int:
         return await self.suspensions.resume(rule_id, webhook)
