@@ -74,9 +74,15 @@ class Suspensions:
         table: dict[SuspensionKey, tuple[int, bool]] = {}
         counted: dict[SuspensionKey, str] = {}
         rewrite: list[tuple[str, str, str, int, int, bool, str]] = []
-        for org_id, rule_id, webhook, partition, failed, suspended, fingerprint in (
-            await self._store.suspension_rows()
-        ):
+        for (
+            org_id,
+            rule_id,
+            webhook,
+            partition,
+            failed,
+            suspended,
+            fingerprint,
+        ) in await self._store.suspension_rows():
             skey = (org_id, rule_id, webhook)
             now = self.fingerprint(*skey)
             if fingerprint == now:
