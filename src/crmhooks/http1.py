@@ -26,7 +26,7 @@ the next request, are a protocol error: the connection is closed and never
 reused, and the first response stands (a receiver cannot answer one request
 twice). Failures are raised as the exceptions this module exports
 (``ConnectFailed``, ``ConnectTimeout``, ``ServerDisconnected``, ``BadResponse``,
-``ProxyRefused``); ``delivery.HttpTransport`` turns them into outcomes.
+``ProxyRefused``); ``outcomes.translate`` turns them into outcomes.
 
 Its parts: this module makes connections (directly, to a proxy, or through a
 CONNECT tunnel) and keeps the idle ones (``Http1Pool``); ``http1_connection`` is

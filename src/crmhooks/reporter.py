@@ -21,12 +21,12 @@ from crmhooks.actions import Action
 from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.config import KafkaSettings
-from crmhooks.delivery import Outcome
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord, Skipped
 from crmhooks.logs import about
 from crmhooks.metrics import Metrics
+from crmhooks.outcomes import Outcome
 from crmhooks.results import dead_letter, encode, result_record
 from crmhooks.store import Store, WriteBatch
 
