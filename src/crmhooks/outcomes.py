@@ -72,7 +72,7 @@ STATUS_CLASSES: Mapping[int, str] = {
 
 
 # A msgspec.Struct, as every value made once an attempt or more: built in C (see
-# events.RecordEvent). gc=False: it holds scalars only.
+# record_event.RecordEvent). gc=False: it holds scalars only.
 class Outcome(msgspec.Struct, frozen=True, gc=False):
     """What one attempt of one action came to."""
 
