@@ -30,6 +30,7 @@ import orjson
 import uvloop
 
 from bench.admin_scenarios import admin
+from bench.config_topic import config_topic
 from bench.harness import (
     PYTHON,
     REPO,
@@ -122,6 +123,9 @@ class Sizes:
     security_pairs: int  # PLAINTEXT then SASL_SSL runs, alternated (instant and filtering)
     zstd_pairs: int
     steady: int
+    documents: int  # config topic: organisations' documents
+    active_orgs: int  # config topic: organisations the filtered events are spread over
+    apply_pushes: int  # config topic: documents pushed for the apply latency
 
 
 FULL = Sizes(
@@ -143,6 +147,9 @@ FULL = Sizes(
     security_pairs=3,
     zstd_pairs=3,
     steady=1_000_000,
+    documents=100_000,
+    active_orgs=10_000,
+    apply_pushes=50,
 )
 QUICK = Sizes(
     instant=5_000,
@@ -163,6 +170,9 @@ QUICK = Sizes(
     security_pairs=1,
     zstd_pairs=1,
     steady=50_000,
+    documents=5_000,
+    active_orgs=1_000,
+    apply_pushes=10,
 )
 
 
@@ -1085,6 +1095,7 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
     "timers": Bench.timers,
     "scale": Bench.scale_out,
     "steady": steady,
+    "config": config_topic,
     "admin": admin,
     # Issue 24's, through the processor: HTTPS, 1,000 origins, a cached OAuth2 token.
     **RECEIVER_SCENARIOS,

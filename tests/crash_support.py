@@ -137,6 +137,9 @@ instant = "Now"
 """
 
 
+_REPO = str(Path(__file__).resolve().parent.parent)
+
+
 @dataclass
 class ProcessorProcess:
     """``crmhooks run`` in a subprocess; its stdout and stderr go to ``log_path``."""
@@ -144,6 +147,9 @@ class ProcessorProcess:
     config_path: Path
     log_path: Path
     bootstrap_servers: str
+    # What runs `crmhooks run`: python's arguments before it (a test's launcher that
+    # wraps the CLI, e.g. tests/store_fault_run.py, with the repository on PYTHONPATH).
+    launcher: Sequence[str] = ("-m", "crmhooks.cli")
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     _log: IO[bytes] | None = None
@@ -151,12 +157,13 @@ class ProcessorProcess:
     async def start(self) -> None:
         env = {**os.environ, "CRMHOOKS_BOOTSTRAP_SERVERS": self.bootstrap_servers}
         env.pop("CRMHOOKS_STORE_PATH", None)  # the store is the one in the config file
+        if tuple(self.launcher[1:2]) != ("crmhooks.cli",):  # a launcher of the tests package
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), _REPO]))
         self._log = self.log_path.open("ab")
         self.started_at = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "crmhooks.cli",
+            *self.launcher,
             "run",
             "--config",
             str(self.config_path),
@@ -199,6 +206,14 @@ class ProcessorProcess:
     async def close(self) -> None:
         """Make sure nothing is left behind (for ``finally``)."""
         await self.kill()
+
+    def log_lines(self) -> int:
+        """Lines the process logged so far."""
+        try:
+            with self.log_path.open("rb") as f:
+                return sum(1 for _ in f)
+        except OSError:
+            return 0
 
     def log_tail(self, lines: int = 25) -> str:
         try:

@@ -11,7 +11,7 @@ import orjson
 
 from crmhooks.delivery import Outcome
 from crmhooks.endpoints import Endpoint
-from crmhooks.errors import ProduceError
+from crmhooks.errors import ProduceError, RecordsTooLarge
 from crmhooks.kafka_io import BatchRecord, Fetched
 from crmhooks.templates import RenderedRequest
 from tests.support import event
@@ -45,7 +45,11 @@ class FakeKafka:
     committed: dict[int, int] = field(default_factory=dict)
     results: list[dict[str, Any]] = field(default_factory=list)
     changelog_keys: list[bytes] = field(default_factory=list)
+    changelog: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
     fetches: int = 0
+    to_fetch: list[Fetched] = field(default_factory=list)  # what the next fetches return
+    dead_letter_max_bytes: int | None = None
+    event_max_bytes: int | None = None
 
     _broken: asyncio.Future[None] | None = None
 
@@ -61,18 +65,24 @@ class FakeKafka:
 
     produce_calls: int = 0
     produce_failures: int = 0  # the next ones fail
+    refuse_over_bytes: int | None = None  # larger records are refused, as a broker would
 
     async def produce_all(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
         self.produce_calls += 1
         if self.produce_failures:
             self.produce_failures -= 1
             raise ProduceError("broker away")
-        self.results += [orjson.loads(v) for _, _, v in records]
+        limit = self.refuse_over_bytes
+        refused = [r for r in records if limit is not None and len(r[2]) > limit]
+        self.results += [orjson.loads(r[2]) for r in records if r not in refused]
+        if refused:
+            raise RecordsTooLarge("refused: larger than the topic takes", refused)
 
     async def produce_changelog(
         self, records: Sequence[tuple[int, bytes, bytes | None]]
     ) -> Awaitable[dict[int, int]]:
         self.changelog_keys += [k for _, k, _ in records]
+        self.changelog += records
 
         async def acked() -> dict[int, int]:
             return {}
@@ -95,6 +105,8 @@ class FakeKafka:
 
     async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
         self.fetches += 1
+        if self.to_fetch:
+            return self.to_fetch.pop(0)
         await asyncio.sleep(0.001)  # nothing more to read
         return []
 

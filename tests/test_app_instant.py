@@ -23,8 +23,9 @@ from crmhooks.clock import FakeClock
 from crmhooks.config import Config, config_from_mapping
 from crmhooks.delivery import Outcome
 from crmhooks.endpoints import Endpoint
+from crmhooks.errors import StoreError
 from crmhooks.kafka_io import Fetched
-from crmhooks.store import Store
+from crmhooks.store import Store, WriteBatch
 from crmhooks.templates import RenderedRequest
 from tests.fakes import NOW_MS, FakeKafka, GatedTransport, Rec, fetched, rec, until
 from tests.support import event
@@ -404,6 +405,70 @@ async def test_a_report_that_cannot_be_produced_is_tried_again_never_the_request
         await until(lambda: fires_over(p), "both attempts end")
         statuses = dict(await rows(p.store, "actions"))
         assert statuses == {"evt-1:won:Hook": "delivered", "evt-2:won:Hook": "delivered"}
+
+
+async def test_a_report_that_cannot_be_stored_is_tried_again_never_the_request(
+    tmp_path: Path,
+) -> None:
+    """SPEC §10 with the store refusing (issue 26.1): the results are produced, storing
+    them fails twice with an error a retry can mend (another process held the file
+    past every wait): the store write is tried again after 0.5 and 1 s — the results
+    are not produced again, the requests not sent again — and the batch commits once
+    it is stored."""
+    transport = GatedTransport(open_now=False)
+    async with processor(tmp_path, transport) as (p, kafka, clock):
+        await send_two(p, transport)
+        write = p.store.write
+        refusals = 2
+
+        async def refusing(batch: WriteBatch) -> None:
+            nonlocal refusals
+            if batch.done and refusals:
+                refusals -= 1
+                raise StoreError("store write failed: database is locked")  # retriable
+            await write(batch)
+
+        p.store.write = refusing
+        transport.gate.set()
+        for left, pause_ms in ((1, 500), (0, 1000)):
+            await until(lambda left=left: refusals == left, "a store write fails")
+            await asyncio.sleep(0.01)
+            assert kafka.committed == {}
+            assert p.store.failed is None  # not an error of the file: the store goes on
+            clock.advance(pause_ms)
+        await until(lambda: kafka.committed == {0: 12}, "stored, then committed")
+        assert [r["status"] for r in kafka.results] == ["delivered", "delivered"]  # once
+        assert transport.sent == ["evt-1:won:Hook", "evt-2:won:Hook"]  # each sent once
+        await until(lambda: fires_over(p), "both attempts end")
+        statuses = dict(await rows(p.store, "actions"))
+        assert statuses == {"evt-1:won:Hook": "delivered", "evt-2:won:Hook": "delivered"}
+
+
+async def test_a_failed_store_stops_the_processor_at_once_and_sends_nothing_again(
+    tmp_path: Path,
+) -> None:
+    """SPEC §10 with the store failed (issue 26.1, 26.2): two requests are answered 2xx
+    and their results produced; storing them fails with SQLite's own error (a database
+    it may not write). The processor stops at once with that error — without waiting
+    out the shutdown grace on the fake clock — and neither request is sent again nor
+    its event's offset committed (a restart sends them again, same webhook-id)."""
+    transport = GatedTransport(open_now=False)
+    kafka = FakeKafka(to_fetch=[fetched([rec(1, 10), rec(2, 11)])])
+    async with Store(tmp_path / "s.db") as store:
+        p = Processor(config(), store, transport, FakeClock(NOW_MS))
+        p.attach(kafka, {0})
+        run = asyncio.create_task(p.run(kafka, asyncio.Event()))
+        await until(lambda: len(transport.sent) == 2, "both requests are sent")
+        store.writer.db.execute("PRAGMA query_only = 1")  # as a file SQLite may not write
+        transport.gate.set()
+        with pytest.raises(StoreError) as err:
+            await asyncio.wait_for(run, 5)
+        assert str(err.value) == "store write failed: attempt to write a readonly database"
+        assert [r["status"] for r in kafka.results] == ["delivered", "delivered"]
+        assert transport.sent == ["evt-1:won:Hook", "evt-2:won:Hook"]  # never again
+        assert kafka.committed == {}
+        store.writer.db.execute("PRAGMA query_only = 0")
+        assert await rows(store, "actions") == []  # nothing stored: the events run again
 
 
 async def test_reading_pauses_over_the_budget_and_resumes_below_half(

@@ -443,7 +443,7 @@ def fake_run(monkeypatch: pytest.MonkeyPatch, log_settings: Any) -> None:
 
     import crmhooks.runner
 
-    async def run_processor(config: Any) -> None:
+    async def run_processor(config: Any, config_path: Any = None) -> None:
         log = logging.getLogger("crmhooks.app")
         log.info("planned %s", "Stage\nforged")
         log.warning("receiver said %s", "Bad\x1b[2J Gateway")

@@ -17,7 +17,7 @@ from crmhooks.config import (
     decode_org_document,
 )
 from crmhooks.errors import ConfigError
-from tests.test_config import ENV, SECRET
+from tests.test_config import SECRET
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "crmhooks"
 
@@ -39,9 +39,10 @@ def document(**changes: Any) -> dict[str, Any]:
         "webhooks": [
             {
                 "name": "CreatorCommission",
-                "url": "https://creator.example.com/api/xml/write?k=${env:CREATOR_API_KEY}",
+                "url": "https://creator.example.com/api/xml/write",
                 "module": "Potentials",
-                "secret": "${env:SIGNING}",
+                "secret": SECRET,
+                "custom_params": {"k": "key-123"},
                 "body": {"format": "json", "template": '{"deal": "${Potentials.Potential Name}"}'},
             },
             {"name": "ShipHook", "url": "https://ship.example.com/", "module": "Shipments"},
@@ -63,12 +64,12 @@ def document(**changes: Any) -> dict[str, Any]:
 
 def errors_of(raw: Any, org_id: str | None = "org-acme") -> tuple[str, ...]:
     with pytest.raises(ConfigError) as info:
-        decode_org_document(raw, ENV, FILE, org_id)
+        decode_org_document(raw, FILE, org_id)
     return info.value.errors
 
 
 def test_a_json_document_is_decoded_and_belongs_to_its_organisation() -> None:
-    doc = decode_org_document(json.dumps(document()).encode(), ENV, FILE, "org-acme")
+    doc = decode_org_document(json.dumps(document()).encode(), FILE, "org-acme")
     assert isinstance(doc, OrgDocument)
     assert doc.org == OrgSettings("org-acme", 12, "Asia/Shanghai")
     assert set(doc.webhooks) == {"CreatorCommission", "ShipHook"}
@@ -78,9 +79,30 @@ def test_a_json_document_is_decoded_and_belongs_to_its_organisation() -> None:
         ("leads-audit", "org-acme"),
     ]
     hook = doc.webhooks["CreatorCommission"]
-    assert hook.env_values == {"env:CREATOR_API_KEY": "key-123"}
+    assert hook.custom_params == {"k": "key-123"}
     assert hook.secret == SECRET
     assert doc.secret_values() >= {"key-123", SECRET}
+
+
+def test_a_document_reads_neither_the_environment_nor_files(tmp_path: Path) -> None:
+    """Whoever writes the topic must not get this process's environment or files sent
+    to a URL of theirs: every reference is an error naming its item, and no value of
+    the environment or of the file appears in any error."""
+    secret_file = tmp_path / "kafka-password"
+    secret_file.write_text("file-secret-value\n")
+    doc = document()
+    hook = doc["webhooks"][0]
+    hook["url"] = "https://creator.example.com/?k=${env:CREATOR_API_KEY}&j=${env:SIGNING}"
+    hook["custom_params"] = {"k": f"${{file:{secret_file}}}"}
+    hook["headers"] = {"X-Key": "${env:CREATOR_API_KEY}"}
+    errors = errors_of(doc)
+    assert [e.split(": ")[0] for e in errors] == [
+        "webhooks[CreatorCommission].url",
+        "webhooks[CreatorCommission].custom_params.k",
+        "webhooks[CreatorCommission].headers.X-Key",
+    ]
+    assert all("not read in a config-topic document" in e for e in errors)
+    assert not any("file-secret-value" in e or "key-123" in e for e in errors)
 
 
 def test_a_toml_document_and_a_mapping_give_the_same_result() -> None:
@@ -96,13 +118,13 @@ def test_a_toml_document_and_a_mapping_give_the_same_result() -> None:
     module = "Leads"
     instant = "BetaHook"
     """
-    from_toml = decode_org_document(toml, {}, FILE, "org-beta")
+    from_toml = decode_org_document(toml, FILE, "org-beta")
     as_mapping = {
         "org": {"id": "org-beta"},
         "webhooks": [{"name": "BetaHook", "url": "https://beta.example.com/", "module": "Leads"}],
         "rules": [{"id": "beta", "module": "Leads", "instant": "BetaHook"}],
     }
-    assert from_toml == decode_org_document(as_mapping, {}, FILE, "org-beta")
+    assert from_toml == decode_org_document(as_mapping, FILE, "org-beta")
     assert from_toml.rules[0].org == "org-beta"
 
 
@@ -119,7 +141,7 @@ def test_an_item_of_another_organisation_is_refused() -> None:
 
 def test_the_document_must_be_the_one_its_key_names() -> None:
     assert errors_of(document(), org_id="org-beta")[0] == "org.id: the document is keyed 'org-beta'"
-    assert decode_org_document(document(), ENV, FILE).org.id == "org-acme"  # no key given
+    assert decode_org_document(document(), FILE).org.id == "org-acme"  # no key given
 
 
 def test_names_shared_with_the_files_organisation_less_items_are_refused() -> None:
@@ -139,7 +161,7 @@ def test_the_files_limits_and_custom_modules_apply() -> None:
         "rules[commission-on-close].scheduled[1]: at most 1 scheduled actions",
     )
     with pytest.raises(ConfigError) as info:
-        decode_org_document(document(), ENV, Config(), "org-acme")  # no Shipments, no Audit
+        decode_org_document(document(), Config(), "org-acme")  # no Shipments, no Audit
     assert info.value.errors == (
         "webhooks[ShipHook].module: unknown module 'Shipments'",
         "rules[leads-audit].instant: unknown webhook 'Audit'",
@@ -225,3 +247,45 @@ def test_no_module_below_config_imports_it() -> None:
     below += sorted(templates.rglob("*.py")) if templates.is_dir() else [SRC / "templates.py"]
     offenders = [p.name for p in below if importer.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def test_a_document_is_shown_with_every_secret_masked_even_when_invalid() -> None:
+    from crmhooks.config.masking import masked_document
+
+    doc = document()
+    hook = doc["webhooks"][0]
+    hook["url"] = "https://user:p%40ss@creator.example.com/x"
+    hook["headers"] = {"X-Key": "hdr-secret", "X-Deal": "${Potentials.Potential Name}"}
+    hook["auth"] = {"type": "bearer", "token": "tok-secret"}
+    hook["body"]["template"] = '{"k": "key-123", "d": "${Potentials.Potential Name}"}'
+    hook["bogus"] = True  # invalid: masked all the same
+    shown = masked_document(doc)
+    text = json.dumps(shown)
+    for secret in ("key-123", SECRET, "p%40ss", "hdr-secret", "tok-secret"):
+        assert secret not in text
+    shown_hook = shown["webhooks"][0]
+    assert shown_hook["url"] == "https://user:***@creator.example.com/x"
+    assert shown_hook["headers"] == {"X-Key": "***", "X-Deal": "${Potentials.Potential Name}"}
+    assert shown_hook["body"]["template"] == '{"k": "***", "d": "${Potentials.Potential Name}"}'
+    assert doc["webhooks"][0]["custom_params"] == {"k": "key-123"}  # the original untouched
+
+
+def test_names_are_shown_even_when_a_secret_is_part_of_one() -> None:
+    """A custom parameter "globex" must not turn the organisation org-globex into
+    org-***, nor a webhook or rule name; a parameter named like a structural key is
+    still masked."""
+    from crmhooks.config.masking import masked_document
+
+    doc = document()
+    doc["org"]["id"] = "org-globex"
+    hook = doc["webhooks"][0]
+    hook["name"] = "GlobexHook"
+    hook["custom_params"] = {"zc_ownername": "globex", "name": "top-secret-name"}
+    hook["description"] = "for globex"
+    doc["rules"][0]["id"] = "globex-rule"
+    shown = masked_document(doc)
+    assert shown["org"]["id"] == "org-globex"
+    assert shown["webhooks"][0]["name"] == "GlobexHook"
+    assert shown["rules"][0]["id"] == "globex-rule"
+    assert shown["webhooks"][0]["custom_params"] == {"zc_ownername": "***", "name": "***"}
+    assert shown["webhooks"][0]["description"] == "for ***"

@@ -152,6 +152,50 @@ def test_check_config_prints_the_warnings_on_stderr(
     )
 
 
+ISSUE_26_9 = """
+[[orgs]]
+id = "org-acme"
+users = 1
+
+[[webhooks]]
+name = "Backslash"
+url = "https://hooks.example.com\\\\@evil.example/lead"
+module = "Leads"
+
+[[webhooks]]
+name = "SoftHyphen"
+url = "https://hooks.exa\\u00admple.com/lead"
+module = "Leads"
+
+[[rules]]
+id = "r"
+module = "Leads"
+instant = "Backslash"
+
+  [[rules.scheduled]]
+  webhook = "SoftHyphen"
+  relative_to = "trigger"
+  offset = "1h"
+"""
+
+
+def test_check_config_refuses_the_urls_of_issue_26_9_naming_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, both passed check-config and failed at send time with a traceback."""
+    path = tmp_path / "unsendable.toml"
+    path.write_text(ISSUE_26_9, encoding="utf-8")
+    assert main(["check-config", "--config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}: 2 error(s):",
+        "  webhooks[Backslash].url: a backslash in the host part (some clients read it as '/')",
+        "  webhooks[SoftHyphen].url: host 'hooks.exa\\xadmple.com' has a character that is not "
+        "allowed in a DNS name",
+    ]
+
+
 @pytest.mark.parametrize(
     ("listen", "address"),
     [

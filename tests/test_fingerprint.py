@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 
+from crmhooks.config import config_from_mapping
+from crmhooks.kafka_clients import read_topic
 from crmhooks.settings import BasicAuth, BearerAuth, BodySpec, OAuth2Auth, Rule, Webhook
 from crmhooks.store import fingerprint
 from crmhooks.store.suspensions import _canonical
+from tests.support import event, produce, receiver, running, unique_kafka, wait_for_records
 
 SECRET = "whsec_" + "A" * 43
 HOOK = Webhook(
@@ -109,3 +116,82 @@ def test_it_is_the_same_in_every_process(tmp_path: Path) -> None:
         )
         found.add(ran.stdout.strip())
     assert found == {fingerprint(RULE, HOOK)}
+
+
+@pytest.mark.kafka
+async def test_a_suspension_leaves_no_secret_in_the_store_files_or_the_changelog(
+    tmp_path: Path,
+) -> None:
+    """Issue 26.8 on real parts: a webhook with secrets everywhere (a custom parameter,
+    a header, basic auth, the signing secret) fails and is suspended by a running
+    processor. The fingerprint stored is the
+    secret-free one, and no secret value is in the SQLite files nor the changelog."""
+    secrets = {
+        "API_KEY": "api-key-e2e-1",
+        "BASIC_PASS": "basic-pass-e2e-1",
+    }
+    header = "header-key-e2e-1"  # a header value without placeholders is a secret too
+    signing = "whsec_" + base64.b64encode(b"fingerprint end to end 32 bytes!").decode()
+    async with receiver(lambda path, n: 500) as rx:
+        raw: dict[str, Any] = {
+            "store": {"path": str(tmp_path / "store" / "crmhooks.db")},
+            "delivery": {"allow_private_networks": True, "retry_delays_s": []},
+            "orgs": [{"id": "org-acme", "users": 10}],
+            "webhooks": [
+                {
+                    "name": "Hook",
+                    "url": rx.url + "/crm",
+                    "module": "Potentials",
+                    "secret": signing,
+                    "custom_params": {"apikey": "${env:API_KEY}"},
+                    "headers": {"X-Api-Key": header},
+                    "auth": {
+                        "type": "basic",
+                        "username": "crm",
+                        "password": "${env:BASIC_PASS}",
+                    },
+                }
+            ],
+            "rules": [
+                {
+                    "id": "won",
+                    "module": "Potentials",
+                    "criteria": {"all": [{"field": "Stage", "op": "is", "value": "Closed Won"}]},
+                    "instant": "Hook",
+                }
+            ],
+        }
+        config = dataclasses.replace(config_from_mapping(raw, secrets), kafka=unique_kafka())
+        hook = config.webhooks["Hook"]
+        assert set(hook.secret_values()) == {*secrets.values(), header, signing}
+        async with running(config):
+            await produce(config, event(1))
+            await wait_for_records(config, config.kafka.results_topic, lambda rs: len(rs) >= 1)
+            await produce(config, event(2))
+            results = await wait_for_records(
+                config, config.kafka.results_topic, lambda rs: len(rs) >= 2
+            )
+        assert [r["status"] for r in results] == ["failed", "suspended"]
+        assert len(rx.requests) == 1
+    store_files = sorted((tmp_path / "store").iterdir())
+    assert store_files  # the database at least
+    written = b"".join(p.read_bytes() for p in store_files)
+    changelog = [
+        (rec.key or b"") + (rec.value or b"")
+        async for rec in read_topic(config.kafka, config.kafka.changelog, idle_timeout_s=1.0)
+    ]
+    assert changelog  # the suspension went there
+    for value in [*secrets.values(), header, signing]:
+        assert value.encode() not in written, value
+        assert all(value.encode() not in record for record in changelog), value
+    db = sqlite3.connect(tmp_path / "store" / "crmhooks.db")
+    try:
+        stored = db.execute("SELECT fingerprint FROM suspensions").fetchall()
+    finally:
+        db.close()
+    assert stored == [(fingerprint(config.rules[0], hook),)]
+    # Nothing to test guesses against: other secrets give the same fingerprint.
+    raw["webhooks"][0] |= {"secret": "whsec_" + base64.b64encode(b"x" * 32).decode()}
+    raw["webhooks"][0]["headers"] = {"X-Api-Key": "another-header-value"}
+    other = config_from_mapping(raw, {"API_KEY": "guess-1", "BASIC_PASS": "guess-2"})
+    assert stored == [(fingerprint(other.rules[0], other.webhooks["Hook"]),)]

@@ -19,13 +19,14 @@ from aiokafka.errors import (
     NotLeaderForPartitionError,
     OutOfOrderSequenceNumber,
     SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
 )
 from hypothesis import given
 from hypothesis import strategies as st
 
 from crmhooks import kafka_producer
 from crmhooks.config import KafkaSettings
-from crmhooks.errors import KafkaIOError, ProduceError
+from crmhooks.errors import KafkaIOError, ProduceError, RecordsTooLarge
 from crmhooks.kafka_io import ALONE_BYTES, KafkaIO, ensure_topics, keyed_partitioner, read_topic
 from crmhooks.kafka_producer import Producer, send_again
 from tests.support import unique_kafka
@@ -200,13 +201,29 @@ async def test_no_new_producer_for_refused_credentials_breaks_kafka_io(
 async def test_a_batch_refused_for_what_it_holds_fails_after_five_tries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    broker = FakeBroker({b"big": [MessageSizeTooLargeError()] * 99})
+    broker = FakeBroker({b"letter": [TopicAuthorizationFailedError()] * 99})
     kio = await started(broker, monkeypatch)
     with pytest.raises(ProduceError, match="1 records not acknowledged after 5 tries"):
-        await kio.produce_all([("crm.webhook-dlq", b"org", b"big")])
-    assert [values for *_, values in broker.sent] == [[b"big"]] * 5
+        await kio.produce_all([("crm.webhook-dlq", b"org", b"letter")])
+    assert [values for *_, values in broker.sent] == [[b"letter"]] * 5
     # Each refusal used a sequence number the broker never wrote: a new producer each.
     assert broker.made >= 5  # (the last one may still be starting)
+
+
+async def test_a_record_refused_as_too_large_is_not_sent_again_and_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sending it again cannot help (SPEC §10: one record never stops its partition):
+    the others are written, and RecordsTooLarge names it for the caller to mend."""
+    broker = FakeBroker({b"big": [MessageSizeTooLargeError()] * 99})
+    kio = await started(broker, monkeypatch)
+    records = [("crm.webhook-dlq", b"org", b"big"), (RESULTS, b"org", b"r-1")]
+    with pytest.raises(RecordsTooLarge) as refused:
+        await kio.produce_all(records)
+    assert refused.value.records == records[:1]
+    assert not refused.value.retriable
+    assert [values for *_, values in broker.sent].count([b"big"]) == 1
+    assert [b"r-1"] in [values for *_, values in broker.sent]
 
 
 async def test_a_batch_failing_again_and_again_is_failed_to_its_callers(

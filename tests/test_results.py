@@ -358,11 +358,12 @@ def test_the_dead_letter_schema_rejects_what_the_spec_does_not_allow(
     assert complaint in rejected(validate_dead_letter, letter | change)
 
 
-def test_the_dead_letter_schema_knows_both_error_codes() -> None:
+def test_the_dead_letter_schema_knows_every_error_code() -> None:
     schema = load_schema(DEAD_LETTER_SCHEMA)
     assert schema["properties"]["error_code"]["enum"] == [
         "internal_process_error",
         "daily_limit_reached",
+        "invalid_config",  # a refused config-topic document (SPEC §8)
     ]
 
 

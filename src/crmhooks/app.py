@@ -10,6 +10,10 @@ The parts, each owning one kind of state (docs/architecture.md draws them):
 - ``reporter.Reporter``: result and dead-letter records, attempts' report groups;
 - ``alerts.Alerter``: administrator alerts waiting to be sent (off the delivery path);
 - ``snapshot.LiveConfig``: the configuration in force;
+- ``config_topic.ConfigTopic`` (with ``[kafka] config_topic``): organisations'
+  documents read and put in force, refused ones dead-lettered;
+- ``sweep.Sweeper``: pending actions of removed rules and webhooks cancelled after
+  a config change (an assignment, a reload, a document);
 - and here, which partitions are this process's.
 
 Order of effects for a batch of events (``_process_batch``), and why:
@@ -46,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 from crmhooks.admin import Liveness, Readiness
@@ -54,6 +58,7 @@ from crmhooks.alerts import ALERT_DRAIN_S, Alerter
 from crmhooks.checkpoint import Checkpoint, Committer
 from crmhooks.clock import Clock
 from crmhooks.config import Config
+from crmhooks.config_topic import ConfigTopic
 from crmhooks.delivery import Outcome, Transport
 from crmhooks.dispatch import Dispatcher
 from crmhooks.errors import KafkaIOError
@@ -66,6 +71,7 @@ from crmhooks.scheduler import Scheduler
 from crmhooks.snapshot import LiveConfig
 from crmhooks.store import ChangelogRecord, Store
 from crmhooks.suspensions import Suspensions
+from crmhooks.sweep import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,14 @@ class Kafka(Committer, Producer, Protocol):
     @property
     def broken(self) -> asyncio.Future[None]:
         """Resolves with a KafkaIOError once nothing can be written any more."""
+
+    @property
+    def dead_letter_max_bytes(self) -> int | None:
+        """The largest dead letter the dead-letter topic takes (None: not known)."""
+
+    @property
+    def event_max_bytes(self) -> int | None:
+        """The largest event whose snapshot the changelog takes (None: not known)."""
 
     async def committed_offsets(self, partitions: Iterable[int]) -> dict[int, int | None]: ...
 
@@ -137,7 +151,7 @@ class Processor:
         self.quota = QuotaLedger(
             store, lambda: live.current.config.quota, lambda org_id: live.current.org(org_id)
         )
-        self.suspensions = Suspensions(store, lambda: live.current)
+        self.suspensions = Suspensions(store, lambda: live.current, owns)
         self.reporter = Reporter(
             store,
             self.checkpoint,
@@ -161,6 +175,22 @@ class Processor:
             self.alerts,
         )
         self.intake = Intake(live, store, self.scheduler, self.suspensions, self.reporter, owns)
+        self.sweeper = Sweeper(
+            live, store, self.scheduler, self.reporter, clock, self._partitions, self._lock
+        )
+        # With [kafka] config_topic: opened and caught up by the runner before ``run``.
+        self.documents: ConfigTopic | None = None
+        if live.current.config.kafka.config_topic:
+            self.documents = ConfigTopic(
+                live,
+                store,
+                self.reporter,
+                clock,
+                metrics,
+                changed=self.config_changed,
+                owns=owns,
+                lock=self._lock,
+            )
         self.events = 0
         self.batches = 0
         self._pending_actions = 0  # stored and not finished: refreshed by _gauge_loop
@@ -196,16 +226,30 @@ class Processor:
         self._kafka = kafka
         self.store.changelog = kafka.produce_changelog
         self.checkpoint.attach(kafka)
-        self.reporter.attach(kafka)
+        self.reporter.attach(kafka, kafka.dead_letter_max_bytes)
+        self.intake.event_max_bytes = kafka.event_max_bytes
         self.metrics.lag.ends = kafka.end_offsets_seen
         self.scheduler.start(self.clock.now_ms())
         if partitions:
             self._owned |= partitions
 
+    def config_changed(self, org_id: str | None = None) -> None:
+        """The configuration in force changed (of one organisation: its document; None:
+        the file): suspensions of changed rules and webhooks are lifted, and pending
+        actions of removed ones cancelled (in the background, ``sweep``)."""
+        self.suspensions.config_changed(org_id)
+        self.sweeper.request(org_id)
+
     # -- life cycle -----------------------------------------------------------
 
-    async def run(self, kafka: Kafka, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then stop gracefully (SPEC §10)."""
+    async def run(
+        self,
+        kafka: Kafka,
+        stop: asyncio.Event,
+        also: Sequence[Coroutine[Any, Any, None]] = (),
+    ) -> None:
+        """Run until ``stop`` is set, then stop gracefully (SPEC §10). ``also``: loops
+        of the runner's (reload, the config topic) run and stopped with the parts'."""
         self.attach(kafka)
         self.readiness.set_waiting()
         await self.suspensions.load()
@@ -218,6 +262,8 @@ class Processor:
             asyncio.create_task(self.checkpoint.deadline_loop(), name="unstored-deadline"),
             asyncio.create_task(self._purge_loop(), name="purge"),
             asyncio.create_task(self._gauge_loop(), name="gauges"),
+            asyncio.create_task(self.sweeper.loop(), name="sweep"),
+            *(asyncio.create_task(loop) for loop in also),
             # A failed store (full or read-only disk, I/O error) raises here: the
             # process stops taking work at once and exits non-zero with the real error,
             # for a supervisor to restart it once the disk is fixed (SPEC §10).
@@ -314,6 +360,12 @@ class Processor:
             await self.suspensions.load()
             self._owned |= new
             loaded = await self.scheduler.load(sorted(new))
+            if self.documents is not None:
+                await self.documents.on_assigned(new)
+            # Actions pending under another config (a restart with another file, a
+            # reload or document seen while another process owned them): those whose
+            # rule or webhook is gone are cancelled, in the background.
+            self.sweeper.request()
             try:
                 self.metrics.lag.assigned(await self.kafka.committed_offsets(new))
             except KafkaIOError as exc:  # only the lag gauge misses them until a commit
@@ -351,10 +403,16 @@ class Processor:
         events.inc("planned", plan.planned)
         events.inc("dead_lettered", plan.dead_lettered)
         events.inc("ignored", plan.read - plan.planned - plan.dead_lettered)
-        # 1. store, 2. produce, 3. flush (see the module docstring for why).
-        await self.store.write(plan.batch)
-        await self.reporter.produce(plan.out)
-        self.scheduler.drop(plan.heap_gone)
+        # The actions the batch ends are held from here until they are stored ended:
+        # neither a fire nor a refill takes one meanwhile (one final status each).
+        ending = self.scheduler.claim(plan.ended)
+        try:
+            # 1. store, 2. produce, 3. flush (see the module docstring for why).
+            await self.store.write(plan.batch)
+            await self.reporter.produce(plan.out)
+        finally:
+            for action in ending:
+                self.scheduler.fired(action, None)
         # 4. commit, once the instant actions sent unstored are finished or stored.
         unstored = [(a, raw) for a, raw in plan.unstored if a.action_id not in plan.heap_gone]
         self.checkpoint.add_batch(plan.next_offsets, now_ms, unstored)

@@ -1,5 +1,5 @@
 """The command line: run, check-config, preview, send-test, explain, replay-dlq, resume,
-redeliver, tail."""
+redeliver, tail, config."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _tune_gc()
     tls = config.kafka.security_protocol.upper() in ("SSL", "SASL_SSL")
     with asyncio.Runner(loop_factory=_loop_factory(args.event_loop, tls=tls)) as runner:
-        runner.run(run_processor(config))
+        runner.run(run_processor(config, config_path=args.config))
     return 0
 
 
@@ -319,9 +319,15 @@ def cmd_replay_dlq(args: argparse.Namespace) -> int:
     from crmhooks.tools import replay_dlq
 
     config = _load(args.config)
+    skipped: list[str] = []
     with Progress("replay-dlq") as progress:  # drawn on stderr when it is a terminal
-        count = asyncio.run(replay_dlq(config, args.error_code, args.timeout_s, progress))
-    print(f"replayed {count} dead-lettered event(s) to {config.kafka.events_topic}")
+        count = asyncio.run(
+            replay_dlq(config, args.error_code, args.timeout_s, progress, skipped.append)
+        )
+    for line in skipped:
+        print(f"replay-dlq: {line}", file=sys.stderr)
+    more = f"; {len(skipped)} truncated dead letter(s) not replayed" if skipped else ""
+    print(f"replayed {count} dead-lettered event(s) to {config.kafka.events_topic}{more}")
     return 0
 
 
@@ -339,6 +345,37 @@ def cmd_tail(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
     )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``config push|get|rm``: an organisation's document on the config topic (SPEC §3.2)."""
+    import logging
+
+    from crmhooks import config_commands
+    from crmhooks.progress import Progress
+
+    # A broker that cannot be reached is this command's one-line error, not also
+    # aiokafka's own lines about each try.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    config = _load(args.config)
+    if args.action == "push":
+        try:
+            line = asyncio.run(config_commands.push(config, args.config, args.org, args.file))
+        except ConfigError as exc:  # the document's errors, named after its file
+            print(f"{args.file}: {len(exc.errors)} error(s):", file=sys.stderr)
+            for error in exc.errors:
+                print(f"  {error}", file=sys.stderr)
+            return 1
+        print(line)
+    elif args.action == "rm":
+        print(asyncio.run(config_commands.remove(config, args.config, args.org)))
+    else:
+        import orjson
+
+        with Progress("config get") as progress:  # drawn on stderr when it is a terminal
+            shown = asyncio.run(config_commands.get(config, args.config, args.org, progress))
+        print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -399,6 +436,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dlq", dest="topic", action="store_const", const="dlq", default="results")
     p.add_argument("--limit", type=int, default=0, help="stop after this many records")
     p.set_defaults(func=cmd_tail)
+    p = sub.add_parser("config", help="an organisation's document on the config topic")
+    actions = p.add_subparsers(dest="action", required=True)
+    for name, help_text in (
+        ("push", "check a document (TOML or JSON) and write it to the config topic"),
+        ("get", "print the organisation's document in force, secrets as ***"),
+        ("rm", "write the organisation's tombstone: the config file applies to it again"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("--config", required=True, help="the TOML config file")
+        action.add_argument("--org", required=True, help="the organisation's id (the key)")
+        if name == "push":
+            action.add_argument("--file", required=True, help="the document, .toml or .json")
+        action.set_defaults(func=cmd_config)
     return parser
 
 
@@ -421,6 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error of ours. stdout is pointed at
+        # /dev/null so that the interpreter's flush at exit does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
     return result
 
 

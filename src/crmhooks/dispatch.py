@@ -265,9 +265,9 @@ class Dispatcher:
         first = self._quota.first_over(action.org_id, day)
         if first:
             log.warning("daily limit reached: %s", message, extra=about(action))
-        letter = self._reporter.action_letter(action, event, "daily_limit_reached", message)
+        letters = self._reporter.action_letter(action, event, "daily_limit_reached", message)
         await self._reporter.final(
-            action, "quota_exceeded", reason="daily_limit_reached", extra=[letter]
+            action, "quota_exceeded", reason="daily_limit_reached", extra=letters
         )
         if first and self._alerts is not None:
             self._alerts.daily_limit(action, day, message)

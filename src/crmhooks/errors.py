@@ -7,6 +7,7 @@
     ├── StoreError                the SQLite store failed
     ├── KafkaIOError              Kafka failed (aiokafka errors are translated in kafka_io)
     │   └── ProduceError          a produce was not acknowledged (retriable)
+    │       └── RecordsTooLarge   the broker refused records as too large for their topic
     ├── DeliveryRefused           delivery refused before any connection (SSRF guard)
     ├── AuthFailed                no OAuth2 token from the token endpoint (retriable)
     └── AdminError                the admin endpoint cannot listen (address in use, bad address)
@@ -74,6 +75,17 @@ class KafkaIOError(CrmhooksError):
 
 class ProduceError(KafkaIOError):
     """A record was not acknowledged by the broker."""
+
+
+class RecordsTooLarge(ProduceError):
+    """The broker refused ``records`` (topic, key, value) as larger than their topic
+    takes: sending them again cannot help. The other records were acknowledged."""
+
+    retriable = False
+
+    def __init__(self, message: str, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        super().__init__(message)
+        self.records = list(records)
 
 
 class DeliveryRefused(CrmhooksError):

@@ -48,6 +48,7 @@ class BatchPlan:
     out: list[Produced] = field(default_factory=list)  # 2. to produce
     heap_new: list[Action] = field(default_factory=list)  # to push, in plan order
     heap_gone: set[str] = field(default_factory=set)  # ended: out of the heap
+    ended: list[Action] = field(default_factory=list)  # those actions
     unstored: list[tuple[Action, bytes]] = field(default_factory=list)  # sent before stored
 
 
@@ -69,6 +70,9 @@ class Intake:
         self._suspensions = suspensions
         self._reporter = reporter
         self._owns = owns
+        # Events larger than this are refused whatever kafka.max_event_bytes says: their
+        # snapshot would not fit the changelog topic (``KafkaIO.event_max_bytes``).
+        self.event_max_bytes: int | None = None
 
     def __repr__(self) -> str:
         return f"Intake({self._config.current!r})"
@@ -78,9 +82,13 @@ class Intake:
         invalid ones, and plan the events some rule acts on."""
         plan = BatchPlan()
         todo: list[ToPlan] = []
-        # Looked up once a batch: the loop below runs for every event read.
+        # Looked up once a batch: the loop below runs for every event read. (An
+        # organisation's config-topic document is looked up by the event's own
+        # org_id, read and compiled the first time: ``orgconfig``.)
         snapshot = self._config.current
         max_bytes = snapshot.config.kafka.max_event_bytes
+        if self.event_max_bytes is not None and self.event_max_bytes < max_bytes:
+            max_bytes = self.event_max_bytes
         canonical = snapshot.catalog.canonical
         needs_planning = snapshot.needs_planning
         owns = self._owns
@@ -109,7 +117,7 @@ class Intake:
                     if request is not None:
                         redeliver.append(request)
                         continue
-                    out.append(self._reporter.poison(partition, rec, exc, now_ms))
+                    out += self._reporter.poison(partition, rec, exc, now_ms)
                     plan.dead_lettered += 1
                     continue
                 if event is not None:
@@ -119,7 +127,8 @@ class Intake:
                         todo.append((partition, rec, event, module))
         plan.planned = len(todo)
         if todo:
-            await self._plan_events(snapshot, todo, now_ms, plan)
+            with self._scheduler.reading():
+                await self._plan_events(snapshot, todo, now_ms, plan)
         if redeliver:
             retention_s = snapshot.config.store.finished_retention_s
             again = await plan_redeliveries(self._store, redeliver, now_ms, retention_s)
@@ -152,9 +161,14 @@ class Intake:
                 if any(r.scheduled for r in candidates)
             )
         )
+        # An action being fired (or ended while these reads ran) is its fire's to end:
+        # the event neither supersedes, cancels nor moves it (one final status each).
+        # Asked again after the last await below: a fire may begin meanwhile.
+        ends_elsewhere = self._scheduler.ends_elsewhere
         if keys:
             for action in await self._store.pending_for_records(keys):
-                states[action.record_key].pending[action.action_id] = action
+                if not ends_elsewhere(action.action_id):
+                    states[action.record_key].pending[action.action_id] = action
         once_keys = [
             once_key(r.id, record_key)
             for record_key, candidates in zip(record_keys, rules, strict=True)
@@ -167,9 +181,11 @@ class Intake:
                 rule_id, record_key = k.split("\x1f", 1)
                 states[record_key].once[rule_id] = matched
         plans: list[tuple[int, BatchRecord, RecordEvent, str, EventPlan]] = []
+        documents = snapshot.orgs is not None
         for (partition, rec, event, module), record_key, candidates in zip(
             todo, record_keys, rules, strict=True
         ):
+            org_id = event.org_id
             plan = plan_event(
                 event,
                 module,
@@ -180,6 +196,8 @@ class Intake:
                 offset=rec.offset,
                 now_ms=now_ms,
                 is_suspended=self._suspensions.is_suspended,
+                org=snapshot.org(org_id) if documents else None,
+                criteria_met=snapshot.criteria(org_id),
             )
             plans.append((partition, rec, event, record_key, plan))
         created = [a.action_id for *_, p in plans for a in p.new_actions]
@@ -216,14 +234,17 @@ class Intake:
                 if action.kind == "scheduled":
                     out.append(reporter.result(action, "scheduled"))
             for action in plan.moved:
+                if ends_elsewhere(action.action_id):  # (fired since it was read: see above)
+                    continue
                 batch.moved.append((action.action_id, action.due_ms, action.attempt))
                 into.heap_new.append(action)
                 out.append(reporter.result(action, "scheduled", reason="rescheduled"))
             for fin in plan.finished:
                 a = fin.action
-                if known.get(a.action_id, "pending") != "pending":
+                if known.get(a.action_id, "pending") != "pending" or ends_elsewhere(a.action_id):
                     continue
                 batch.new_actions.append(a)  # no-op when stored already; a tombstone if not
                 batch.finished.append((a.action_id, fin.status, now_ms))
                 into.heap_gone.add(a.action_id)
+                into.ended.append(a)
                 out.append(reporter.result(a, fin.status, reason=fin.reason))

@@ -13,13 +13,16 @@ no message, log line or repr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
@@ -246,6 +249,39 @@ async def ensure_topics(
         raise KafkaIOError(f"cannot create topics on {settings.bootstrap_servers}: {exc}") from exc
     finally:
         await admin.close()
+
+
+async def max_message_bytes(settings: KafkaSettings, topics: Sequence[str]) -> dict[str, int]:
+    """Topic → its ``max.message.bytes``, the largest record batch the broker takes into
+    it (one DescribeConfigs request). Topics the cluster does not tell of (a principal
+    without the DescribeConfigs ACL, a topic missing) are left out, and all of them
+    when asking fails: the caller has a default for them (a warning says why)."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, t, configs={"max.message.bytes": None})
+                for t in dict.fromkeys(topics)
+            ]
+        )
+    except (KafkaError, OSError) as exc:
+        log.warning("max.message.bytes of %s not read: %s", list(topics), _scrubbed(exc, settings))
+        return {}
+    finally:
+        await admin.close()
+    found: dict[str, int] = {}
+    for response in responses:
+        for error_code, error, _, name, entries in response.resources:
+            if error_code:
+                why = f"{kafka_errors.for_code(error_code).__name__} {error or ''}".strip()
+                log.warning("max.message.bytes of %s not read: %s", name, why)
+                continue
+            for key, value, *_ in entries:
+                if key == "max.message.bytes" and value is not None:
+                    with contextlib.suppress(ValueError):
+                        found[name] = int(value)
+    return found
 
 
 class DescribesTopics(Protocol):

@@ -26,17 +26,20 @@ from aiokafka.errors import (
     CorruptRecordException,
     IllegalStateError,
     KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
     UnsupportedCodecError,
 )
 
 from crmhooks.aio import wait_all
 from crmhooks.config import KafkaSettings
-from crmhooks.errors import KafkaIOError, ProduceError
+from crmhooks.errors import KafkaIOError, ProduceError, RecordsTooLarge
 from crmhooks.kafka_clients import (
     InRecord,
     client_options,
     compression,
     ensure_topics,
+    max_message_bytes,
     produce_records,
     read_topic,
     start_error,
@@ -198,6 +201,21 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._on_assigned(partitions)
 
 
+# A record the broker refused as larger than its topic takes: sending it again cannot help.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+
+# The largest request the producer sends: aiokafka refuses a larger record itself.
+MAX_REQUEST_BYTES = 4 << 20
+# What a batch of one dead letter adds to its value: the batch's header (61 bytes),
+# the record's (at most 32), its key (at most results.KEY_MAX_BYTES), and room to
+# spare for a codec's frame around an incompressible value.
+LETTER_FRAMING_BYTES = 2048
+# What a record snapshot's changelog record adds to its event: the batch's and the
+# record's headers, and its key (the table letter and the record's key: organisation,
+# module and record id, a few dozen bytes; a few KiB at most that is not a bug).
+SNAPSHOT_FRAMING_BYTES = 4096
+
+
 class KafkaIO:
     """The consumer of the events topic and the producer of results, dead letters and
     the changelog.
@@ -222,6 +240,11 @@ class KafkaIO:
         # Partition → the offset after the last record (or skipped offset) handed over:
         # where reading goes on after a fetch that failed part-way.
         self._handed: dict[int, int] = {}
+        # The largest dead letter the dead-letter topic takes (None: not known).
+        self.dead_letter_max_bytes: int | None = None
+        # The largest event whose record snapshot the changelog topic takes (None: not
+        # known): a larger one is dead-lettered, or storing it would stop its partition.
+        self.event_max_bytes: int | None = None
 
     def __repr__(self) -> str:
         s = self.settings
@@ -237,6 +260,33 @@ class KafkaIO:
         await ensure_topics(
             s, [s.events_topic, s.results_topic, s.dlq_topic], s.partitions, changelog=s.changelog
         )
+        # One record never stops its partition (SPEC §10): what the dead-letter topic
+        # and the changelog take, read once a start.
+        limits = await max_message_bytes(s, [s.dlq_topic, s.changelog])
+        limit = limits.get(s.dlq_topic)
+        if limit is not None:
+            self.dead_letter_max_bytes = min(limit, MAX_REQUEST_BYTES) - LETTER_FRAMING_BYTES
+            log.info(
+                "dead letters up to %d bytes (%s takes %d)",
+                self.dead_letter_max_bytes,
+                s.dlq_topic,
+                limit,
+            )
+        limit = limits.get(s.changelog)
+        if limit is not None:
+            self.event_max_bytes = min(limit, MAX_REQUEST_BYTES) - SNAPSHOT_FRAMING_BYTES
+            # (Said when max_event_bytes is over what the topic takes at all; the framing
+            # below it is no news: Kafka's defaults are 1 MiB for both.)
+            if s.max_event_bytes > limit:
+                log.warning(
+                    "kafka.max_event_bytes is %d, but the changelog topic %s takes %d: events "
+                    "over %d bytes are dead-lettered (their record could not be stored); "
+                    "raise the topic's max.message.bytes to take larger ones",
+                    s.max_event_bytes,
+                    s.changelog,
+                    limit,
+                    self.event_max_bytes,
+                )
 
         def new_producer() -> AIOKafkaProducer:
             return AIOKafkaProducer(
@@ -253,7 +303,7 @@ class KafkaIO:
                 # latency (p50 42 -> 16 ms at 1,000 events/s); under load, records queue
                 # while a request is in flight and go out together anyway.
                 linger_ms=0,
-                max_request_size=4 << 20,
+                max_request_size=MAX_REQUEST_BYTES,
                 # Records per partition wait for the one batch in flight; with
                 # aiokafka's 16 KB (~27 results) a burst waits in wait_drain, costly in
                 # CPU. 256 KB: 35 -> 21 µs of CPU per record (bursts of 256), instant
@@ -468,12 +518,15 @@ class KafkaIO:
         (murmur2 of the key). A batch the broker refused is tried again a few times:
         the offset behind it is not committed until it succeeded, so giving up here
         means the batch is processed again. (A batch not written for a broker away
-        is sent again by the producer itself, once it is back.)
+        is sent again by the producer itself, once it is back.) A record refused as
+        larger than its topic takes is not sent again: once every other record is
+        acknowledged, RecordsTooLarge names those.
         """
         producer = self.producer
         known = producer.partitions  # looked up without an await: once per record
         attempts = 0
         remaining = list(records)
+        too_large: list[tuple[str, bytes | None, bytes]] = []
         while remaining:
             futures: list[asyncio.Future[int]] = []
             for topic, key, value in remaining:
@@ -482,22 +535,35 @@ class KafkaIO:
                 futures.append(producer.outbox(topic, partition).add(key, value))
             await wait_all(futures)
             failed = [
-                r
+                (r, f)
                 for r, f in zip(remaining, futures, strict=True)
                 if f.cancelled() or f.exception() is not None
             ]
             if not failed:
-                return
+                break
+            # Refused for what it holds (too large): never sent again.
+            sized = [r for r, f in failed if not f.cancelled() and _too_large(f.exception())]
+            too_large += sized
+            failed = [(r, f) for r, f in failed if r not in sized] if sized else failed
+            if not failed:
+                break
             attempts += 1
             if attempts >= 5 or producer.failed is not None:
                 raise ProduceError(
-                    f"produce to {failed[0][0]} failed: {len(failed)} records not acknowledged "
-                    f"after {attempts} tries ({_first_error(futures)})"
+                    f"produce to {failed[0][0][0]} failed: {len(failed)} records not "
+                    f"acknowledged after {attempts} tries ({_first_error(futures)})"
                 )
-            error = _first_error(futures)
-            log.warning("retrying %d unacknowledged records: %s", len(failed), error)
+            log.warning(
+                "retrying %d unacknowledged records: %s", len(failed), _first_error(futures)
+            )
             await asyncio.sleep(self.retry_pause_s * attempts)
-            remaining = failed
+            remaining = [r for r, _ in failed]
+        if too_large:
+            raise RecordsTooLarge(
+                f"produce to {too_large[0][0]} refused: {len(too_large)} records larger than "
+                f"the topic takes (the largest {max(len(v) for *_, v in too_large)} bytes)",
+                too_large,
+            )
 
     async def produce_changelog(
         self, records: Sequence[tuple[int, bytes, bytes | None]]
@@ -554,6 +620,10 @@ class KafkaIO:
             )
         except KafkaError as exc:
             raise KafkaIOError(f"commit failed: {exc}") from exc
+
+
+def _too_large(error: BaseException | None) -> bool:
+    return error is not None and isinstance(error.__cause__, _TOO_LARGE)
 
 
 def _first_error(futures: Sequence[asyncio.Future[int]]) -> str:

@@ -180,7 +180,7 @@ class _Outbox:
                 except Exception as exc:  # KafkaError; an unknown partition: AssertionError
                     owner.settled_one()
                     self._queue.popleft()
-                    _fail(pending, ProduceError(f"produce to {self.topic} failed: {exc!r}"))
+                    _fail(pending, _produce_error(self.topic, exc))
                     continue
                 self._queue.popleft()
                 self._sent.append(pending)
@@ -203,7 +203,7 @@ class _Outbox:
             self._again.append(pending)
             owner.restart(error)
         else:
-            _fail(pending, ProduceError(f"produce to {self.topic} failed: {error!r}"))
+            _fail(pending, _produce_error(self.topic, error))
             # Its sequence number was given and not written: the partition's next
             # batch would fail with OutOfOrderSequenceNumber. A new producer, at once.
             owner.restart(error)
@@ -244,6 +244,14 @@ class _Outbox:
         """Once every record queued so far is handed to aiokafka."""
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
+
+
+def _produce_error(topic: str, error: BaseException) -> ProduceError:
+    """What a batch's callers get when it failed for good; the error behind it is its
+    cause (``kafka_io`` tells a refusal for size from the others by it)."""
+    failed = ProduceError(f"produce to {topic} failed: {error!r}")
+    failed.__cause__ = error
+    return failed
 
 
 def _fail(pending: _Pending, error: BaseException) -> None:

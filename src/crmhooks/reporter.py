@@ -15,19 +15,20 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from crmhooks.actions import Action
 from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.config import KafkaSettings
-from crmhooks.errors import InvalidEvent
+from crmhooks.dead_letters import as_record, produce_refused
+from crmhooks.errors import InvalidEvent, RecordsTooLarge
 from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord, Skipped
 from crmhooks.logs import about
 from crmhooks.metrics import Metrics
 from crmhooks.outcomes import Outcome
-from crmhooks.results import dead_letter, encode, result_record
+from crmhooks.results import DEAD_LETTER_MAX_BYTES, dead_letter, encode, result_record
 from crmhooks.store import Store, WriteBatch
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ REPORT_RETRY_MAX_MS = 5_000
 
 # (topic, key, value) of one record to produce.
 Produced = tuple[str, bytes | None, bytes]
+
 # An attempt in a report group: the action, its unstored entry, its retry.
 Reported = tuple[Action, Unstored | None, Action | None]
 # Ends one attempt once its group is written (error None) or failed to be.
@@ -96,12 +98,17 @@ class Reporter:
         self._last: asyncio.Task[None] | None = None  # the latest group's write
         self.results = 0
         self.dead_letters = 0
+        # The largest dead letter its topic takes (``attach``): larger ones are cut.
+        self.dead_letter_max_bytes = DEAD_LETTER_MAX_BYTES
 
     def __repr__(self) -> str:
         return f"Reporter(groups_writing={len(self._tasks)}, results={self.results})"
 
-    def attach(self, producer: Producer) -> None:
+    def attach(self, producer: Producer, dead_letter_max_bytes: int | None = None) -> None:
+        """``dead_letter_max_bytes``: what the dead-letter topic takes, if known."""
         self._producer = producer
+        if dead_letter_max_bytes is not None:
+            self.dead_letter_max_bytes = dead_letter_max_bytes
 
     def attach_ended(self, on_reported: OnReported) -> None:
         """Who ends an attempt once its group is written (the dispatcher)."""
@@ -126,8 +133,20 @@ class Reporter:
     # -- records of a batch ---------------------------------------------------------
 
     async def produce(self, records: Sequence[Produced]) -> None:
-        """Produce and wait for every acknowledgement."""
-        await self.producer.produce_all(records)
+        """Produce and wait for every acknowledgement.
+
+        Dead letters the broker refuses as too large (their topic takes less than it
+        said at start: its max.message.bytes lowered since) are cut to half that size,
+        letters from now on too, and produced once more; refused again, they are
+        logged with where their events are and skipped. One record never stops its
+        partition (SPEC §10)."""
+        try:
+            await self.producer.produce_all(records)
+        except RecordsTooLarge as refused:
+            dlq = self._kafka().dlq_topic
+            self.dead_letter_max_bytes = await produce_refused(
+                self.producer, refused, dlq, self.dead_letter_max_bytes
+            )
         self.results += len(records)
 
     def result(self, action: Action, status: str, *, reason: str | None = None) -> Produced:
@@ -157,10 +176,11 @@ class Reporter:
         self._metrics.actions.inc(status)
         return (self._kafka().results_topic, action.org_id.encode(), encode(rec))
 
-    def poison(self, partition: int, rec: BatchRecord, exc: InvalidEvent, now_ms: int) -> Produced:
-        """The dead letter of an event that cannot be processed."""
-        self.dead_letters += 1
-        self._metrics.dead_letters.inc("internal_process_error")
+    def poison(
+        self, partition: int, rec: BatchRecord, exc: InvalidEvent, now_ms: int
+    ) -> list[Produced]:
+        """The dead letter of an event that cannot be processed (none if even cut it
+        cannot fit its topic: logged and skipped)."""
         log.warning(
             "dead letter: partition %d offset %d: %s",
             partition,
@@ -179,8 +199,9 @@ class Reporter:
             key=rec.key,
             event=exc.parsed,
             raw=rec.value,
+            max_bytes=self.dead_letter_max_bytes,
         )
-        return (kafka.dlq_topic, rec.key, encode(letter))
+        return self._letter(letter, rec.key)
 
     def skipped(self, skipped: Skipped, now_ms: int) -> Produced:
         """The dead letter of offsets the consumer could not decode (kafka_io logged them)."""
@@ -202,9 +223,11 @@ class Reporter:
 
     def action_letter(
         self, action: Action, event: RecordEvent | None, code: str, message: str
-    ) -> Produced:
-        """The dead letter of one action (quota, template failure)."""
+    ) -> list[Produced]:
+        """The dead letter of one action (quota, template failure); none if even cut it
+        cannot fit its topic (logged and skipped)."""
         kafka = self._kafka()
+        key = action.org_id.encode()
         letter = dead_letter(
             error_code=code,
             message=message,
@@ -212,7 +235,7 @@ class Reporter:
             topic=kafka.events_topic,
             partition=action.partition,
             offset=action.source_offset,
-            key=action.org_id.encode(),
+            key=key,
             # The version of the record rendered, under the id of the event that created
             # the action, so that `replay-dlq` recreates this very action.
             event={**event.data, "event_id": action.event_id} if event is not None else None,
@@ -220,10 +243,18 @@ class Reporter:
             action_id=action.action_id,
             rule_id=action.rule_id,
             webhook=action.webhook,
+            max_bytes=self.dead_letter_max_bytes,
         )
+        return self._letter(letter, key)
+
+    def _letter(self, letter: dict[str, Any], key: bytes | None) -> list[Produced]:
+        """A letter as the record to produce, if it fits its topic (``dead_letters``)."""
+        record = as_record(self._kafka().dlq_topic, letter, key, self.dead_letter_max_bytes)
+        if record is None:
+            return []
         self.dead_letters += 1
-        self._metrics.dead_letters.inc(code)
-        return (kafka.dlq_topic, action.org_id.encode(), encode(letter))
+        self._metrics.dead_letters.inc(letter["error_code"])
+        return [record]
 
     # -- an action ended without a request ------------------------------------------
 
@@ -267,9 +298,9 @@ class Reporter:
         """An action that cannot be sent (template failure, a header or URL we could
         not send, its record gone): failed, with a dead letter."""
         log.error("action %s: %s", action.action_id, message, extra=about(action))
-        letter = self.action_letter(action, event, "internal_process_error", message)
+        letters = self.action_letter(action, event, "internal_process_error", message)
         await self.final(
-            action, "failed", error_class="internal_process_error", error=message, extra=[letter]
+            action, "failed", error_class="internal_process_error", error=message, extra=letters
         )
 
     # -- attempts, reported in groups -----------------------------------------------

@@ -14,8 +14,9 @@ is stored pending).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from crmhooks.actions import Action
@@ -48,6 +49,11 @@ class Scheduler:
         self._own: dict[str, RecordEvent] = {}  # instant action id → its triggering event
         self._inflight: set[str] = set()
         self._loaded_until_ms = 0
+        # Reads of pending actions under way (a window's refill, an assignment), and
+        # the actions ended meanwhile: what such a read saw pending may have ended
+        # after the store answered, and is not pushed again (``_schedule_loaded``).
+        self._reads = 0
+        self._ended_during_reads: set[str] = set()
         self.changed = asyncio.Event()  # set when an action is pushed
 
     def __repr__(self) -> str:
@@ -65,8 +71,10 @@ class Scheduler:
 
     def push(self, action: Action) -> None:
         """Schedule ``action`` (new, moved, or a retry); beyond the window, the store
-        keeps it and the refill loads it when its window comes."""
-        if action.due_ms >= self._loaded_until_ms:
+        keeps it and the refill loads it when its window comes. One due now is always
+        kept, even when the window lags behind the clock (a stalled loop): an instant
+        action sent before it is stored is in no store a refill could read."""
+        if action.due_ms >= self._loaded_until_ms and action.due_ms > self._clock.now_ms():
             self._forget(action.action_id)
             if action.record_key not in self._snapshot_refs:
                 self._snapshots.pop(action.record_key, None)  # nothing due soon needs it
@@ -88,6 +96,11 @@ class Scheduler:
             if aid not in self._inflight:
                 self._forget(aid)
                 self._own.pop(aid, None)  # kept for it, though it was never pushed
+                self._ended(aid)
+
+    def _ended(self, action_id: str) -> None:
+        if self._reads:
+            self._ended_during_reads.add(action_id)
 
     def _forget(self, action_id: str) -> None:
         action = self._actions.pop(action_id, None)
@@ -114,6 +127,38 @@ class Scheduler:
             out.append(action)
         return out
 
+    def claim(self, actions: Sequence[Action]) -> list[Action]:
+        """Actions to end without a fire (a config change cancels them): those not being
+        fired, taken out of the heap and marked as being ended, so that neither a fire
+        nor a refill takes them meanwhile. ``fired(action, None)`` ends each. Read them
+        from the store under ``reading()``: one a fire ended meanwhile is left out."""
+        claimed: list[Action] = []
+        for action in actions:
+            aid = action.action_id
+            if (
+                aid in self._inflight
+                or aid in self._ended_during_reads  # (claimed under ``reading``)
+                or not self._owns(action.partition)
+            ):
+                continue
+            if aid in self._actions:
+                self._heap.remove(aid)
+            else:  # (as ``push`` counts it: ``fired`` forgets it as it forgets those)
+                self._actions[aid] = action
+                if action.kind == "scheduled":
+                    self._snapshot_refs[action.record_key] = (
+                        self._snapshot_refs.get(action.record_key, 0) + 1
+                    )
+            self._inflight.add(aid)
+            claimed.append(action)
+        return claimed
+
+    def ends_elsewhere(self, action_id: str) -> bool:
+        """Whether the action is being fired or ended by a sweep (its fire or the sweep
+        ends it), or ended during the current reads (``reading``): an event must not
+        end it too."""
+        return action_id in self._inflight or action_id in self._ended_during_reads
+
     def next_due_ms(self) -> int | None:
         return self._heap.next_due_ms()
 
@@ -126,6 +171,8 @@ class Scheduler:
             self.push(retry)
         elif action.action_id not in self._heap:
             self._forget(action.action_id)
+            if retry is None:
+                self._ended(action.action_id)
 
     # -- records --------------------------------------------------------------------
 
@@ -166,9 +213,22 @@ class Scheduler:
 
     async def load(self, partitions: Sequence[int]) -> int:
         """A partition is assigned: its actions due within the window; how many."""
-        loaded = await self._store.load_pending(sorted(partitions), self._loaded_until_ms)
-        await self._schedule_loaded(loaded)
+        with self.reading():
+            loaded = await self._store.load_pending(sorted(partitions), self._loaded_until_ms)
+            await self._schedule_loaded(loaded)
         return len(loaded)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Around a read of pending actions from the store and what is done with them:
+        the actions that end meanwhile are known (``_ended_during_reads``)."""
+        self._reads += 1
+        try:
+            yield
+        finally:
+            self._reads -= 1
+            if not self._reads:
+                self._ended_during_reads.clear()
 
     def drop_partitions(self, partitions: set[int]) -> None:
         """Revoked: their actions leave memory (but those being fired, which end)."""
@@ -183,7 +243,9 @@ class Scheduler:
 
         Fires run meanwhile: an action may have finished, or moved for a retry, since
         the rows were read. So the statuses are read again last, and from then on
-        nothing awaits until every action is pushed or dropped.
+        nothing awaits until every action is pushed or dropped; one that ended after
+        the store answered (its end written, then the attempt's report, or a sweep,
+        forgot it) is known from ``_ended_during_reads``.
         """
         mine = [a for a in loaded if self._owns(a.partition)]
         if not mine:
@@ -225,6 +287,7 @@ class Scheduler:
             if (
                 statuses.get(action.action_id) == "pending"
                 and action.action_id not in self._actions  # in the heap, queued or firing
+                and action.action_id not in self._ended_during_reads
                 and self._owns(action.partition)
             ):
                 found = own.get(action.action_id)
@@ -238,9 +301,13 @@ class Scheduler:
             await self._clock.sleep_until(self._loaded_until_ms - HORIZON_MS // 2)
             start = self._loaded_until_ms
             until = self._clock.now_ms() + HORIZON_MS
-            loaded = await self._store.load_pending(partitions(), until, from_ms=start)
+            # The new window is memory's before the read: an action pushed while it
+            # runs (a retry whose report was written meanwhile) stays in the heap, where
+            # the read may not see it; one it sees as well is not pushed twice.
             self._loaded_until_ms = until
-            await self._schedule_loaded(loaded)
+            with self.reading():
+                loaded = await self._store.load_pending(partitions(), until, from_ms=start)
+                await self._schedule_loaded(loaded)
 
 
 def event_or_none(data: dict[str, Any] | None) -> RecordEvent | None:

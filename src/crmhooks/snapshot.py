@@ -1,24 +1,31 @@
-"""The configuration in force: one compiled, immutable snapshot, swapped whole.
+"""The configuration in force: the file compiled, and the organisations' own documents.
 
 A ``ConfigSnapshot`` is everything the processor looks up in the configuration
 (rules by organisation and module, compiled webhooks and the endpoint their
-requests share, organisation settings), built once from a ``Config`` and never
-changed. ``LiveConfig`` holds the one in force; a new configuration (a restart
-with another file, a reload, later an organisation's document) is a new snapshot
-put in its place in one assignment. Nothing copies what it needs out of a
-snapshot: every lookup goes through ``LiveConfig.current`` at the moment of use,
-so an action that fires after a change is sent as the webhook is *now*, and one
-whose rule or webhook is gone is found gone (SPEC §5, "Config changes").
+requests share, organisation settings). It is the config file compiled once
+(``CompiledFile``, never changed) and, with a config topic, the organisations'
+documents (``orgconfig.OrgConfigs``): an organisation with a document in force is
+looked up in its compiled document (``CompiledOrg``: its own rules, webhooks and
+settings, and the file's organisation-less ones), every other in the file (SPEC
+§3.2). ``LiveConfig`` holds the one in force: a reload puts a new snapshot in its
+place in one assignment, and so does every document applied (a new version; the
+organisation's compiled document is itself a value swapped whole). Nothing copies
+what it needs out of a snapshot: every lookup goes through ``LiveConfig.current``
+at the moment of use, so an action that fires after a change is sent as the
+webhook is *now*, and one whose rule or webhook is gone is found gone (SPEC §5,
+"Config changes"). A request being sent holds its ``Target``: it finishes as it
+started.
 
-An action keeps only names (its ``org_id``, ``rule_id`` and ``webhook``); lookups
-take the organisation too, so that organisations may later have configurations
-of their own in which the same names mean other things.
+An action keeps only names (its ``org_id``, ``rule_id`` and ``webhook``); every
+lookup takes the organisation, as organisations' documents may use the same names
+for other things.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from crmhooks import settings
@@ -30,6 +37,9 @@ from crmhooks.events import RecordEvent
 from crmhooks.modules import ModuleCatalog
 from crmhooks.rules import RuleIndex
 from crmhooks.templates import CompiledWebhook
+
+if TYPE_CHECKING:
+    from crmhooks.orgconfig import OrgConfigs
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,57 +96,130 @@ def host_key(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
 
 
-class ConfigSnapshot:
-    """One version of the configuration, compiled. Immutable: swap, never change."""
+class CompiledFile:
+    """The config file compiled: what organisations without a document use, and the
+    organisation-less rules and webhooks that every organisation shares. Immutable."""
 
-    __slots__ = ("_rules", "_targets", "catalog", "config", "index", "version")
+    __slots__ = ("catalog", "config", "index", "rules", "shared_index", "targets")
 
-    def __init__(self, config: Config, version: int = 1) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.version = version
         self.catalog = ModuleCatalog(config.custom_modules)
         self.index = RuleIndex(config.rules, self.catalog)
-        self._rules = {r.id: r for r in config.rules}
-        self._targets = {name: Target.of(w, self.catalog) for name, w in config.webhooks.items()}
+        self.rules = {r.id: r for r in config.rules}
+        self.targets = {name: Target.of(w, self.catalog) for name, w in config.webhooks.items()}
+        shared = [r for r in config.rules if r.org is None]
+        # The organisation-less rules alone, for organisations with a document (None:
+        # there are none, the common case: nothing to ask per event).
+        self.shared_index = RuleIndex(shared, self.catalog) if shared else None
 
     def __repr__(self) -> str:
-        return (
-            f"ConfigSnapshot(version={self.version}, rules={len(self._rules)}, "
-            f"webhooks={len(self._targets)})"
-        )
-
-    def org(self, org_id: str) -> OrgSettings:
-        return self.config.org(org_id)
+        return f"CompiledFile(rules={len(self.rules)}, webhooks={len(self.targets)})"
 
     def rule(self, org_id: str, rule_id: str) -> Rule | None:
-        """The rule as it applies to ``org_id`` now; None when there is none."""
-        rule = self._rules.get(rule_id)
+        rule = self.rules.get(rule_id)
         if rule is None or (rule.org is not None and rule.org != org_id):
             return None
         return rule
 
     def target(self, org_id: str, webhook: str) -> Target | None:
-        """The webhook as ``org_id`` sends it now; None when there is none."""
-        found = self._targets.get(webhook)
+        found = self.targets.get(webhook)
         if found is None or (found.webhook.org is not None and found.webhook.org != org_id):
             return None
         return found
 
-    def removed(self, action: Action) -> bool:
-        """Whether the action's rule, or its webhook in that rule, no longer exists."""
-        rule = self.rule(action.org_id, action.rule_id)
-        return (
-            rule is None
-            or action.webhook not in rule.webhook_names
-            or self.target(action.org_id, action.webhook) is None
+
+Criteria = Callable[[Rule, RecordEvent], bool]
+
+
+class ConfigSnapshot:
+    """One version of the configuration: the file compiled, and the organisations'
+    documents (``orgs``; None without a config topic). Swap, never change."""
+
+    __slots__ = ("catalog", "config", "file", "index", "needs_planning", "orgs", "version")
+
+    def __init__(
+        self, config: Config | CompiledFile, version: int = 1, orgs: OrgConfigs | None = None
+    ) -> None:
+        self.file = config if isinstance(config, CompiledFile) else CompiledFile(config)
+        self.config = self.file.config
+        self.catalog = self.file.catalog
+        self.index = self.file.index
+        self.version = version
+        self.orgs = orgs
+        # Asked for every event read (intake): without documents, the file's own index
+        # answers, with no look-up of the organisation's document first.
+        self.needs_planning: Callable[[RecordEvent], bool] = (
+            self.file.index.needs_planning if orgs is None else self._needs_planning
         )
 
-    def candidates(self, org_id: str, module: str) -> Sequence[Rule]:
-        """The rules of the organisation for events of ``module``, in config order."""
-        return self.index.candidates(org_id, module)
+    def __repr__(self) -> str:
+        documents = "" if self.orgs is None else f", documents={len(self.orgs)}"
+        return (
+            f"ConfigSnapshot(version={self.version}, rules={len(self.file.rules)}, "
+            f"webhooks={len(self.file.targets)}{documents})"
+        )
 
-    def needs_planning(self, event: RecordEvent) -> bool:
-        return self.index.needs_planning(event)
+    def org(self, org_id: str) -> OrgSettings:
+        compiled = None if self.orgs is None else self.orgs.get(org_id)
+        return self.config.org(org_id) if compiled is None else compiled.document.org
+
+    def rule(self, org_id: str, rule_id: str) -> Rule | None:
+        """The rule as it applies to ``org_id`` now; None when there is none."""
+        compiled = None if self.orgs is None else self.orgs.get(org_id)
+        if compiled is None:
+            return self.file.rule(org_id, rule_id)
+        return compiled.rule(rule_id)
+
+    def target(self, org_id: str, webhook: str) -> Target | None:
+        """The webhook as ``org_id`` sends it now; None when there is none."""
+        orgs = self.orgs
+        compiled = None if orgs is None else orgs.get(org_id)
+        if compiled is None:
+            return self.file.target(org_id, webhook)
+        assert orgs is not None
+        return orgs.target(compiled, webhook)
+
+    def gone(self, org_id: str, rule_id: str, webhook: str) -> bool:
+        """Whether the rule, or the webhook in that rule, no longer exists for ``org_id``."""
+        rule = self.rule(org_id, rule_id)
+        return (
+            rule is None
+            or webhook not in rule.webhook_names
+            or self.target(org_id, webhook) is None
+        )
+
+    def removed(self, action: Action) -> bool:
+        """Whether the action's rule, or its webhook in that rule, no longer exists."""
+        return self.gone(action.org_id, action.rule_id, action.webhook)
+
+    def candidates(self, org_id: str, module: str) -> Sequence[Rule]:
+        """The rules of the organisation for events of ``module``, in config order (the
+        file's organisation-less ones first when the organisation has a document)."""
+        compiled = None if self.orgs is None else self.orgs.get(org_id)
+        if compiled is None:
+            return self.file.index.candidates(org_id, module)
+        return compiled.candidates(module)
+
+    def criteria(self, org_id: str) -> Criteria:
+        """Whether an event meets a rule's criteria, with the rules of ``org_id`` compiled."""
+        compiled = None if self.orgs is None else self.orgs.get(org_id)
+        return self.file.index.criteria_met if compiled is None else compiled.criteria_met
+
+    def _needs_planning(self, event: RecordEvent) -> bool:
+        """Asked for every event read: a hit in the organisations' cache is one dict get
+        and one mark (``orgconfig``); a miss reads and compiles the document, or finds
+        that the organisation has none (the file's rules)."""
+        orgs = self.orgs
+        assert orgs is not None
+        compiled = orgs.cached(event.org_id)
+        if compiled is None:
+            compiled = orgs.get(event.org_id)
+            if compiled is None:
+                return self.file.index.needs_planning(event)
+        else:
+            compiled.seen = True
+        return compiled.needs_planning(event)
 
 
 class LiveConfig:
@@ -151,10 +234,29 @@ class LiveConfig:
     def of(cls, config: Config) -> LiveConfig:
         return cls(ConfigSnapshot(config))
 
-    def swap(self, config: Config) -> ConfigSnapshot:
-        """Put a new snapshot of ``config`` in force; the one before goes on serving
-        whoever holds it (a request being sent finishes as it started)."""
-        self.current = ConfigSnapshot(config, self.current.version + 1)
+    def swap(self, config: Config | CompiledFile) -> ConfigSnapshot:
+        """Put a new snapshot of ``config`` (the file) in force; the organisations'
+        documents are compiled again against it as they are needed. The one before goes
+        on serving whoever holds it (a request being sent finishes as it started).
+        Compiled before anything changes: a config that does not compile (it raises)
+        is never in force."""
+        file = config if isinstance(config, CompiledFile) else CompiledFile(config)
+        orgs = self.current.orgs
+        self.current = ConfigSnapshot(
+            file, self.current.version + 1, None if orgs is None else orgs.rebased(file)
+        )
+        return self.current
+
+    def with_documents(self, orgs: OrgConfigs) -> ConfigSnapshot:
+        """Organisations' documents from now on (a config topic)."""
+        self.current = ConfigSnapshot(self.current.file, self.current.version + 1, orgs)
+        return self.current
+
+    def documents_changed(self) -> ConfigSnapshot:
+        """An organisation's document was applied: a new version (suspensions' config
+        fingerprints are counted again under it)."""
+        now = self.current
+        self.current = ConfigSnapshot(now.file, now.version + 1, now.orgs)
         return self.current
 
     def __repr__(self) -> str:

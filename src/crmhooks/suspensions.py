@@ -2,9 +2,12 @@
 the webhooks suspended after ``suspend_after_failed_actions`` of them in a row.
 
 A suspension holds for the rule and webhook as they were configured when it was
-counted (a fingerprint of both): a config change to either lifts it, as does
-``crmhooks resume`` (written to the store by another process, noticed by polling
-the store's data version).
+counted (a fingerprint of both, made through the configuration in force: an
+organisation's config-topic document when it has one): a config change to either
+lifts it — read at start and at each assignment, and looked at again by
+``config_changed`` after a reload or a document — as does ``crmhooks resume``
+(written to the store by another process, noticed by polling the store's data
+version).
 """
 
 from __future__ import annotations
@@ -34,10 +37,19 @@ class Suspensions:
     one is absent, so while every webhook delivers the table is empty and the
     look-ups of each delivery (``is_suspended``, ``count_success``) are skipped."""
 
-    def __init__(self, store: Store, config: Callable[[], ConfigSnapshot]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Callable[[], ConfigSnapshot],
+        owns: Callable[[int], bool] = lambda partition: False,
+    ) -> None:
+        """``owns`` says which partitions' rows this process may write (their owner)."""
         self._store = store
         self._config = config
+        self._owns = owns
         self._table: dict[SuspensionKey, tuple[int, bool]] = {}
+        # The fingerprint each entry of ``_table`` was counted under.
+        self._counted_under: dict[SuspensionKey, str] = {}
         # (org, rule, webhook) → fingerprint under the snapshot ``_fingerprints_of``
         self._fingerprints: dict[tuple[str, str, str], str] = {}
         self._fingerprints_of = 0
@@ -51,21 +63,55 @@ class Suspensions:
 
     async def load(self) -> None:
         """Read suspensions; one recorded under another config of its rule or webhook
-        is lifted."""
+        is lifted.
+
+        A row of an owned partition that changed outside this process's writer is
+        written again through it, so the changelog says so too and the next owner of
+        the partition does not restore the old row: one ``crmhooks resume`` reset
+        (the command writes the SQLite file only), one lifted by a config change
+        (stored reset, under the new fingerprint: it is not lifted, and logged, again
+        at every start)."""
         table: dict[SuspensionKey, tuple[int, bool]] = {}
-        for skey, (failed, suspended, fingerprint) in (
-            await self._store.suspension_table()
-        ).items():
-            if fingerprint == self.fingerprint(*skey):
+        counted: dict[SuspensionKey, str] = {}
+        rewrite: list[tuple[str, str, str, int, int, bool, str]] = []
+        for org_id, rule_id, webhook, partition, failed, suspended, fingerprint in (
+            await self._store.suspension_rows()
+        ):
+            skey = (org_id, rule_id, webhook)
+            now = self.fingerprint(*skey)
+            if fingerprint == now:
                 if failed or suspended:
                     table[skey] = (failed, suspended)
-            elif suspended:
+                    counted[skey] = fingerprint
+                elif skey in self._table and self._owns(partition):  # reset by resume
+                    rewrite.append((*skey, partition, 0, False, now))
+                continue
+            if suspended:
                 log.info(
                     "suspension of %s lifted: its rule or webhook config changed",
                     skey,
-                    extra={"org_id": skey[0], "rule_id": skey[1], "webhook": skey[2]},
+                    extra={"org_id": org_id, "rule_id": rule_id, "webhook": webhook},
                 )
+            if (failed or suspended) and self._owns(partition):
+                rewrite.append((*skey, partition, 0, False, now))
         self._table = table
+        self._counted_under = counted
+        if rewrite:
+            await self._store.write(WriteBatch(suspensions=rewrite))
+
+    def config_changed(self, org_id: str | None = None) -> int:
+        """The configuration changed (of ``org_id``, or of every organisation): counts
+        and suspensions made under another config of their rule or webhook are lifted
+        (in memory; the store's rows say so with their fingerprint). How many."""
+        lifted = 0
+        for skey in [k for k in self._table if org_id is None or k[0] == org_id]:
+            if self._counted_under.get(skey) != self.fingerprint(*skey):
+                _, suspended = self._table.pop(skey)
+                self._counted_under.pop(skey, None)
+                if suspended:
+                    lifted += 1
+                    log.info("suspension of %s lifted: its rule or webhook config changed", skey)
+        return lifted
 
     def fingerprint(self, org_id: str, rule_id: str, webhook: str) -> str:
         """Changes whenever the rule's or the webhook's config changes (SPEC §5), its
@@ -98,6 +144,7 @@ class Suspensions:
         skey = (action.org_id, action.rule_id, action.webhook)
         if self._table.get(skey, (0, False))[0]:
             del self._table[skey]  # reset: stored as (0, False), absent in memory
+            self._counted_under.pop(skey, None)
             batch.suspensions.append((*skey, action.partition, 0, False, self.fingerprint(*skey)))
 
     def count_failure(self, action: Action, batch: WriteBatch, threshold: int) -> bool:
@@ -116,9 +163,9 @@ class Suspensions:
                 extra=about(action),
             )
         self._table[skey] = (failed, suspended)
-        batch.suspensions.append(
-            (*skey, action.partition, failed, suspended, self.fingerprint(*skey))
-        )
+        fingerprint = self.fingerprint(*skey)
+        self._counted_under[skey] = fingerprint
+        batch.suspensions.append((*skey, action.partition, failed, suspended, fingerprint))
         return suspended and not before[1]
 
     async def poll_loop(self) -> None:

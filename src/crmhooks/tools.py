@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -20,11 +21,14 @@ async def replay_dlq(
     error_code: str | None,
     idle_timeout_s: float = 5.0,
     progress: Progress | None = None,
+    on_skipped: Callable[[str], None] | None = None,
 ) -> int:
     """Re-publish dead-lettered events to the events topic; returns how many.
 
     Actions keep their deterministic ids, so what was delivered is never sent again.
-    ``progress`` counts the dead letters read (on a terminal).
+    ``progress`` counts the dead letters read (on a terminal). A letter whose event was
+    cut to fit its topic (``truncated``) is not replayed: ``on_skipped`` gets a line
+    saying where its whole event is.
     """
     k = config.kafka
     out: list[tuple[str, bytes | None, bytes]] = []
@@ -38,6 +42,10 @@ async def replay_dlq(
         letter = orjson.loads(rec.value)
         if error_code is not None and letter.get("error_code") != error_code:
             continue
+        if letter.get("truncated") and letter.get("event") is None:
+            if on_skipped is not None:
+                on_skipped(_not_replayed(letter))
+            continue
         if letter.get("event") is not None:
             value = orjson.dumps(letter["event"])
         elif letter.get("raw") is not None:
@@ -50,6 +58,17 @@ async def replay_dlq(
             progress.update(read, note=f"dead letters read; producing {len(out):,} events")
         await produce_records(k, out, headers=[(REPLAY_HEADER, b"1")])
     return len(out)
+
+
+def _not_replayed(letter: dict[str, Any]) -> str:
+    src = letter.get("source") or {}
+    whole = letter.get("original_bytes")
+    size = f"{whole:,} bytes, sha256 {letter.get('sha256')}" if whole is not None else "cut"
+    return escape_controls(
+        f"not replayed: the {letter.get('error_code')} dead letter of {src.get('topic')} "
+        f"partition {src.get('partition')} offset {src.get('offset')} holds only the start "
+        f"of its event ({size}); the whole event is there while that topic keeps it"
+    )
 
 
 RESULT_HEADER = (

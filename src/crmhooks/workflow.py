@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 from msgspec.structs import replace
 
 from crmhooks.actions import Action, action_ids, first_action_id
-from crmhooks.config import Config, Rule
+from crmhooks.config import Config, OrgSettings, Rule
 from crmhooks.criteria import evaluate
 from crmhooks.events import RecordEvent
 from crmhooks.rules import trigger_fires
@@ -54,6 +54,11 @@ class EventPlan:
 
 
 IsSuspended = Callable[[str, str, str], bool]  # (org_id, rule_id, webhook)
+CriteriaMet = Callable[[Rule, RecordEvent], bool]
+
+
+def _evaluated(rule: Rule, event: RecordEvent) -> bool:
+    return evaluate(rule.criteria, event)
 
 
 def plan_event(
@@ -67,11 +72,15 @@ def plan_event(
     offset: int,
     now_ms: int,
     is_suspended: IsSuspended,
+    org: OrgSettings | None = None,
+    criteria_met: CriteriaMet = _evaluated,
 ) -> EventPlan:
     """Decide what ``event`` (of canonical ``module``) does for each candidate rule.
 
     ``state`` is updated in place, so the next event of the same record in the same
-    batch sees this one's effects.
+    batch sees this one's effects. ``org``: the organisation's settings when they are
+    not the file's (its config-topic document); ``criteria_met``: the rules' criteria
+    as the configuration in force compiled them.
     """
     plan = EventPlan()
     # Only due times need the organisation's zone: looked up once a rule has
@@ -80,7 +89,7 @@ def plan_event(
     grace_ms = int(config.delivery.past_due_grace_s * 1000)
     deleted = event.operation == "delete"
     for rule in rules:
-        met = evaluate(rule.criteria, event)
+        met = criteria_met(rule, event)
         fires = met and trigger_fires(rule, event)
         if rule.repeat == "once" and not deleted:
             before = state.once.get(rule.id, False)
@@ -90,7 +99,7 @@ def plan_event(
             fires = fires and not before
         mine = [a for a in state.pending.values() if a.rule_id == rule.id and a.kind == "scheduled"]
         if tz is None and (mine or rule.scheduled):
-            tz = ZoneInfo(config.org(event.org_id).time_zone)
+            tz = ZoneInfo((org or config.org(event.org_id)).time_zone)
         if mine:
             plan.touched = True
         if mine and ((deleted and rule.trigger != "delete") or not met):

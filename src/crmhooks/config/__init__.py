@@ -2,7 +2,9 @@
 
     load_config(path, env)            read + config_from_mapping
     config_from_mapping(raw, env)     decode → named checks → template check → Config
-    decode_org_document(raw, env)     the same for one config-topic document (SPEC §3.2)
+    decode_org_document(raw, base)    the same for one config-topic document (SPEC §3.2)
+    org_document_in_part(raw, base)   its valid part and every error
+    parse_document(raw)               a document's JSON (or TOML) text as data
     config_warnings(config)           what check-config warns about (valid, but risky)
 
 Every error names its item (``webhooks[CreatorCommission].url: longer than 200
@@ -120,6 +122,8 @@ __all__ = [
     "config_warnings",
     "decode_org_document",
     "load_config",
+    "org_document_in_part",
+    "parse_document",
 ]
 
 TRIGGERS: frozenset[str] = frozenset(get_args(Trigger))
@@ -164,7 +168,6 @@ def config_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Confi
 
 def decode_org_document(
     raw: Mapping[str, Any] | bytes | str,
-    env: Mapping[str, str],
     base: Config | None = None,
     org_id: str | None = None,
 ) -> OrgDocument:
@@ -174,26 +177,58 @@ def decode_org_document(
     ``base``: the file's config (its custom modules, limits, and organisation-less
     webhooks, which the document's rules may use). ``org_id``: the record's key;
     the document's ``org.id`` must equal it. Every webhook and rule belongs to
-    the document's organisation: one naming another is an error. ConfigError
-    lists every problem.
+    the document's organisation: one naming another is an error. ``${env:}`` and
+    ``${file:}`` are errors in a document (``references.NOT_IN_DOCUMENTS``).
+    ConfigError lists every problem.
+    """
+    document, errors = org_document_in_part(raw, base, org_id)
+    if errors or document is None:
+        raise ConfigError(list(errors) or ["org: required"])
+    return document
+
+
+def org_document_in_part(
+    raw: Mapping[str, Any] | bytes | str,
+    base: Config | None = None,
+    org_id: str | None = None,
+) -> tuple[OrgDocument | None, tuple[str, ...]]:
+    """``decode_org_document``'s checks, returning what is valid and every error.
+
+    The valid part: the organisation (None when it is not valid: nothing is), the
+    webhooks that pass every check, and the rules that pass and whose webhooks all
+    do. For a document accepted under an earlier config file that the file in force
+    no longer fully accepts (a custom module or an organisation-less webhook gone,
+    lower limits): the processor keeps what still holds rather than nothing.
     """
     problems = Problems()
-    mapping = _parse_document(raw) if isinstance(raw, bytes | str) else raw
-    ctx = _context(env, problems)
-    draft = validate_document(mapping, base or Config(), org_id, ctx)
-    check_templates(
-        (
-            (draft.webhooks[name], *where)
-            for name, where in draft.webhook_labels.items()
-            if name in draft.webhooks
-        ),
-        ctx.catalog,
-        ctx.limits,
-        problems,
+    try:
+        mapping = _parse_document(raw) if isinstance(raw, bytes | str) else raw
+    except ConfigError as exc:
+        return None, exc.errors
+    ctx = Context(problems, References({}, problems, readable=False), FileChecks(problems))
+    base = base or Config()
+    draft = validate_document(mapping, base, org_id, ctx)
+    webhooks = dict(draft.webhooks)
+    for name, (label, position) in draft.webhook_labels.items():
+        hook = webhooks.get(name)
+        if hook is None:
+            continue
+        before = len(problems)
+        check_templates([(hook, label, position)], ctx.catalog, ctx.limits, problems)
+        if len(problems) > before:
+            del webhooks[name]
+    if draft.org is None:
+        return None, tuple(problems.listed() or ["org: required"])
+    shared = {n for n, w in base.webhooks.items() if w.org is None}
+    rules = tuple(
+        r for r in draft.rules if all(n in webhooks or n in shared for n in r.webhook_names)
     )
-    if problems or draft.org is None:
-        raise ConfigError(problems.listed() or ["org: required"])
-    return OrgDocument(org=draft.org, webhooks=draft.webhooks, rules=draft.rules)
+    return OrgDocument(org=draft.org, webhooks=webhooks, rules=rules), tuple(problems.listed())
+
+
+def parse_document(raw: bytes | str) -> Any:
+    """A document's text (JSON, or TOML for ``config push``) as data; ConfigError if not."""
+    return _parse_document(raw)
 
 
 def _parse_document(raw: bytes | str) -> Any:

@@ -20,6 +20,15 @@ NOT_HERE = (
     "${env:...} and ${file:...} are only allowed in what a request sends "
     "and in the [kafka] SASL/SSL settings"
 )
+# A config-topic document is written by whoever may write the topic (a CRM backend
+# passing on what its tenants' administrators typed): were its references read, a
+# document could send this process's environment and files (the Kafka password, a
+# key file, another tenant's secret) to a URL of its own choosing.
+NOT_IN_DOCUMENTS = (
+    "${env:...} and ${file:...} are not read in a config-topic document (they would "
+    "hand this process's environment and files to whoever writes the topic): "
+    "write the value itself, it is kept as a secret"
+)
 
 
 def has_reference(text: str) -> bool:
@@ -30,12 +39,17 @@ def has_reference(text: str) -> bool:
 class References:
     """Resolves references for one load; each file is read once however often it is named."""
 
-    __slots__ = ("_env", "_files", "_problems")
+    __slots__ = ("_env", "_files", "_problems", "_readable", "_refused")
 
-    def __init__(self, env: Mapping[str, str], problems: Problems) -> None:
+    def __init__(
+        self, env: Mapping[str, str], problems: Problems, *, readable: bool = True
+    ) -> None:
+        """``readable`` False: every reference is an error (a config-topic document)."""
         self._env = env
         self._problems = problems
         self._files: dict[str, str | None] = {}  # path → content, None: unreadable
+        self._readable = readable
+        self._refused: set[str] = set()  # paths already told (one error an item)
 
     def resolve(self, path: str, text: str, into: dict[str, str] | None = None) -> tuple[str, bool]:
         """``text`` with every reference replaced by its value; True when it had one.
@@ -81,6 +95,11 @@ class References:
                 self._problems.add(path, f"unterminated {mark}...}}")
 
     def _value(self, path: str, kind: str, argument: str) -> str | None:
+        if not self._readable:
+            if path not in self._refused:
+                self._refused.add(path)
+                self._problems.add(path, NOT_IN_DOCUMENTS)
+            return None
         if kind == "env":
             if not _ENV_NAME_RE.fullmatch(argument):
                 self._problems.add(path, f"invalid environment variable name {argument!r}")

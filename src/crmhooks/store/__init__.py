@@ -19,6 +19,8 @@ restore and its purge — and the one mechanism they share:
     events.py       instant actions' triggering events           ``store.events``
     quota.py        quota counters per organisation and day      ``store.quota``
     suspensions.py  suspensions, and the config ``fingerprint``   ``store.suspensions``
+    documents.py    config-topic documents read, where reading    ``store.documents``
+                    stopped, refused ones dead-lettered
     changes.py      ``WriteBatch``, changelog records, the ``Table`` protocol
     files.py        the file's modes, which SQLite errors break it, SQL helpers
 
@@ -48,6 +50,7 @@ from crmhooks.store.changes import (
     ChangelogSource,
     WriteBatch,
 )
+from crmhooks.store.documents import DocumentChange, DocumentTable, Refused
 from crmhooks.store.events import EventTable
 from crmhooks.store.quota import QuotaTable
 from crmhooks.store.records import RecordTable
@@ -59,6 +62,8 @@ __all__ = [
     "ChangelogRecord",
     "ChangelogSink",
     "ChangelogSource",
+    "DocumentChange",
+    "Refused",
     "Store",
     "StoreError",
     "WriteBatch",
@@ -68,7 +73,7 @@ __all__ = [
 
 class Store:
     """The store's parts, composed: ``store.actions``, ``.events``, ``.records``, ``.quota``,
-    ``.suspensions`` and their one ``writer``.
+    ``.suspensions``, ``.documents`` and their one ``writer``.
 
     ``clock`` stamps the rows whose purge goes by age (snapshots, cleared flags).
     """
@@ -81,12 +86,14 @@ class Store:
         self.suspensions = SuspensionTable(self.writer)
         # Events after actions: their purge forgets the events of actions purged before.
         self.events = EventTable(self.writer)
+        self.documents = DocumentTable(self.writer)
         self.writer.tables = (
             self.actions,
             self.events,
             self.records,
             self.quota,
             self.suspensions,
+            self.documents,
         )
         # The hot path's one call (every report, every batch of events): the writer's
         # own method, without a frame of delegation.
@@ -210,6 +217,9 @@ class Store:
 
     async def suspension_table(self) -> dict[tuple[str, str, str], tuple[int, bool, str]]:
         return await self.suspensions.table()
+
+    async def suspension_rows(self) -> list[tuple[str, str, str, int, int, bool, str]]:
+        return await self.suspensions.rows()
 
     async def resume(self, rule_id: str, webhook: str) -> int:
         return await self.suspensions.resume(rule_id, webhook)

@@ -9,6 +9,7 @@ stored finished at their first write in one partition, as JSON arrays (see
 
 from __future__ import annotations
 
+import logging
 import operator
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, WriteBatch
 from crmhooks.store.files import chunks, columns, select_in_writer
 from crmhooks.store.writer import Writer
 from crmhooks.values import keyed
+
+log = logging.getLogger("crmhooks.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS actions (
@@ -47,6 +50,10 @@ CREATE TABLE IF NOT EXISTS actions (
 CREATE INDEX IF NOT EXISTS actions_due ON actions (partition, due_ms) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS actions_record ON actions (record_key) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS actions_finished ON actions (finished_ms) WHERE status != 'pending';
+-- A config change (SPEC §5): the pending actions of an organisation, of a (rule,
+-- webhook) that is gone, found without reading every pending action.
+CREATE INDEX IF NOT EXISTS actions_config
+    ON actions (org_id, rule_id, webhook, partition) WHERE status = 'pending';
 -- Changelog records each holding the rows of actions finished at their first write
 -- (``WriteBatch.done``) of one transaction and partition: what a purge tombstones.
 CREATE TABLE IF NOT EXISTS done_batches (
@@ -177,9 +184,16 @@ class ActionTable:
         return f"ActionTable({str(self._writer.path)!r})"
 
     async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
+        found = await columns(conn, "actions")
         # Made before round 8: every row had a changelog record of its own.
-        if (found := await columns(conn, "actions")) and "logged" not in found:
+        if found and "logged" not in found:
             await conn.execute("ALTER TABLE actions ADD COLUMN logged TEXT NOT NULL DEFAULT 'a'")
+        # Made before config changes were swept: the schema adds the index, once.
+        if found and not await _has_index(conn, "actions_config"):
+            log.info(
+                "store %s: indexing pending actions by organisation, rule and webhook (once)",
+                self._writer.path,
+            )
 
     # -- writes (inside the writer's transaction) ------------------------------
 
@@ -419,6 +433,56 @@ class ActionTable:
             async with self._writer.conn.execute(sql, params) as cur:
                 return [_action_from_row(row) async for row in cur]
 
+    async def pending_combinations(
+        self, partitions: Sequence[int], org_id: str | None = None
+    ) -> list[tuple[str, str, str]]:
+        """The distinct (org, rule, webhook) of the pending actions of ``partitions`` (of
+        one organisation, or of all): a walk of the index ``actions_config`` alone."""
+        if not partitions:
+            return []
+        marks = ",".join("?" * len(partitions))
+        if org_id is None:
+            sql = (
+                "SELECT DISTINCT org_id, rule_id, webhook FROM actions "
+                f"WHERE status = 'pending' AND partition IN ({marks})"
+            )
+            rows = await self._writer.read(sql, list(partitions))
+        else:
+            sql = (
+                "SELECT DISTINCT org_id, rule_id, webhook FROM actions "
+                f"WHERE status = 'pending' AND org_id = ? AND partition IN ({marks})"
+            )
+            rows = await self._writer.read(sql, [org_id, *partitions])
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def pending_of(
+        self,
+        combination: tuple[str, str, str],
+        partition: int,
+        after_rowid: int = 0,
+        limit: int = 1000,
+    ) -> list[tuple[int, Action]]:
+        """Pending actions of one (org, rule, webhook) in ``partition``, in chunks: up to
+        ``limit`` after ``after_rowid``, each with its rowid (where the next chunk starts).
+        In the index's order, nothing sorted."""
+        org_id, rule_id, webhook = combination
+        sql = (
+            f"SELECT rowid, {_ACTION_COLUMNS} FROM actions WHERE status = 'pending' "
+            "AND org_id = ? AND rule_id = ? AND webhook = ? AND partition = ? AND rowid > ? "
+            "ORDER BY rowid LIMIT ?"
+        )
+        rows = await self._writer.read(
+            sql, [org_id, rule_id, webhook, partition, after_rowid, limit]
+        )
+        return [(int(row[0]), _action_from_row(row[1:])) for row in rows]
+
     async def count_pending(self) -> int:
         rows = await self._writer.read("SELECT count(*) FROM actions WHERE status = 'pending'")
         return int(rows[0][0]) if rows else 0
+
+
+async def _has_index(conn: aiosqlite.Connection, name: str) -> bool:
+    async with conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)
+    ) as cur:
+        return await cur.fetchone() is not None

@@ -13,6 +13,7 @@ encodes and restores its records:
     e  the event that triggered an instant action   events.py
     q  a quota counter                       quota.py
     s  a suspension                          suspensions.py
+    c  a refused config document dead-lettered  documents.py
 """
 
 from __future__ import annotations

@@ -177,6 +177,14 @@ class SuspensionTable:
         )
         return {(r[0], r[1], r[2]): (int(r[3]), bool(r[4]), r[5]) for r in rows}
 
+    async def rows(self) -> list[tuple[str, str, str, int, int, bool, str]]:
+        """Every row: (org, rule, webhook, partition, failed actions, suspended, fingerprint)."""
+        rows = await self._writer.read(
+            "SELECT org_id, rule_id, webhook, partition, failed_actions, suspended, fingerprint "
+            "FROM suspensions"
+        )
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4]), bool(r[5]), r[6]) for r in rows]
+
     async def resume(self, rule_id: str, webhook: str) -> int:
         """Lift the suspension of (rule, webhook) in every organisation; returns how many.
 

@@ -1,0 +1,129 @@
+"""``crmhooks config push / get / rm``: an organisation's document on the config topic
+(SPEC §3.2, §11).
+
+``push`` checks the document as every processor will (the same validation against
+the same config file, and the same compile), so what it accepts they accept; it
+writes the document as JSON (a TOML file is converted), creating the compacted
+topic if it is missing, and returns once Kafka acknowledged it. ``get`` reads the
+topic to its end and prints the organisation's document in force — its latest
+valid one — with every secret as ``***``. ``rm`` writes the tombstone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from crmhooks.config import (
+    Config,
+    ConfigError,
+    OrgDocument,
+    decode_org_document,
+    parse_document,
+)
+from crmhooks.config.masking import masked_document
+from crmhooks.errors import CrmhooksError
+from crmhooks.kafka_clients import read_topic
+from crmhooks.kafka_documents import ensure_config_topic, produce_document
+from crmhooks.orgconfig import OrgConfigs
+from crmhooks.progress import Progress
+from crmhooks.snapshot import CompiledFile
+
+
+def config_topic(config: Config, path: str) -> str:
+    topic = config.kafka.config_topic
+    if not topic:
+        raise CrmhooksError(f"{path}: kafka.config_topic is not set: there is no config topic")
+    return topic
+
+
+def checked(config: Config, org_id: str, raw: Any) -> OrgDocument:
+    """The document as the processors will check it: ConfigError listing every error."""
+    document = decode_org_document(raw, config, org_id)
+    try:
+        OrgConfigs(CompiledFile(config), None).compile(document)
+    except Exception as exc:
+        raise ConfigError([f"document: does not compile: {exc}"]) from exc
+    return document
+
+
+def read_document_file(path: str) -> Any:
+    """A document file (JSON or TOML) as data; ConfigError naming the file."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_document(text)
+
+
+async def push(config: Config, config_path: str, org_id: str, path: str) -> str:
+    """Check and write ``org_id``'s document from ``path``; a line saying where it went."""
+    topic = config_topic(config, config_path)
+    raw = read_document_file(path)
+    document = checked(config, org_id, raw)
+    value = orjson.dumps(raw)
+    await ensure_config_topic(config.kafka, topic)
+    partition, offset = await produce_document(config.kafka, topic, org_id, value)
+    return (
+        f"{org_id}: document written to {topic} (partition {partition}, offset {offset}): "
+        f"{_count(len(document.webhooks), 'webhook')}, {_count(len(document.rules), 'rule')}"
+    )
+
+
+async def remove(config: Config, config_path: str, org_id: str) -> str:
+    topic = config_topic(config, config_path)
+    await ensure_config_topic(config.kafka, topic)
+    partition, offset = await produce_document(config.kafka, topic, org_id, None)
+    return (
+        f"{org_id}: tombstone written to {topic} (partition {partition}, offset {offset}): "
+        "the config file applies to it again"
+    )
+
+
+async def get(
+    config: Config,
+    config_path: str,
+    org_id: str,
+    progress: Progress | None = None,
+    notes: TextIO | None = None,
+) -> dict[str, Any]:
+    """The organisation's document in force, its secrets as ``***``; CrmhooksError when
+    it has none."""
+    topic = config_topic(config, config_path)
+    mine: list[tuple[int, int, bytes | None]] = []
+    key = org_id.encode()
+    read = 0
+    async for rec in read_topic(config.kafka, topic, idle_timeout_s=5.0):
+        read += 1
+        if progress is not None:
+            progress.update(read, note=f"records read, {len(mine)} of {org_id}")
+        if rec.key == key:
+            mine.append((rec.partition, rec.offset, rec.value))
+    refused = 0
+    for partition, offset, value in reversed(mine):
+        if value is None:
+            break  # a tombstone: nothing older counts
+        try:
+            document = checked(config, org_id, value)
+        except ConfigError as exc:
+            refused += 1
+            print(
+                f"note: {org_id}'s document at {partition}/{offset} is refused "
+                f"({len(exc.errors)} errors); an older one is in force",
+                file=notes or sys.stderr,
+            )
+            continue
+        shown: dict[str, Any] = masked_document(parse_document(value), document.secret_values())
+        return shown
+    raise CrmhooksError(
+        f"{org_id}: no document in force on {topic} (read {read} records"
+        + (f", {refused} refused" if refused else "")
+        + "): the config file applies to it"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
