@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgspec.structs import fields, replace
 
-from crmhooks import events
+from crmhooks import event_shape, events, rfc3339
 from crmhooks.errors import InvalidEvent
 from crmhooks.events import (
     DEFAULT_MAX_EVENT_BYTES,
@@ -783,12 +783,12 @@ def test_rfc3339_cached_heads_and_tails_combine_as_the_reference_parser() -> Non
 
 def test_the_rfc3339_caches_are_bounded() -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    for second in range(events._CACHE_SIZE + 10):
+    for second in range(rfc3339._CACHE_SIZE + 10):
         moment = start + timedelta(seconds=second, milliseconds=second % 1000)
         text = moment.isoformat(timespec="milliseconds").replace("+00:00", "+01:30")
         assert parse_rfc3339_ms(text) == reference_rfc3339_ms(text)
-        assert len(events._HEAD_MS) <= events._CACHE_SIZE
-        assert len(events._TAIL_MS) <= events._CACHE_SIZE
+        assert len(rfc3339._HEAD_MS) <= rfc3339._CACHE_SIZE
+        assert len(rfc3339._TAIL_MS) <= rfc3339._CACHE_SIZE
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -1104,7 +1104,7 @@ def strict(outcome: Any) -> Any:
 @settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
 @given(data=event_texts())
 def test_the_typed_fast_path_decides_as_the_checked_one(data: bytes) -> None:
-    fast = events._typed_event(data)
+    fast = event_shape.typed_event(data)
     checked = bytes_outcome(decode_checked, data)
     if fast is not None:  # only what the checked path accepts, as it builds it
         assert strict(bytes_outcome(lambda _: fast, data)) == strict(checked)
@@ -1179,7 +1179,7 @@ def test_a_wanted_event_keeps_the_keys_the_fast_path_does_not_know() -> None:
     ],
 )
 def test_valid_events_take_the_typed_fast_path(data: bytes) -> None:
-    fast = events._typed_event(data)
+    fast = event_shape.typed_event(data)
     assert fast is not None
     assert bytes_outcome(lambda _: fast, data) == bytes_outcome(decode_checked, data)
 
@@ -1194,7 +1194,7 @@ def test_valid_events_take_the_typed_fast_path(data: bytes) -> None:
     ],
 )
 def test_what_the_typed_fast_path_leaves_to_the_checked_one(data: bytes) -> None:
-    assert events._typed_event(data) is None
+    assert event_shape.typed_event(data) is None
     decode_or_error(data)  # decided there, event or error
 
 

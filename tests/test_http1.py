@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import uvloop
 
-from crmhooks import http1
+from crmhooks import http1_connection
 from crmhooks.delivery import split_url
 from crmhooks.http1 import (
     MAX_HEAD_BYTES,
@@ -197,7 +197,7 @@ async def test_idle_connection_closed_by_the_receiver_is_not_used(server: RawSer
 
 
 async def test_idle_connections_expire(server: RawServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http1, "KEEPALIVE_S", 0.0)
+    monkeypatch.setattr(http1_connection, "KEEPALIVE_S", 0.0)
     pool = Http1Pool(connect_timeout_s=1.0)
     await fetch(pool, server, "/a")
     assert "idle=1" in repr(pool)

@@ -37,9 +37,10 @@ import orjson
 from crmhooks.actions import Action
 from crmhooks.clock import Clock
 from crmhooks.config import Webhook
-from crmhooks.delivery import Outcome, Transport
+from crmhooks.delivery import Transport
 from crmhooks.endpoints import scrub
 from crmhooks.metrics import Metrics
+from crmhooks.outcomes import Outcome
 from crmhooks.results import rfc3339_ms
 from crmhooks.snapshot import LiveConfig
 from crmhooks.templates import RenderedRequest

@@ -4,9 +4,9 @@
 config snapshot. ``OAuth2ClientCredentials`` gets a token from its token
 endpoint (RFC 6749 §4.4); ``OAuth2Tokens`` caches it, shares one token request
 among all deliveries that need it at the same time, and forgets a token the
-receiver refused. The HTTP exchange with the token endpoint is the transport's
-(``delivery.HttpTransport``: SSRF guard, proxy, TLS); this module builds the
-request and reads the answer.
+receiver refused. The HTTP exchange with the token endpoint is
+``oauth2.OAuth2Exchange``'s (the way the transport's requests go: SSRF guard,
+proxy, TLS); this module builds the request and reads the answer.
 
 No secret (password, token, client secret) appears in a ``repr`` or an error.
 """

@@ -13,7 +13,7 @@
     └── AdminError                the admin endpoint cannot listen (address in use, bad address)
 
 Third-party exceptions (aiohttp, aiokafka, sqlite3) are translated once, in the
-module that talks to them (delivery, kafka_io, store).
+module that talks to them (outcomes, for delivery; kafka_io, store).
 """
 
 from __future__ import annotations

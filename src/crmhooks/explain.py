@@ -1,8 +1,8 @@
 """Why a rule matched an event or not: the trigger and each condition, with the event's values.
 
 ``crmhooks explain`` answers "why didn't my webhook fire?". Each condition is
-evaluated by the very closure the processor compiles (``rules.compile_condition``),
-and ``all``/``any``/``not`` combine them as ``rules.compile_criteria`` does (a
+evaluated by the very closure the processor compiles (``criteria.compile_condition``),
+and ``all``/``any``/``not`` combine them as ``criteria.compile_criteria`` does (a
 property test holds the verdicts equal), so the explanation can never disagree
 with what the processor decides. What lives in the running processor's store
 (``repeat = "once"`` flags, suspensions) is taken from ``StoredState`` when the
@@ -20,10 +20,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from crmhooks.config import AllOf, AnyOf, Condition, Config, Criteria, Not, Rule
+from crmhooks.criteria import compile_condition, field_value
 from crmhooks.events import RecordEvent
 from crmhooks.logs import escape_controls
 from crmhooks.modules import UNSUPPORTED_MODULES, ModuleCatalog
-from crmhooks.rules import RuleIndex, compile_condition, field_value, trigger_fires
+from crmhooks.rules import RuleIndex, trigger_fires
 from crmhooks.timers import compute_due_ms
 
 # Operators that take no value, and those whose value is a list.

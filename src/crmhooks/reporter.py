@@ -22,12 +22,12 @@ from crmhooks.checkpoint import Checkpoint, Unstored
 from crmhooks.clock import Clock
 from crmhooks.config import KafkaSettings
 from crmhooks.dead_letters import as_record, produce_refused
-from crmhooks.delivery import Outcome
 from crmhooks.errors import InvalidEvent, RecordsTooLarge
 from crmhooks.events import RecordEvent
 from crmhooks.kafka_io import BatchRecord, Skipped
 from crmhooks.logs import about
 from crmhooks.metrics import Metrics
+from crmhooks.outcomes import Outcome
 from crmhooks.results import DEAD_LETTER_MAX_BYTES, dead_letter, encode, result_record
 from crmhooks.store import Store, WriteBatch
 

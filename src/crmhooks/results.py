@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 
 from crmhooks.actions import Action
-from crmhooks.delivery import Outcome
 from crmhooks.events import RecordEvent
+from crmhooks.outcomes import Outcome
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -20,9 +20,10 @@ from typing import TextIO
 
 from crmhooks.clock import SystemClock
 from crmhooks.config import Config, Webhook
-from crmhooks.delivery import HttpTransport, Outcome
+from crmhooks.delivery import HttpTransport
 from crmhooks.errors import TemplateError
 from crmhooks.logs import escape_controls
+from crmhooks.outcomes import Outcome
 from crmhooks.showing import shown_request
 from crmhooks.snapshot import endpoint_of
 from crmhooks.templates import CompiledWebhook, RenderContext

@@ -280,7 +280,7 @@ class Condition:
     op: str
     # A str, int, float or bool; a 2-tuple for ``between``, a tuple for ``in``/
     # ``not_in``; None for ``is_empty``/``is_not_empty``/``changed``. TOML dates
-    # and datetimes are stored as ISO strings (compared as dates by crmhooks.rules).
+    # and datetimes are stored as ISO strings (compared as dates by crmhooks.comparisons).
     value: Any = None
 
 

@@ -1,7 +1,7 @@
 """A request as an operator sees it (``preview``, ``send-test``): the headers crmhooks
 sends, in the order it sends them, with every secret shown as ``***`` (SPEC §3.1).
 
-The transport builds the real head (``delivery._static_head``); this mirrors it
+The transport builds the real head (``request_head._static_head``); this mirrors it
 for display: the template's headers, then ``User-Agent`` (unless the template
 sets one), ``Accept-Encoding``, the ``webhook-*`` headers, ``Authorization``
 (from ``[webhooks.auth]``, or the URL's ``user:password``), ``Accept``.

@@ -15,8 +15,9 @@ from msgspec.structs import replace
 
 from crmhooks.actions import Action, action_ids, first_action_id
 from crmhooks.config import Config, OrgSettings, Rule
+from crmhooks.criteria import evaluate
 from crmhooks.events import RecordEvent
-from crmhooks.rules import evaluate, trigger_fires
+from crmhooks.rules import trigger_fires
 from crmhooks.timers import compute_due_ms
 
 
