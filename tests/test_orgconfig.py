@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from crmhooks.actions import Action
 from crmhooks.config import config_from_mapping, decode_org_document, org_document_in_part
 from crmhooks.events import event_from_json
 from crmhooks.orgconfig import OrgConfigs
@@ -173,3 +174,27 @@ def test_the_valid_part_of_a_document() -> None:
     assert set(part.webhooks) == {"Mine"}
     assert [r.id for r in part.rules] == ["mine", "shared"]
     assert [e.split(": ")[0] for e in errors] == ["webhooks[Bad].url"]
+
+
+async def test_live_target_is_the_target_unless_the_rule_or_its_webhook_is_gone(
+    tmp_path: Path,
+) -> None:
+    """What an attempt asks (one look-up) answers as ``target`` and ``gone`` together,
+    for organisations with a document and without, and for every pair, named or not."""
+    async with Store(tmp_path / "s.db") as store:
+        await stored(store, document())
+        live = LiveConfig.of(config_from_mapping(FILE, {}))
+        live.with_documents(OrgConfigs(live.current.file, store.documents, ["org-acme"]))
+        now = live.current
+        seen = 0
+        for org in ("org-acme", "org-beta"):
+            for rule in ("audit", "acme", "mine", "shared", "nope"):
+                for webhook in ("Audit", "AcmeHook", "Mine", "Nope"):
+                    a = Action(f"e:{rule}:{webhook}", "e", org, "Potentials", "1", rule,
+                               webhook, "instant", 0, 0, 0, 0)  # fmt: skip
+                    want = None if now.gone(org, rule, webhook) else now.target(org, webhook)
+                    assert now.live_target(a) is want, (org, rule, webhook)
+                    seen += want is not None
+        # audit/Audit for both organisations; mine/Mine and shared/Audit for org-acme
+        # (its document replaced the file's acme/AcmeHook, which org-beta never had).
+        assert seen == 4

@@ -203,9 +203,8 @@ class Dispatcher:
         report ends it), False when it ended here."""
         if not self._owns(action.partition):
             return False  # revoked while it waited for its host: the new owner fires it
-        snapshot = self._config.current
-        target = snapshot.target(action.org_id, action.webhook)
-        if target is None or snapshot.removed(action):
+        target = self._config.current.live_target(action)
+        if target is None:
             await self._reporter.final(action, "cancelled", reason="config_removed")
             return False
         event = await self._scheduler.record_of(action)

@@ -100,7 +100,7 @@ class CompiledFile:
     """The config file compiled: what organisations without a document use, and the
     organisation-less rules and webhooks that every organisation shares. Immutable."""
 
-    __slots__ = ("catalog", "config", "index", "rules", "shared_index", "targets")
+    __slots__ = ("catalog", "config", "index", "pairs", "rules", "shared_index", "targets")
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -108,6 +108,14 @@ class CompiledFile:
         self.index = RuleIndex(config.rules, self.catalog)
         self.rules = {r.id: r for r in config.rules}
         self.targets = {name: Target.of(w, self.catalog) for name, w in config.webhooks.items()}
+        # (rule id, webhook) → the rule and the webhook's target, for every webhook a
+        # rule names that exists: what an action firing asks (``live_target``).
+        self.pairs = {
+            (rule.id, name): (rule, self.targets[name])
+            for rule in config.rules
+            for name in rule.webhook_names
+            if name in self.targets
+        }
         shared = [r for r in config.rules if r.org is None]
         # The organisation-less rules alone, for organisations with a document (None:
         # there are none, the common case: nothing to ask per event).
@@ -125,6 +133,19 @@ class CompiledFile:
     def target(self, org_id: str, webhook: str) -> Target | None:
         found = self.targets.get(webhook)
         if found is None or (found.webhook.org is not None and found.webhook.org != org_id):
+            return None
+        return found
+
+    def live_target(self, org_id: str, rule_id: str, webhook: str) -> Target | None:
+        """``target``, when the rule still exists for ``org_id`` and still names the
+        webhook; else None (one dict get: asked at every attempt)."""
+        pair = self.pairs.get((rule_id, webhook))
+        if pair is None:
+            return None
+        rule, found = pair
+        if (rule.org is not None and rule.org != org_id) or (
+            found.webhook.org is not None and found.webhook.org != org_id
+        ):
             return None
         return found
 
@@ -192,6 +213,18 @@ class ConfigSnapshot:
     def removed(self, action: Action) -> bool:
         """Whether the action's rule, or its webhook in that rule, no longer exists."""
         return self.gone(action.org_id, action.rule_id, action.webhook)
+
+    def live_target(self, action: Action) -> Target | None:
+        """The webhook the action sends to now; None when its rule, or its webhook in
+        that rule, no longer exists (``removed``)."""
+        orgs = self.orgs
+        compiled = None if orgs is None else orgs.get(action.org_id)
+        if compiled is None:
+            return self.file.live_target(action.org_id, action.rule_id, action.webhook)
+        if self.gone(action.org_id, action.rule_id, action.webhook):
+            return None
+        assert orgs is not None
+        return orgs.target(compiled, action.webhook)
 
     def candidates(self, org_id: str, module: str) -> Sequence[Rule]:
         """The rules of the organisation for events of ``module``, in config order (the
