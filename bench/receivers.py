@@ -344,11 +344,20 @@ async def oauth2(bench: Bench) -> None:
     pairs: list[tuple[Run, Burst]] = []
     try:
         for run in range(bench.sizes.instant_pairs):
-            plain = await processor_run(bench, *arm(bench, run, url, None), None, "no auth")
-            plain_us = plain.cpu_figures[0].value if plain.cpu_figures else None
-            with_token = await processor_run(
-                bench, *arm(bench, run, url, token_url), plain_us, "OAuth2"
-            )
+            # The arms' order alternates: the second run of a pair is not always the
+            # same one (a machine speeding up or slowing down favours neither).
+            if run % 2 == 0:
+                plain = await processor_run(bench, *arm(bench, run, url, None), None, "no auth")
+                plain_us = plain.cpu_figures[0].value if plain.cpu_figures else None
+                with_token = await processor_run(
+                    bench, *arm(bench, run, url, token_url), plain_us, "OAuth2"
+                )
+            else:
+                with_token = await processor_run(
+                    bench, *arm(bench, run, url, token_url), None, "OAuth2"
+                )
+                plain = await processor_run(bench, *arm(bench, run, url, None), None, "no auth")
+                plain_us = plain.cpu_figures[0].value if plain.cpu_figures else None
             say(f"  pair {run + 1}: no auth {plain.rate:,.0f}/s, OAuth2 {with_token.rate:,.0f}/s")
             pairs.append((Run(plain.rate, plain_us or 0.0, 0.0), with_token))
     finally:
