@@ -14,7 +14,7 @@ import pytest
 from crmhooks import cli
 from crmhooks.config import KafkaSettings
 from crmhooks.kafka_documents import produce_document
-from tests.support import bootstrap_servers
+from tests.support import bootstrap_servers, event
 
 pytestmark = pytest.mark.kafka
 
@@ -136,3 +136,42 @@ def test_an_unreachable_broker_or_no_config_topic_is_a_one_line_error(
     assert capsys.readouterr().err == (
         f"crmhooks: {config}: kafka.config_topic is not set: there is no config topic\n"
     )
+
+
+def test_explain_and_preview_use_the_organisations_document(
+    setup: tuple[Path, str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An organisation configured on the config topic: explain and preview look at its
+    document, as the processors do, and say so; another organisation gets the file."""
+    config, topic, org = setup
+    doc = tmp_path / "org.toml"
+    doc.write_text(DOCUMENT_TOML.format(org=org), encoding="utf-8")
+    assert run("config", "push", "--config", str(config), "--org", org, "--file", str(doc)) == 0
+    capsys.readouterr()
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(event(1, org_id=org)), encoding="utf-8")
+    assert run("explain", "--config", str(config), "--event", str(mine)) == 0
+    captured = capsys.readouterr()
+    assert f"{org} is configured by its document on {topic} (partition 0, offset 0)" in (
+        captured.err
+    )
+    assert "commission-on-close" in captured.out
+    assert "matched" in captured.out
+    assert run("preview", "--config", str(config), "--webhook", "CreatorCommission",
+               "--event", str(mine)) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "POST https://creator.example.com/api/xml/write", captured.out
+    assert "Authorization: Bearer ***" in lines  # the document's auth, masked
+    assert lines[-1] == "apikey=***"  # its custom parameter, in the form body
+    assert "acme-" not in captured.out
+    # Another organisation: no document, the file (which has no rules) applies.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(event(2, org_id=f"{org}-other")), encoding="utf-8")
+    assert run("explain", "--config", str(config), "--event", str(other)) == 0
+    captured = capsys.readouterr()
+    assert f"{org}-other has no document on {topic}: the config file applies" in captured.err
+    assert "commission-on-close" not in captured.out
+    assert run("preview", "--config", str(config), "--webhook", "CreatorCommission",
+               "--event", str(other)) == 2  # fmt: skip
+    assert "no webhook named 'CreatorCommission'" in capsys.readouterr().err

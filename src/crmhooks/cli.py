@@ -162,6 +162,39 @@ def _preview_action_id(config: Config, event: RecordEvent, webhook: str) -> str:
     return f"{event.event_id}:<rule>:{webhook}"  # no rule sends it (yet)
 
 
+def _as_for_org(config: Config, args: argparse.Namespace, command: str) -> Config:
+    """``config`` as it applies to the organisation of the event file: with the
+    organisation's document from the config topic when the file names one and the
+    organisation has one there (SPEC §3.2), as the processors would use it."""
+    topic = config.kafka.config_topic
+    if not topic:
+        return config
+    from crmhooks.config_commands import document_in_force, with_document
+
+    event = _preview_event(args.event, config.kafka.max_event_bytes)
+    try:
+        found = asyncio.run(document_in_force(config, args.config, event.org_id, notes=sys.stderr))
+    except CrmhooksError as exc:
+        print(
+            f"{command}: note: {topic} not read ({exc}); the config file's webhooks "
+            "and rules are used",
+            file=sys.stderr,
+        )
+        return config
+    if found is None:
+        print(
+            f"{command}: note: {event.org_id} has no document on {topic}: the config file applies",
+            file=sys.stderr,
+        )
+        return config
+    print(
+        f"{command}: note: {event.org_id} is configured by its document on {topic} "
+        f"(partition {found.partition}, offset {found.offset})",
+        file=sys.stderr,
+    )
+    return with_document(config, found.document)
+
+
 def _webhook_and_event(
     config: Config, args: argparse.Namespace, command: str
 ) -> tuple[Webhook, RecordEvent, RenderContext]:
@@ -204,6 +237,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     """
     config = _load(args.config)
     try:
+        config = _as_for_org(config, args, "preview")
         webhook, event, ctx = _webhook_and_event(config, args, "preview")
     except _PreviewError as exc:
         print(f"preview: {exc}", file=sys.stderr)
@@ -229,6 +263,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     try:
+        config = _as_for_org(config, args, "send-test")
         webhook, _, ctx = _webhook_and_event(config, args, "send-test")
     except _PreviewError as exc:
         print(f"send-test: {exc}", file=sys.stderr)
@@ -244,6 +279,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     try:
+        config = _as_for_org(config, args, "explain")
         event = _preview_event(args.event, config.kafka.max_event_bytes)
     except _PreviewError as exc:
         print(f"explain: {exc}", file=sys.stderr)

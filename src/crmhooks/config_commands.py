@@ -11,9 +11,10 @@ valid one — with every secret as ``***``. ``rm`` writes the tombstone.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import orjson
 
@@ -83,15 +84,24 @@ async def remove(config: Config, config_path: str, org_id: str) -> str:
     )
 
 
-async def get(
+class InForce(NamedTuple):
+    """An organisation's document in force on the config topic, and where it is."""
+
+    document: OrgDocument
+    value: bytes
+    partition: int
+    offset: int
+
+
+async def document_in_force(
     config: Config,
     config_path: str,
     org_id: str,
     progress: Progress | None = None,
     notes: TextIO | None = None,
-) -> dict[str, Any]:
-    """The organisation's document in force, its secrets as ``***``; CrmhooksError when
-    it has none."""
+) -> InForce | None:
+    """The organisation's latest valid document on the config topic, read to its end;
+    None when it has none (never pushed, or removed by a tombstone)."""
     topic = config_topic(config, config_path)
     mine: list[tuple[int, int, bytes | None]] = []
     key = org_id.encode()
@@ -102,26 +112,54 @@ async def get(
             progress.update(read, note=f"records read, {len(mine)} of {org_id}")
         if rec.key == key:
             mine.append((rec.partition, rec.offset, rec.value))
-    refused = 0
     for partition, offset, value in reversed(mine):
         if value is None:
-            break  # a tombstone: nothing older counts
+            return None  # a tombstone: nothing older counts
         try:
             document = checked(config, org_id, value)
         except ConfigError as exc:
-            refused += 1
             print(
                 f"note: {org_id}'s document at {partition}/{offset} is refused "
                 f"({len(exc.errors)} errors); an older one is in force",
                 file=notes or sys.stderr,
             )
             continue
-        shown: dict[str, Any] = masked_document(parse_document(value), document.secret_values())
-        return shown
-    raise CrmhooksError(
-        f"{org_id}: no document in force on {topic} (read {read} records"
-        + (f", {refused} refused" if refused else "")
-        + "): the config file applies to it"
+        return InForce(document, value, partition, offset)
+    return None
+
+
+async def get(
+    config: Config,
+    config_path: str,
+    org_id: str,
+    progress: Progress | None = None,
+    notes: TextIO | None = None,
+) -> dict[str, Any]:
+    """The organisation's document in force, its secrets as ``***``; CrmhooksError when
+    it has none."""
+    found = await document_in_force(config, config_path, org_id, progress, notes)
+    if found is None:
+        raise CrmhooksError(
+            f"{org_id}: no document in force on {config_topic(config, config_path)}: "
+            "the config file applies to it"
+        )
+    shown: dict[str, Any] = masked_document(
+        parse_document(found.value), found.document.secret_values()
+    )
+    return shown
+
+
+def with_document(config: Config, document: OrgDocument) -> Config:
+    """``config`` as it applies to the document's organisation (SPEC §3.2): the file's
+    organisation-less webhooks and rules, then the document's; its settings the
+    document's. For the commands that look at one organisation's event (preview,
+    send-test, explain)."""
+    org = document.org.id
+    webhooks = {name: w for name, w in config.webhooks.items() if w.org is None}
+    webhooks.update(document.webhooks)
+    rules = tuple(r for r in config.rules if r.org is None) + tuple(document.rules)
+    return dataclasses.replace(
+        config, orgs={**config.orgs, org: document.org}, webhooks=webhooks, rules=rules
     )
 
 
