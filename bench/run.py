@@ -469,10 +469,7 @@ class Bench:
         stay on PLAINTEXT."""
         n = self.sizes.instant
         name = f"instant{run}" + ("-secured" if kafka else "")
-        # A fresh store: one left by an earlier run of this number would know these
-        # events' action ids as finished, and send nothing.
-        for suffix in ("", "-wal", "-shm"):
-            (self.workdir / f"{name}.db{suffix}").unlink(missing_ok=True)
+        fresh(self.workdir, name)
         topics = new_topics(name, PARTITIONS)
         await create_topics(self.bootstrap, topics)
         await self.produce(topics, spread(n, "Closed Won", f"i{run}"))
@@ -574,6 +571,7 @@ class Bench:
         the end."""
         topics = topics or self.filter_topics
         assert topics is not None
+        fresh(self.workdir, f"filter{run}")
         n = self.sizes.filtering
         await self.sink.reset()
         config = with_admin(self.filter_config(topics, run, kafka), scrape_s)
@@ -629,7 +627,7 @@ class Bench:
             "each (PLAINTEXT, then SASL_SSL)"
         )
         bare_us = self.bare_client_cpu_us or 0.0
-        # Run numbers from SECURITY_FIRST_RUN: apart from the admin scenario's (100...).
+        # Run numbers from SECURITY_FIRST_RUN: apart from every other scenario's.
         first = SECURITY_FIRST_RUN
         instant = [
             (
@@ -1058,6 +1056,16 @@ class Bench:
         )
 
 
+def fresh(workdir: Path, name: str) -> None:
+    """No files left by an earlier run of the same name: its store would know these
+    events' action ids as finished (and send nothing), and its log's lines (appended
+    to) would be read as this run's (its partition assignment, for the zstd timing)."""
+    logs = [p for p in workdir.glob(f"{name}-*.log") if p.name[len(name) + 1 : -4].isdigit()]
+    for path in (workdir / f"{name}.db", *logs):
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
 def assigned_at_ms(log: Path) -> float | None:
     """When the processor logged its first partition assignment (epoch ms), from its
     log's local-time stamps (``2026-12-06 21:09:13,554``)."""
@@ -1125,8 +1133,8 @@ SCENARIOS: dict[str, Callable[[Bench], Coroutine[Any, Any, None]]] = {
 # minutes together. Run with ``--extended``, or named in ``--only``.
 EXTENDED = ("steady", "config", "admin", "https", "origins", "oauth2")
 # The security scenario's run numbers (its files in var/bench-run): apart from the
-# instant and filtering scenarios' (0...) and the admin scenario's (100...).
-SECURITY_FIRST_RUN = 200
+# instant and filtering scenarios' (0...), the admin's (100...) and zstd's (200...).
+SECURITY_FIRST_RUN = 300
 
 
 async def main_async(args: argparse.Namespace) -> int:
