@@ -11,9 +11,7 @@ import pytest
 
 from crmhooks.clock import FakeClock
 from crmhooks.store import Store, WriteBatch
-from crmhooks.store import actions as actions_module
-from crmhooks.store import events as events_module
-from crmhooks.store import quota as quota_module
+from crmhooks.store import changes as changes_module
 from crmhooks.store import records as records_module
 from crmhooks.store.quota import oldest_day_kept
 from tests.test_store import FakeChangelog, action
@@ -123,8 +121,7 @@ async def test_quota_days_over_everywhere_go_with_tombstones(tmp_path: Path) -> 
 async def test_a_purge_goes_in_chunks_of_their_own_transactions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for module in (actions_module, records_module, quota_module, events_module):
-        monkeypatch.setattr(module, "PURGE_CHUNK", 3)
+    monkeypatch.setattr(changes_module, "PURGE_CHUNK", 3)
     monkeypatch.setattr(records_module, "SNAPSHOT_PURGE_WINDOW", 4)
     clock = FakeClock(T0)
     changelog = FakeChangelog()

@@ -19,9 +19,15 @@ import aiosqlite
 import orjson
 
 from crmhooks.actions import Action
-from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, WriteBatch
+from crmhooks.store.changes import (
+    SEP,
+    ChangelogRecord,
+    PurgeStep,
+    StoreTable,
+    WriteBatch,
+    delete_chunk,
+)
 from crmhooks.store.files import chunks, columns, select_in_writer
-from crmhooks.store.writer import Writer
 from crmhooks.values import keyed
 
 log = logging.getLogger("crmhooks.store")
@@ -98,10 +104,6 @@ _row_dict = keyed(_ROW_FIELDS)
 # a record's snapshot while one does): the index actions_record answers it.
 PENDING_OF_RECORD = "SELECT 1 FROM actions WHERE status = 'pending' AND record_key = {}"
 
-# Finished actions (or done batches) deleted per purge transaction: ~10 ms of the
-# event loop's thread each, so timers and deliveries go on between them.
-PURGE_CHUNK = 2000
-
 
 def _done_batches(rows: list[tuple[Any, ...]]) -> list[tuple[int, str, list[tuple[Any, ...]]]]:
     """Rows (``_ROW_FIELDS`` order) by partition: (partition, batch id, rows), the batch
@@ -171,17 +173,11 @@ def _action_from_row(row: Sequence[Any]) -> Action:
     )
 
 
-class ActionTable:
+class ActionTable(StoreTable):
     """Pending and finished actions: ``store.actions``."""
 
     letters = "ad"
     schema = SCHEMA
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-
-    def __repr__(self) -> str:
-        return f"ActionTable({str(self._writer.path)!r})"
 
     async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
         found = await columns(conn, "actions")
@@ -354,30 +350,31 @@ class ActionTable:
         def finished_rows(
             db: sqlite3.Connection, out: list[ChangelogRecord] | None, cursor: int
         ) -> int | None:
-            cur = db.execute(
+            more = delete_chunk(
+                db,
+                out,
                 "DELETE FROM actions WHERE rowid IN (SELECT rowid FROM actions "
                 f"WHERE status != 'pending' AND finished_ms < ? AND partition IN ({marks}) "
                 "LIMIT ?) RETURNING partition, action_id, logged",
-                (before_ms, *partitions, PURGE_CHUNK),
+                (before_ms, *partitions),
+                # Rows of a d record leave no tombstone of their own.
+                lambda action_id, how: f"a{SEP}{action_id}" if how == "a" else None,
             )
-            gone = cur.fetchall()
-            if out is not None:  # rows of a d record leave no tombstone of their own
-                out += [(int(p), f"a{SEP}{a}".encode(), None) for p, a, how in gone if how == "a"]
-            return cursor if len(gone) == PURGE_CHUNK else None
+            return cursor if more else None
 
         def done_batches(
             db: sqlite3.Connection, out: list[ChangelogRecord] | None, cursor: int
         ) -> int | None:
-            cur = db.execute(
+            more = delete_chunk(
+                db,
+                out,
                 "DELETE FROM done_batches WHERE rowid IN (SELECT rowid FROM done_batches "
                 f"WHERE finished_ms < ? AND partition IN ({marks}) LIMIT ?) "
                 "RETURNING partition, batch_id",
-                (before_ms, *partitions, PURGE_CHUNK),
+                (before_ms, *partitions),
+                lambda batch_id: f"d{SEP}{batch_id}",
             )
-            gone = cur.fetchall()
-            if out is not None:
-                out += [(int(p), f"d{SEP}{bid}".encode(), None) for p, bid in gone]
-            return cursor if len(gone) == PURGE_CHUNK else None
+            return cursor if more else None
 
         return [finished_rows, done_batches]
 

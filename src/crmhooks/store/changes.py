@@ -21,11 +21,14 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiosqlite
 
 from crmhooks.actions import Action
+
+if TYPE_CHECKING:
+    from crmhooks.store.writer import Writer
 
 SEP = "\x1f"  # between the parts of a changelog key: never in ids (control characters)
 
@@ -163,3 +166,41 @@ class Table(Protocol):
 # first call gets cursor 0. Chunks keep each transaction short: the writer runs on
 # the event loop's thread.
 PurgeStep = Callable[[sqlite3.Connection, list[ChangelogRecord] | None, int], int | None]
+
+# Rows deleted per purge transaction: ~10 ms of the event loop's thread each, so
+# timers and deliveries go on between them.
+PURGE_CHUNK = 2000
+
+
+def delete_chunk(
+    db: sqlite3.Connection,
+    out: list[ChangelogRecord] | None,
+    sql: str,
+    params: Sequence[object],
+    tombstone: Callable[..., str | None],
+) -> bool:
+    """One chunk of a purge: ``sql`` deletes at most PURGE_CHUNK rows (its last
+    parameter, after ``params``: ``... LIMIT ?) RETURNING partition, <key columns>``);
+    each row deleted leaves the tombstone keyed ``tombstone(*key columns)`` (None: no
+    record of its own). Whether a whole chunk went: then more may be left."""
+    gone = db.execute(sql, (*params, PURGE_CHUNK)).fetchall()
+    if out is not None:
+        for partition, *key in gone:
+            name = tombstone(*key)
+            if name is not None:
+                out.append((int(partition), name.encode(), None))
+    return len(gone) == PURGE_CHUNK
+
+
+class StoreTable:
+    """What every table of the store shares: its writer, its repr, and no migration
+    (a table a version changes overrides ``migrate``)."""
+
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self._writer.path)!r})"
+
+    async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
+        """Nothing to migrate: unchanged since its first version (or new in this one)."""

@@ -23,11 +23,9 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import aiosqlite
 import orjson
 
-from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, Step, WriteBatch
-from crmhooks.store.writer import Writer
+from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, Step, StoreTable, WriteBatch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS config_documents (
@@ -82,20 +80,11 @@ class Refused:
     letter: bytes
 
 
-class DocumentTable:
+class DocumentTable(StoreTable):
     """Config-topic documents, positions and dead-letter marks: ``store.documents``."""
 
     letters = "c"
     schema = SCHEMA
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-
-    def __repr__(self) -> str:
-        return f"DocumentTable({str(self._writer.path)!r})"
-
-    async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
-        pass  # new in this version
 
     def apply(
         self, db: sqlite3.Connection, b: WriteBatch, now_ms: int, out: list[ChangelogRecord] | None

@@ -23,12 +23,16 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
 import orjson
 
-from crmhooks.store.actions import PURGE_CHUNK
-from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, WriteBatch
-from crmhooks.store.writer import Writer
+from crmhooks.store.changes import (
+    SEP,
+    ChangelogRecord,
+    PurgeStep,
+    StoreTable,
+    WriteBatch,
+    delete_chunk,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS action_events (
@@ -39,20 +43,11 @@ CREATE TABLE IF NOT EXISTS action_events (
 """
 
 
-class EventTable:
+class EventTable(StoreTable):
     """Triggering events of instant actions: ``store.events``."""
 
     letters = "e"
     schema = SCHEMA
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-
-    def __repr__(self) -> str:
-        return f"EventTable({str(self._writer.path)!r})"
-
-    async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
-        """Nothing to migrate: the table is new (a file without it gets it from ``schema``)."""
 
     # -- writes (inside the writer's transaction) ------------------------------
 
@@ -97,17 +92,17 @@ class EventTable:
         def orphans(
             db: sqlite3.Connection, out: list[ChangelogRecord] | None, cursor: int
         ) -> int | None:
-            cur = db.execute(
+            more = delete_chunk(
+                db,
+                out,
                 "DELETE FROM action_events WHERE rowid IN (SELECT e.rowid FROM action_events e "
                 f"WHERE e.partition IN ({marks}) AND NOT EXISTS "
                 "(SELECT 1 FROM actions a WHERE a.action_id = e.action_id) LIMIT ?) "
                 "RETURNING partition, action_id",
-                (*partitions, PURGE_CHUNK),
+                partitions,
+                lambda action_id: f"e{SEP}{action_id}",
             )
-            gone = cur.fetchall()
-            if out is not None:
-                out += [(int(p), f"e{SEP}{a}".encode(), None) for p, a in gone]
-            return cursor if len(gone) == PURGE_CHUNK else None
+            return cursor if more else None
 
         return [orphans]
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime, timedelta
 
-import aiosqlite
-
-from crmhooks.store.actions import PURGE_CHUNK
-from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, WriteBatch
-from crmhooks.store.writer import Writer
+from crmhooks.store.changes import (
+    SEP,
+    ChangelogRecord,
+    PurgeStep,
+    StoreTable,
+    WriteBatch,
+    delete_chunk,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS quota (
@@ -40,20 +43,11 @@ def oldest_day_kept(before_ms: int) -> str:
     return day.isoformat()
 
 
-class QuotaTable:
+class QuotaTable(StoreTable):
     """Counters per organisation and day: ``store.quota``."""
 
     letters = "q"
     schema = SCHEMA
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-
-    def __repr__(self) -> str:
-        return f"QuotaTable({str(self._writer.path)!r})"
-
-    async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
-        pass  # unchanged since the first version
 
     def apply(
         self, db: sqlite3.Connection, b: WriteBatch, now_ms: int, out: list[ChangelogRecord] | None
@@ -99,16 +93,16 @@ class QuotaTable:
         def old_days(
             db: sqlite3.Connection, out: list[ChangelogRecord] | None, cursor: int
         ) -> int | None:
-            cur = db.execute(
+            more = delete_chunk(
+                db,
+                out,
                 "DELETE FROM quota WHERE rowid IN (SELECT rowid FROM quota "
                 f"WHERE day < ? AND partition IN ({marks}) LIMIT ?) "
                 "RETURNING partition, org_id, day",
-                (oldest, *partitions, PURGE_CHUNK),
+                (oldest, *partitions),
+                lambda org_id, day: f"q{SEP}{org_id}{SEP}{day}",
             )
-            gone = cur.fetchall()
-            if out is not None:
-                out += [(int(p), f"q{SEP}{o}{SEP}{d}".encode(), None) for p, o, d in gone]
-            return cursor if len(gone) == PURGE_CHUNK else None
+            return cursor if more else None
 
         return [old_days]
 

@@ -33,10 +33,16 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from crmhooks.store.actions import PENDING_OF_RECORD, PURGE_CHUNK
-from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, WriteBatch
+from crmhooks.store.actions import PENDING_OF_RECORD
+from crmhooks.store.changes import (
+    SEP,
+    ChangelogRecord,
+    PurgeStep,
+    StoreTable,
+    WriteBatch,
+    delete_chunk,
+)
 from crmhooks.store.files import columns
-from crmhooks.store.writer import Writer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -61,17 +67,11 @@ CREATE INDEX IF NOT EXISTS rule_state_cleared ON rule_state (changed_ms) WHERE m
 SNAPSHOT_PURGE_WINDOW = 5000
 
 
-class RecordTable:
+class RecordTable(StoreTable):
     """Record snapshots and ``repeat = "once"`` flags: ``store.records``."""
 
     letters = "ro"
     schema = SCHEMA
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-
-    def __repr__(self) -> str:
-        return f"RecordTable({str(self._writer.path)!r})"
 
     async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
         # Rows of an older version: as if written now (kept the retention from here).
@@ -166,16 +166,16 @@ class RecordTable:
         def cleared_flags(
             db: sqlite3.Connection, out: list[ChangelogRecord] | None, cursor: int
         ) -> int | None:
-            cur = db.execute(
+            more = delete_chunk(
+                db,
+                out,
                 "DELETE FROM rule_state WHERE rowid IN (SELECT rowid FROM rule_state "
                 f"WHERE matched = 0 AND changed_ms < ? AND partition IN ({marks}) LIMIT ?) "
                 "RETURNING partition, state_key",
-                (before_ms, *partitions, PURGE_CHUNK),
+                (before_ms, *partitions),
+                lambda state_key: f"o{SEP}{state_key}",
             )
-            gone = cur.fetchall()
-            if out is not None:
-                out += [(int(p), f"o{SEP}{k}".encode(), None) for p, k in gone]
-            return cursor if len(gone) == PURGE_CHUNK else None
+            return cursor if more else None
 
         return [snapshots, cleared_flags]
 

@@ -42,12 +42,10 @@ from collections.abc import Mapping
 from datetime import date, time
 from typing import Any
 
-import aiosqlite
 import orjson
 
 from crmhooks.settings import Rule, Webhook
-from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, WriteBatch
-from crmhooks.store.writer import Writer
+from crmhooks.store.changes import SEP, ChangelogRecord, PurgeStep, StoreTable, WriteBatch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS suspensions (
@@ -108,20 +106,11 @@ def _canonical(value: Any, secrets: tuple[str, ...]) -> Any:
     return _masked(repr(value), secrets)
 
 
-class SuspensionTable:
+class SuspensionTable(StoreTable):
     """Suspensions: ``store.suspensions``."""
 
     letters = "s"
     schema = SCHEMA
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-
-    def __repr__(self) -> str:
-        return f"SuspensionTable({str(self._writer.path)!r})"
-
-    async def migrate(self, conn: aiosqlite.Connection, now_ms: int) -> None:
-        pass  # unchanged since the first version
 
     def apply(
         self, db: sqlite3.Connection, b: WriteBatch, now_ms: int, out: list[ChangelogRecord] | None
