@@ -163,36 +163,14 @@ def _preview_action_id(config: Config, event: RecordEvent, webhook: str) -> str:
 
 
 def _as_for_org(config: Config, args: argparse.Namespace, command: str) -> Config:
-    """``config`` as it applies to the organisation of the event file: with the
-    organisation's document from the config topic when the file names one and the
-    organisation has one there (SPEC §3.2), as the processors would use it."""
-    topic = config.kafka.config_topic
-    if not topic:
+    """``config`` as it applies to the organisation of the event file (its document
+    from the config topic, when it has one: ``config_commands.as_for_org``)."""
+    if not config.kafka.config_topic:
         return config
-    from crmhooks.config_commands import document_in_force, with_document
+    from crmhooks.config_commands import as_for_org
 
     event = _preview_event(args.event, config.kafka.max_event_bytes)
-    try:
-        found = asyncio.run(document_in_force(config, args.config, event.org_id, notes=sys.stderr))
-    except CrmhooksError as exc:
-        print(
-            f"{command}: note: {topic} not read ({exc}); the config file's webhooks "
-            "and rules are used",
-            file=sys.stderr,
-        )
-        return config
-    if found is None:
-        print(
-            f"{command}: note: {event.org_id} has no document on {topic}: the config file applies",
-            file=sys.stderr,
-        )
-        return config
-    print(
-        f"{command}: note: {event.org_id} is configured by its document on {topic} "
-        f"(partition {found.partition}, offset {found.offset})",
-        file=sys.stderr,
-    )
-    return with_document(config, found.document)
+    return as_for_org(config, args.config, event.org_id, command)
 
 
 def _webhook_and_event(

@@ -11,6 +11,7 @@ valid one — with every secret as ``***``. ``rm`` writes the tombstone.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 from pathlib import Path
@@ -165,3 +166,32 @@ def with_document(config: Config, document: OrgDocument) -> Config:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def as_for_org(config: Config, config_path: str, org_id: str, command: str) -> Config:
+    """``config`` as it applies to ``org_id``: with the organisation's document from the
+    config topic when it has one there (SPEC §3.2), as the processors would use it;
+    which one is used is said on stderr (as is a topic that could not be read: then
+    the file)."""
+    topic = config_topic(config, config_path)
+    try:
+        found = asyncio.run(document_in_force(config, config_path, org_id, notes=sys.stderr))
+    except CrmhooksError as exc:
+        print(
+            f"{command}: note: {topic} not read ({exc}); the config file's webhooks "
+            "and rules are used",
+            file=sys.stderr,
+        )
+        return config
+    if found is None:
+        print(
+            f"{command}: note: {org_id} has no document on {topic}: the config file applies",
+            file=sys.stderr,
+        )
+        return config
+    print(
+        f"{command}: note: {org_id} is configured by its document on {topic} "
+        f"(partition {found.partition}, offset {found.offset})",
+        file=sys.stderr,
+    )
+    return with_document(config, found.document)
