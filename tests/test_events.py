@@ -6,6 +6,7 @@ import json
 import operator
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
@@ -24,11 +25,12 @@ from crmhooks.events import (
     RecordEvent,
     decode_event,
     decode_json_object,
-    decode_wanted_event,
+    decode_wanted,
     event_from_json,
     find_duplicate_key,
     parse_rfc3339_ms,
 )
+from crmhooks.record_event import EventView
 from crmhooks.results import dead_letter, encode
 from tests.schemas import validate_dead_letter
 
@@ -774,11 +776,16 @@ RFC3339_VALID_TAILS = ["Z", "z", ".5Z", ".123+08:00", ".1234567-02:30", "+23:59"
 
 def test_rfc3339_cached_heads_and_tails_combine_as_the_reference_parser() -> None:
     texts = [head + tail for head in RFC3339_HEADS for tail in RFC3339_TAILS]
-    for _ in range(2):  # the second time, every valid head and tail cached
+    # The second time, every valid head and tail cached (whole texts forgotten, so that
+    # heads and tails are combined); the third, every valid text cached whole.
+    for time in range(3):
         for text in texts:
+            if time == 1:
+                rfc3339._TEXT_MS.clear()
             assert rfc3339_outcome(parse_rfc3339_ms, text) == rfc3339_outcome(
                 reference_rfc3339_ms, text
             ), text
+    assert len(rfc3339._TEXT_MS) > 0
 
 
 def test_the_rfc3339_caches_are_bounded() -> None:
@@ -787,6 +794,7 @@ def test_the_rfc3339_caches_are_bounded() -> None:
         moment = start + timedelta(seconds=second, milliseconds=second % 1000)
         text = moment.isoformat(timespec="milliseconds").replace("+00:00", "+01:30")
         assert parse_rfc3339_ms(text) == reference_rfc3339_ms(text)
+        assert len(rfc3339._TEXT_MS) <= rfc3339._CACHE_SIZE
         assert len(rfc3339._HEAD_MS) <= rfc3339._CACHE_SIZE
         assert len(rfc3339._TAIL_MS) <= rfc3339._CACHE_SIZE
 
@@ -1111,11 +1119,34 @@ def test_the_typed_fast_path_decides_as_the_checked_one(data: bytes) -> None:
     assert strict(bytes_outcome(decode_event, data)) == strict(checked)
 
 
+@dataclass(frozen=True)
+class Valued:
+    """A record of the events topic, as ``decode_wanted`` reads one."""
+
+    value: bytes | None
+
+
+def decode_wanted_event(data: bytes | None, wanted: Callable[[EventView], bool]) -> Any:
+    """``decode_wanted`` of one record: its event, None, or its InvalidEvent raised."""
+    found, invalid = decode_wanted([Valued(data)], wanted)
+    assert len(found) + len(invalid) <= 1
+    if invalid:
+        raise invalid[0][1]
+    return found[0][1] if found else None
+
+
 def wanted_outcome(data: bytes, wanted: Callable[[RecordEvent], bool]) -> Any:
-    """``decode_wanted_event``'s outcome, and the events it asked ``wanted`` about."""
+    """``decode_wanted``'s outcome, and the events it asked ``wanted`` about (as the
+    events they are made into when asked for the whole event)."""
     asked: list[Any] = []
 
-    def asking(event: RecordEvent) -> bool:
+    def asking(view: EventView) -> bool:
+        event = view.as_event()
+        assert (view.org_id, view.module, view.record) == (
+            event.org_id,
+            event.module,
+            event.record,
+        )
         asked.append(strict(bytes_outcome(lambda _: event, data))[:-1])  # all but data
         return wanted(event)
 

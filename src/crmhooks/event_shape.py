@@ -11,21 +11,22 @@ import orjson
 
 from crmhooks.event_json import may_have_dropped_keys
 from crmhooks.record_event import Operation, RecordEvent
-from crmhooks.rfc3339 import parse_rfc3339_ms
+from crmhooks.rfc3339 import cached_ms, parse_rfc3339_ms
 
 # The shape of a valid event (SPEC §2), for msgspec to check while it parses: in C,
 # the types of every field and field value cost nothing beyond the parse itself,
 # where checking them in Python (``events._plain_event``) costs as much as the parse.
-# What a type cannot say (non-empty printable ids, RFC 3339, no repeated or
-# unknown keys) ``event_of`` and ``prove`` check after. Integers within 64 bits
+# What a type cannot say (printable ids, RFC 3339, no repeated or unknown keys)
+# ``head_ms`` and ``prove`` check after. Integers within 64 bits
 # (signed): orjson encodes no more, and parses them as integers as msgspec does
 # (beyond, it makes them floats); others go to the checked path.
 _Int = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 _Scalar = str | _Int | float | bool | None
 _Fields = dict[str, _Scalar | list[_Scalar]]
+_Id = Annotated[str, msgspec.Meta(min_length=1)]  # non-empty (printable: ``head_ms``)
 
 
-class _EventShape(msgspec.Struct, gc=False):
+class EventShape(msgspec.Struct, gc=False):
     """An event as msgspec parses it: a Struct, ~0.2 µs faster to make than a dict.
 
     An optional field absent and one written ``null`` are both None here; ``prove``
@@ -33,22 +34,31 @@ class _EventShape(msgspec.Struct, gc=False):
     does not name: ``prove`` finds both. ``gc=False``: it holds JSON values only.
     """
 
-    event_id: str
-    org_id: str
-    module: str
+    event_id: _Id
+    org_id: _Id
+    module: _Id
     operation: Operation
     occurred_at: str
-    record_id: str | _Int
+    record_id: _Id | _Int
     record: _Fields
     previous: _Fields | None = None
     related: dict[str, _Fields] | None = None
     user: _Fields | None = None
     organization: _Fields | None = None
 
+    def as_event(self) -> RecordEvent:
+        """The event (``event_at``) of a shape ``head_ms`` accepted: an ``EventView``."""
+        return event_at(self, parse_rfc3339_ms(self.occurred_at))
 
-_EVENT_SHAPE = msgspec.json.Decoder(_EventShape)
-# The data of an event made from a shape (``event_of``), which only ``wanted`` sees
-# (``decode_wanted_event``): an empty read-only mapping, not to be taken for the event.
+
+_EVENT_SHAPE = msgspec.json.Decoder(EventShape)
+# Parse bytes into the shape (called in the loop every event read goes through:
+# ``events.decode_wanted``), and what it raises for bytes that are not.
+decode_shape = _EVENT_SHAPE.decode
+NOT_A_SHAPE = (msgspec.DecodeError, ValueError, RecursionError)  # not JSON (or UTF-8), the shape
+# The data of an event made from a shape (``event_at``), which only ``wanted`` sees
+# (``events.decode_wanted``), until ``prove`` copies it with its data: an empty
+# read-only mapping, not to be taken for the event's.
 _UNPROVEN: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -61,46 +71,50 @@ def typed_event(data: bytes) -> RecordEvent | None:
     and builds the same event (a property test compares them); that path decides,
     and names the problem, for the rest.
     """
-    shape = shape_of(data)
-    if shape is None:
+    try:
+        shape = decode_shape(data)
+    except NOT_A_SHAPE:
         return None
     event = event_of(shape)
     return None if event is None else prove(event, shape, data)
 
 
-def shape_of(data: bytes) -> _EventShape | None:
-    try:
-        return _EVENT_SHAPE.decode(data)
-    except (msgspec.DecodeError, ValueError, RecursionError):
-        return None  # not JSON (or not UTF-8), not the shape
-
-
-def event_of(shape: _EventShape) -> RecordEvent | None:
+def event_of(shape: EventShape) -> RecordEvent | None:
     """The event of a shape, its ``data`` empty (``prove`` copies it with its data);
-    None unless its ids are printable and non-empty and its time RFC 3339."""
-    event_id = shape.event_id
-    org_id = shape.org_id
-    module = shape.module
+    None unless ``head_ms`` accepts it."""
+    occurred_at_ms = head_ms(shape)
+    return None if occurred_at_ms is None else event_at(shape, occurred_at_ms)
+
+
+def head_ms(shape: EventShape) -> int | None:
+    """The shape's time in epoch ms if its ids are printable and its time RFC 3339;
+    else None (the checked path decides, and names the problem)."""
     record_id = shape.record_id
-    if not (
-        event_id
-        and org_id
-        and module
-        and event_id.isprintable()
-        and org_id.isprintable()
-        and module.isprintable()
-        and (isinstance(record_id, int) or (record_id and record_id.isprintable()))
+    if not (  # non-empty, the shape says
+        shape.event_id.isprintable()
+        and shape.org_id.isprintable()
+        and shape.module.isprintable()
+        and (isinstance(record_id, int) or record_id.isprintable())
     ):
         return None
+    occurred_at = shape.occurred_at
+    ms = cached_ms(occurred_at)  # parse_rfc3339_ms's first step, inlined
+    if ms is not None:
+        return ms
     try:
-        occurred_at_ms = parse_rfc3339_ms(shape.occurred_at)
+        return parse_rfc3339_ms(occurred_at)
     except ValueError:
         return None
+
+
+def event_at(shape: EventShape, occurred_at_ms: int) -> RecordEvent:
+    """The event of a shape ``head_ms`` accepted, at that time; its ``data`` empty."""
+    record_id = shape.record_id
     related = shape.related
     return RecordEvent(
-        event_id,
-        org_id,
-        module,
+        shape.event_id,
+        shape.org_id,
+        shape.module,
         shape.operation,
         occurred_at_ms,
         record_id if type(record_id) is str else str(record_id),
@@ -113,7 +127,7 @@ def event_of(shape: _EventShape) -> RecordEvent | None:
     )
 
 
-def prove(event: RecordEvent, shape: _EventShape, data: bytes) -> RecordEvent | None:
+def prove(event: RecordEvent, shape: EventShape, data: bytes) -> RecordEvent | None:
     """``event`` with its data, if parsing ``data`` dropped no key; else None.
 
     The shape as a dict (in the shape's order), re-encoded by orjson, must have every

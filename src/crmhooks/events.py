@@ -10,8 +10,8 @@ parsing ``rfc3339``'s.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from crmhooks.errors import InvalidEvent
 from crmhooks.event_json import (
@@ -21,8 +21,16 @@ from crmhooks.event_json import (
     find_duplicate_key,
     json_type,
 )
-from crmhooks.event_shape import event_of, prove, shape_of, typed_event
-from crmhooks.record_event import OPERATIONS, Record, RecordEvent, record_key_of
+from crmhooks.event_shape import (
+    NOT_A_SHAPE,
+    EventShape,
+    decode_shape,
+    event_at,
+    head_ms,
+    prove,
+    typed_event,
+)
+from crmhooks.record_event import OPERATIONS, EventView, Record, RecordEvent, record_key_of
 from crmhooks.rfc3339 import parse_rfc3339_ms
 
 # Names importers found here before record_event.py, rfc3339.py, event_json.py.
@@ -33,7 +41,7 @@ __all__ = [
     "RecordEvent",
     "decode_event",
     "decode_json_object",
-    "decode_wanted_event",
+    "decode_wanted",
     "event_from_json",
     "find_duplicate_key",
     "parse_rfc3339_ms",
@@ -58,34 +66,65 @@ def decode_event(data: bytes | None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -
     return event_from_json(decode_json_object(data, max_bytes))
 
 
-def decode_wanted_event(
-    data: bytes | None,
-    wanted: Callable[[RecordEvent], bool],
-    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-) -> RecordEvent | None:
-    """``decode_event`` for an event ``wanted`` says something acts on; None for a valid
-    event it does not want (consumed, ignored). InvalidEvent as ``decode_event``.
+class Valued(Protocol):
+    """A record of the events topic, as far as decoding it goes."""
 
-    What it skips for an event not wanted: the proof that no key repeated (a
-    re-encoding, ~0.3 µs, a tenth of what a filtered event costs). A repeated key
-    makes an event ambiguous: other consumers may read the first value where a JSON
-    parser keeps the last. An event nothing acts on causes nothing either way;
-    one that something acts on is proven as by ``decode_event``, and refused.
+    @property
+    def value(self) -> bytes | None: ...
+
+
+_R = TypeVar("_R", bound=Valued)
+
+
+def decode_wanted(
+    records: Iterable[_R],
+    wanted: Callable[[EventView], bool],
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> tuple[list[tuple[_R, RecordEvent]], list[tuple[_R, InvalidEvent]]]:
+    """``decode_event`` for each record's value, keeping the events ``wanted`` says
+    something acts on: those events with their records, and the records that are not
+    events with why (InvalidEvent as ``decode_event``), each in order. A valid event
+    not wanted is in neither (consumed, ignored).
+
+    What it skips for an event not wanted: making the RecordEvent (``wanted`` reads
+    the parsed shape, and asks for the event only to try some rule's criteria on it),
+    and the proof that no key repeated (a re-encoding, ~0.3 µs, a tenth of what a
+    filtered event costs). A repeated key makes an event ambiguous: other consumers
+    may read the first value where a JSON parser keeps the last. An event nothing
+    acts on causes nothing either way; one that something acts on is proven as by
+    ``decode_event``, and refused.
+
+    One loop a batch, the fast path's parse inlined: most events read are valid and
+    not wanted, and each call less is ~3 % of what one costs.
     """
-    if data is None:
-        raise InvalidEvent("empty record value (tombstone)")
-    if len(data) <= max_bytes:
-        shape = shape_of(data)
-        if shape is not None:
-            event = event_of(shape)
-            if event is not None:
-                if not wanted(event):
-                    return None
-                proven = prove(event, shape, data)
-                if proven is not None:
-                    return proven
-    event = event_from_json(decode_json_object(data, max_bytes))
-    return event if wanted(event) else None
+    found: list[tuple[_R, RecordEvent]] = []
+    invalid: list[tuple[_R, InvalidEvent]] = []
+    for rec in records:
+        data = rec.value
+        if data is not None and len(data) <= max_bytes:
+            try:
+                shape: EventShape | None = decode_shape(data)
+            except NOT_A_SHAPE:
+                shape = None
+            if shape is not None:
+                occurred_at_ms = head_ms(shape)
+                if occurred_at_ms is not None:
+                    if not wanted(shape):
+                        continue
+                    proven = prove(event_at(shape, occurred_at_ms), shape, data)
+                    if proven is not None:
+                        found.append((rec, proven))
+                        continue
+        try:  # the checked path decides the rest, and names the problem
+            if data is None:
+                raise InvalidEvent("empty record value (tombstone)")
+            event = event_from_json(decode_json_object(data, max_bytes))
+        except InvalidEvent as exc:
+            invalid.append((rec, exc))
+            continue
+        if wanted(event):
+            found.append((rec, event))
+    return found, invalid
 
 
 def _require_str(parsed: dict[str, Any], key: str) -> str:

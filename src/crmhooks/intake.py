@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from crmhooks.actions import Action
-from crmhooks.errors import InvalidEvent
-from crmhooks.events import RecordEvent, decode_wanted_event
+from crmhooks.events import RecordEvent, decode_wanted
 from crmhooks.kafka_io import BatchRecord, Fetched, Skipped
 from crmhooks.modules import UNSUPPORTED_MODULES
 from crmhooks.redeliver import Request, plan_redeliveries, request_of
@@ -104,27 +103,24 @@ class Intake:
                 continue
             plan.read += len(records)
             plan.next_offsets[partition] = records[-1].offset + 1
-            for rec in records:
-                # Only events some rule must plan: rules with scheduled actions or
-                # repeat="once" keep per-record state that a non-matching event may
-                # change; instant-only rules can skip the store. The rest are
-                # consumed, ignored, and not checked for repeated keys.
-                try:
-                    event = decode_wanted_event(rec.value, needs_planning, max_bytes)
-                except InvalidEvent as exc:
-                    # Not an event: a `crmhooks redeliver` request, or a poison pill.
-                    request = request_of(partition, rec.headers, rec.value) if rec.headers else None
-                    if request is not None:
-                        redeliver.append(request)
-                        continue
-                    out += self._reporter.poison(partition, rec, exc, now_ms)
-                    plan.dead_lettered += 1
+            # Only events some rule must plan: rules with scheduled actions or
+            # repeat="once" keep per-record state that a non-matching event may
+            # change; instant-only rules can skip the store. The rest are consumed,
+            # ignored, and not checked for repeated keys.
+            wanted, invalid = decode_wanted(records, needs_planning, max_bytes)
+            for rec, event in wanted:
+                module = canonical(event.module)
+                # Calls, Notes and modules no rule can name: consumed, ignored.
+                if module is not None and event.module not in UNSUPPORTED_MODULES:
+                    todo.append((partition, rec, event, module))
+            for rec, exc in invalid:
+                # Not an event: a `crmhooks redeliver` request, or a poison pill.
+                request = request_of(partition, rec.headers, rec.value) if rec.headers else None
+                if request is not None:
+                    redeliver.append(request)
                     continue
-                if event is not None:
-                    module = canonical(event.module)
-                    # Calls, Notes and modules no rule can name: consumed, ignored.
-                    if module is not None and event.module not in UNSUPPORTED_MODULES:
-                        todo.append((partition, rec, event, module))
+                out += self._reporter.poison(partition, rec, exc, now_ms)
+                plan.dead_lettered += 1
         plan.planned = len(todo)
         if todo:
             with self._scheduler.reading():

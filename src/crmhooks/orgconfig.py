@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from crmhooks.config import OrgDocument, OrgSettings, Rule, org_document_in_part
 from crmhooks.events import RecordEvent
+from crmhooks.record_event import EventView
 from crmhooks.rules import RuleIndex
 from crmhooks.snapshot import CompiledFile, Target, endpoint_of, host_key
 from crmhooks.store.documents import DocumentTable
@@ -76,7 +77,7 @@ class CompiledOrg:
 
     # Whether some rule of the organisation (its own, or the file's organisation-less
     # ones) must plan the event: the index's own method when there are no shared ones.
-    needs_planning: Callable[[RecordEvent], bool]
+    needs_planning: Callable[[EventView], bool]
 
     def __init__(self, document: OrgDocument, file: CompiledFile) -> None:
         self.document = document
@@ -123,7 +124,7 @@ class CompiledOrg:
             self._candidates[module] = found  # one entry a module name events use
         return found
 
-    def _both(self, event: RecordEvent) -> bool:
+    def _both(self, event: EventView) -> bool:
         shared = self._shared_needs
         return (shared is not None and shared(event)) or self.index.needs_planning(event)
 

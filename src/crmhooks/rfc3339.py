@@ -35,26 +35,41 @@ def parse_rfc3339_ms(text: str) -> int:
     Fractions of a millisecond are truncated; a leap second (``:60``) is the first
     millisecond of the next minute.
     """
+    ms = _TEXT_MS.get(text)
+    if ms is not None:
+        return ms
     head_ms = _HEAD_MS.get(text[:19])
     tail_ms = _TAIL_MS.get(text[19:])
     if head_ms is not None and tail_ms is not None:
-        return head_ms + tail_ms
-    return _parse_rfc3339_ms(text)
+        ms = head_ms + tail_ms
+    else:
+        ms = _parse_rfc3339_ms(text)
+    if len(_TEXT_MS) >= _CACHE_SIZE:
+        _TEXT_MS.clear()
+    _TEXT_MS[text] = ms
+    return ms
 
 
 # Why cached: events arrive roughly in time order, so at any rate that matters most
-# share their second with one just before, and their fraction and offset with many.
-# The pattern is a 19-character head (date, time to the second) followed by a
-# tail (fraction, offset), each with its own share of the value: a text whose head
-# and tail have both been seen in valid texts is valid, and its value their sum.
-# Two dict lookups (~0.1 µs) replace the regex (~0.5 µs). Only tails of up to 3
-# fraction digits are kept: they repeat, finer ones rarely do. Why 4096
-# entries: over an hour of seconds, or every millisecond in a few offsets, for
-# producers lagging each other or a replayed backlog, in under 1 MB; when full, a
-# cache starts again empty (cheaper than an LRU on every hit).
+# share their time with one just before: its text whole (producers writing seconds,
+# a bulk update, any rate over one event a millisecond), or its second, and their
+# fraction and offset with many. So first the whole text (one dict get, ~40 ns);
+# then a 19-character head (date, time to the second) and a tail (fraction,
+# offset), each with its own share of the value: a text whose head and tail have
+# both been seen in valid texts is valid, and its value their sum (two slices and
+# two gets, ~0.2 µs); then the regex (~0.5 µs). A text seen once costs ~70 ns more
+# than without the first cache. Only tails of up to 3 fraction digits are kept:
+# they repeat, finer ones rarely do. Why 4096 entries: over an hour of seconds, or
+# every millisecond in a few offsets, for producers lagging each other or a replayed
+# backlog, in under 1 MB each; when full, a cache starts again empty (cheaper than
+# an LRU on every hit).
 _CACHE_SIZE = 4096
+_TEXT_MS: dict[str, int] = {}  # a whole text → its ms
 _HEAD_MS: dict[str, int] = {}  # yyyy-MM-ddTHH:mm:ss → ms since 1970-01-01T00:00:00 local
 _TAIL_MS: dict[str, int] = {}  # [.fff](Z|±HH:mm) → ms to add: the fraction, minus the offset
+# parse_rfc3339_ms's first step, for the loop every event read goes through
+# (``event_shape.head_ms``), which inlines it: the ms of a text seen, or None.
+cached_ms = _TEXT_MS.get
 
 
 def _parse_rfc3339_ms(text: str) -> int:

@@ -16,6 +16,7 @@ from crmhooks.config import AllOf, Condition, Criteria, Rule
 from crmhooks.criteria import DEFAULT_CATALOG, Matcher, compile_criteria, evaluate
 from crmhooks.events import RecordEvent
 from crmhooks.modules import ModuleCatalog
+from crmhooks.record_event import EventView
 
 # Names importers found here before comparisons.py and criteria.py.
 __all__ = [
@@ -237,11 +238,12 @@ class RuleIndex:
         found = self._scoped.get((org_id, canonical))
         return found if found is not None else self._orgless.get(canonical, ())
 
-    def needs_planning(self, event: RecordEvent) -> bool:
+    def needs_planning(self, event: EventView) -> bool:
         """Whether any rule of ``compiled(event.org_id, event.module)`` is stateful or matches.
 
         The same answer as trying them all, but a rule whose criteria need a record
-        field to be some text is only tried when the event's field is that text.
+        field to be some text is only tried when the event's field is that text. The
+        whole event (``as_event``) is asked for only when some rule is tried.
         """
         by_org = self._plans.get(event.module)
         if by_org is None:
@@ -250,24 +252,24 @@ class RuleIndex:
         if plan is None:
             plan = by_org.get(None, False)
         if not isinstance(plan, _Selector):  # the selector first: many rules, many events
-            return plan if isinstance(plan, bool) else _any_matches(plan, event)
+            return plan if isinstance(plan, bool) else _any_matches(plan, event.as_event())
         record = event.record
         for field, table in plan.by_field:
             value = record.get(field)
             if type(value) is str:  # most are: as_text inlined
                 found = table.get(value.casefold())
-                if found is not None and _any_matches(found, event):
+                if found is not None and _any_matches(found, event.as_event()):
                     return True
             elif type(value) is list:
                 for element in value:
                     found = table.get(as_text(element).casefold())
-                    if found is not None and _any_matches(found, event):
+                    if found is not None and _any_matches(found, event.as_event()):
                         return True
             else:
                 found = table.get(as_text(value).casefold())
-                if found is not None and _any_matches(found, event):
+                if found is not None and _any_matches(found, event.as_event()):
                     return True
-        return bool(plan.rest) and _any_matches(plan.rest, event)
+        return bool(plan.rest) and _any_matches(plan.rest, event.as_event())
 
     def candidates(self, org_id: str, module: str) -> Sequence[Rule]:
         """The rules of that organisation (and org-less ones) for that module, in config order."""

@@ -35,6 +35,7 @@ from crmhooks.config import Config, OrgSettings, Rule, Webhook
 from crmhooks.endpoints import ClientTls, Endpoint
 from crmhooks.events import RecordEvent
 from crmhooks.modules import ModuleCatalog
+from crmhooks.record_event import EventView
 from crmhooks.rules import RuleIndex
 from crmhooks.templates import CompiledWebhook
 
@@ -170,7 +171,7 @@ class ConfigSnapshot:
         self.orgs = orgs
         # Asked for every event read (intake): without documents, the file's own index
         # answers, with no look-up of the organisation's document first.
-        self.needs_planning: Callable[[RecordEvent], bool] = (
+        self.needs_planning: Callable[[EventView], bool] = (
             self.file.index.needs_planning if orgs is None else self._needs_planning
         )
 
@@ -239,7 +240,7 @@ class ConfigSnapshot:
         compiled = None if self.orgs is None else self.orgs.get(org_id)
         return self.file.index.criteria_met if compiled is None else compiled.criteria_met
 
-    def _needs_planning(self, event: RecordEvent) -> bool:
+    def _needs_planning(self, event: EventView) -> bool:
         """Asked for every event read: a hit in the organisations' cache is one dict get
         and one mark (``orgconfig``); a miss reads and compiles the document, or finds
         that the organisation has none (the file's rules)."""
