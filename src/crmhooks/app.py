@@ -82,6 +82,11 @@ log = logging.getLogger(__name__)
 # the processor's core was 82-89 % busy; with 500, 95-99 % (instant bench, 3 A/B
 # pairs: 8,434-9,321 -> 9,473-10,128 deliveries/s; filtering unchanged).
 FETCH_MAX_RECORDS = 500
+# Events read per fetch while no action is being fired: no answer waits on the loop,
+# so a larger batch only amortises more (a commit, a store and a producer call a
+# batch). Events read and ignored: ~0.09 µs less CPU each (zstd filtering, 2 × 3
+# runs of the processor with decoding off: 0.79 -> 0.70 µs an event).
+FETCH_MAX_RECORDS_IDLE = 2000
 FETCH_TIMEOUT_MS = 200
 # How often finished actions past their retention are forgotten.
 PURGE_EVERY_MS = 3_600_000
@@ -382,7 +387,8 @@ class Processor:
             if not self.checkpoint.may_read():  # over the budget of unstored actions
                 await self.checkpoint.until_may_read()
                 continue
-            records = await self.kafka.fetch(FETCH_TIMEOUT_MS, FETCH_MAX_RECORDS)
+            most = FETCH_MAX_RECORDS_IDLE if self.dispatcher.idle else FETCH_MAX_RECORDS
+            records = await self.kafka.fetch(FETCH_TIMEOUT_MS, most)
             if not records:
                 continue
             async with self._lock:
