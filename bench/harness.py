@@ -263,7 +263,9 @@ class GroupOffsets:
                 first = (t, done)
             if done >= total:
                 break
-            await asyncio.sleep(0.05)
+            # Finer near the end: the time the last commit is seen ends the figure,
+            # and a 50 ms poll would add ~25 ms on average to a run of ~1.5 s.
+            await asyncio.sleep(0.01 if done >= 0.9 * total else 0.05)
         if first is None:
             return 0.0, done, 0.0
         elapsed = time.monotonic() - first[0]
