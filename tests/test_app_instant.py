@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from crmhooks import checkpoint as checkpoint_module
-from crmhooks.app import FETCH_MAX_RECORDS, FETCH_MAX_RECORDS_IDLE, Processor
+from crmhooks.app import FETCH_MAX_RECORDS, FETCH_MAX_RECORDS_IGNORING, Processor
 from crmhooks.checkpoint import INSTANT_COMMIT_WAIT_MS
 from crmhooks.clock import FakeClock
 from crmhooks.config import Config, config_from_mapping
@@ -610,21 +610,24 @@ async def test_offsets_are_committed_while_a_backlog_is_read(tmp_path: Path) -> 
     assert kafka.first_commit_at < len(batches) // 2, kafka.first_commit_at
 
 
-async def test_a_fetch_reads_more_while_no_action_is_being_fired(tmp_path: Path) -> None:
-    """Up to FETCH_MAX_RECORDS_IDLE events a fetch while nothing waits on the loop for
-    an answer; FETCH_MAX_RECORDS while an action is being fired, so that planning a
-    batch does not hold up the answers of the requests in flight."""
+async def test_a_fetch_reads_more_while_events_are_ignored_and_nothing_is_fired(
+    tmp_path: Path,
+) -> None:
+    """Up to FETCH_MAX_RECORDS_IGNORING events a fetch while the last batch planned no
+    event and no action is being fired; FETCH_MAX_RECORDS after a batch that planned
+    one (its store write and changelog records), and while an action is being fired
+    (planning a batch would hold up the answers of the requests in flight)."""
     transport = GatedTransport(open_now=False)
 
     class Asked(FakeKafka):
         async def fetch(self, timeout_ms: int, max_records: int) -> Fetched:
-            asked.append((max_records, p.dispatcher.idle))
+            asked.append((max_records, p.dispatcher.idle, p._ignoring))
             return await super().fetch(timeout_ms, max_records)
 
-    asked: list[tuple[int, bool]] = []
+    asked: list[tuple[int, bool, bool]] = []
     async with processor(tmp_path, transport) as (p, _, _):
         kafka = Asked()
-        kafka.to_fetch.append(fetched([rec(1, 10)]))
+        kafka.to_fetch.append(fetched([rec(1, 10)]))  # an action to fire
         p.attach(kafka, {0, 1})
         stop = asyncio.Event()
         consume = asyncio.create_task(p._consume_loop(stop))
@@ -634,11 +637,16 @@ async def test_a_fetch_reads_more_while_no_action_is_being_fired(tmp_path: Path)
         transport.gate.set()
         await until(lambda: fires_over(p), "answered")
         answered = len(asked)
-        await until(lambda: len(asked) >= answered + 3, "fetches after")
+        await until(lambda: len(asked) >= answered + 3, "fetches after it")
+        kafka.to_fetch.append(fetched([rec(2, 11, record={"Stage": "Lost"})]))  # ignored
+        await until(lambda: p.batches == 2, "the ignored event read")
+        ignored = len(asked)
+        await until(lambda: len(asked) >= ignored + 3, "fetches after that")
         stop.set()
         await asyncio.wait_for(consume, 5)
-    assert asked[0] == (FETCH_MAX_RECORDS_IDLE, True)
-    assert {n for n, _ in asked[firing + 1 : firing + 3]} == {FETCH_MAX_RECORDS}
-    assert {n for n, _ in asked[answered + 1 :]} == {FETCH_MAX_RECORDS_IDLE}
-    assert all((n == FETCH_MAX_RECORDS_IDLE) is idle for n, idle in asked)
-    assert FETCH_MAX_RECORDS < FETCH_MAX_RECORDS_IDLE
+    assert asked[0] == (FETCH_MAX_RECORDS, True, False)  # nothing read yet
+    assert {n for n, *_ in asked[firing + 1 : firing + 3]} == {FETCH_MAX_RECORDS}
+    assert {n for n, *_ in asked[answered + 1 : answered + 3]} == {FETCH_MAX_RECORDS}
+    assert {n for n, *_ in asked[ignored + 1 :]} == {FETCH_MAX_RECORDS_IGNORING}
+    assert all((n == FETCH_MAX_RECORDS_IGNORING) is (idle and ign) for n, idle, ign in asked)
+    assert FETCH_MAX_RECORDS < FETCH_MAX_RECORDS_IGNORING
