@@ -1296,3 +1296,18 @@ def test_plain_events_take_the_fast_path(event: dict[str, Any]) -> None:
     fast = events._plain_event(event)
     assert fast is not None
     assert fast == events._checked_event(event)
+
+
+def test_decode_wanted_keeps_each_record_with_its_event_or_its_problem_in_order() -> None:
+    tombstone = Valued(None)
+    not_json = Valued(b"{not json")
+    first = Valued(orjson.dumps({**SPEC_EVENT, "event_id": "evt-1"}))
+    ignored = Valued(orjson.dumps({**SPEC_EVENT, "event_id": "evt-2", "module": "Leads"}))
+    last = Valued(orjson.dumps({**SPEC_EVENT, "event_id": "evt-3"}))
+    found, invalid = decode_wanted(
+        [first, tombstone, ignored, not_json, last], lambda view: view.module != "Leads"
+    )
+    assert [(rec, event.event_id) for rec, event in found] == [(first, "evt-1"), (last, "evt-3")]
+    assert [rec for rec, _ in invalid] == [tombstone, not_json]
+    assert invalid[0][1].message == "empty record value (tombstone)"
+    assert invalid[1][1].message.startswith("not valid JSON")

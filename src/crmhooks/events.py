@@ -115,9 +115,10 @@ def decode_wanted(
                     if proven is not None:
                         found.append((rec, proven))
                         continue
+        if data is None:
+            invalid.append((rec, InvalidEvent("empty record value (tombstone)")))
+            continue
         try:  # the checked path decides the rest, and names the problem
-            if data is None:
-                raise InvalidEvent("empty record value (tombstone)")
             event = event_from_json(decode_json_object(data, max_bytes))
         except InvalidEvent as exc:
             invalid.append((rec, exc))
